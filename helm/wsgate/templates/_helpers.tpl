@@ -1,0 +1,124 @@
+{{/* Chart name. */}}
+{{- define "wsgate.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Fully qualified app name (release-chart, at most 63 chars). */}}
+{{- define "wsgate.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "wsgate.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "wsgate.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "wsgate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "wsgate.labels" -}}
+helm.sh/chart: {{ include "wsgate.chart" . }}
+{{ include "wsgate.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: wsgate
+{{- end -}}
+
+{{- define "wsgate.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "wsgate.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "wsgate.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The chart's own Secret (API token and/or Redis URL). */}}
+{{- define "wsgate.secretName" -}}
+{{- include "wsgate.fullname" . -}}
+{{- end -}}
+
+{{- define "wsgate.redisFullname" -}}
+{{- printf "%s-redis" (include "wsgate.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* True when the chart must create its Secret. */}}
+{{- define "wsgate.createSecret" -}}
+{{- if or (not .Values.apiToken.existingSecret) (and (not .Values.redis.enabled) .Values.redis.url (not .Values.redis.existingSecret)) -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* True when the pods talk to Redis. */}}
+{{- define "wsgate.redisConfigured" -}}
+{{- if or .Values.redis.enabled .Values.redis.url .Values.redis.existingSecret -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* terminationGracePeriodSeconds: explicit, or derived from the drain window. */}}
+{{- define "wsgate.terminationGracePeriodSeconds" -}}
+{{- $window := add (int .Values.drainTimeoutSeconds) (int .Values.preStop.sleepSeconds) -}}
+{{- if kindIs "invalid" .Values.terminationGracePeriodSeconds -}}
+{{- add $window (int .Values.terminationGraceMarginSeconds) -}}
+{{- else -}}
+{{- $explicit := int .Values.terminationGracePeriodSeconds -}}
+{{- if le $explicit $window -}}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must be greater than drainTimeoutSeconds + preStop.sleepSeconds (%d), or the kubelet kills pods in the middle of their drain" $explicit $window) -}}
+{{- end -}}
+{{- $explicit -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Configuration checks that the schema cannot express. */}}
+{{- define "wsgate.validate" -}}
+{{- $replicas := int .Values.replicaCount -}}
+{{- if .Values.autoscaling.enabled -}}{{- $replicas = int .Values.autoscaling.maxReplicas -}}{{- end -}}
+{{- if and (gt $replicas 1) (not (include "wsgate.redisConfigured" .)) -}}
+{{- fail "more than one wsgate pod needs Redis so that messages reach users on every pod: set redis.enabled=true, redis.url or redis.existingSecret (or replicaCount=1 and autoscaling.enabled=false)" -}}
+{{- end -}}
+{{- if and .Values.redis.url .Values.redis.existingSecret -}}
+{{- fail "set only one of redis.url and redis.existingSecret" -}}
+{{- end -}}
+{{- if and .Values.redis.enabled (or .Values.redis.url .Values.redis.existingSecret) -}}
+{{- fail "redis.enabled deploys a Redis for wsgate: do not also set redis.url or redis.existingSecret" -}}
+{{- end -}}
+{{- if and .Values.apiToken.value .Values.apiToken.existingSecret -}}
+{{- fail "set only one of apiToken.value and apiToken.existingSecret" -}}
+{{- end -}}
+{{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) -}}
+{{- fail "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" -}}
+{{- end -}}
+{{- $_ := include "wsgate.terminationGracePeriodSeconds" . -}}
+{{- end -}}
+
+{{/* Labels of the bundled Redis (a different app name, so the gateway's selectors never match it). */}}
+{{- define "wsgate.redisSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "wsgate.name" . }}-redis
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "wsgate.redisLabels" -}}
+helm.sh/chart: {{ include "wsgate.chart" . }}
+{{ include "wsgate.redisSelectorLabels" . }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: wsgate
+app.kubernetes.io/component: redis
+{{- end -}}
