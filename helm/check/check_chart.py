@@ -466,6 +466,25 @@ def check_file_copies() -> str:
     return msg
 
 
+def check_example_manifests() -> str:
+    """deploy/moqui/ingress-example.yaml is valid and routes only /notws and /chat to wsgate."""
+    path = ROOT / "deploy" / "moqui" / "ingress-example.yaml"
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for doc in docs:
+        for version in KUBE_VERSIONS:
+            try:
+                kv.validate(doc, version, strict=True)
+            except Exception as exc:
+                raise CheckFailed(f"{path.name}: {doc['kind']} {doc['metadata']['name']} invalid for "
+                                  f"Kubernetes {version}: {exc}") from exc
+    routes = {p["path"]: p["backend"]["service"]["name"]
+              for d in docs for r in d["spec"]["rules"] for p in r["http"]["paths"]}
+    ws = sorted(p for p, svc in routes.items() if "wsgate" in svc)
+    expect(ws == ["/chat", "/notws"], f"{path.name} routes {ws} to wsgate")
+    expect(routes.get("/") == "moqui", f"{path.name} does not send / to Moqui")
+    return f"{path.name}: {len(docs)} Ingresses valid; /notws and /chat to wsgate, / to Moqui"
+
+
 def check_notes() -> str:
     out = render(VALUE_SETS["ingress"])
     notes = next(v for k, v in out.items() if k.endswith("NOTES.txt"))
@@ -535,6 +554,7 @@ def main() -> int:
                 lambda check=check, name=name: check(name, rendered["docs"]))
     run("bad values refused", check_bad_values)
     run("files/ copies", check_file_copies)
+    run("example manifests", check_example_manifests)
     run("NOTES.txt", check_notes)
     run("README values", check_readme)
     print(f"{passed} passed, {failed} failed")
