@@ -418,6 +418,8 @@ def check_monitoring(name: str, docs: list[dict[str, Any]]) -> str:
     expect(not all(public_labels.get(k) == v for k, v in sm["spec"]["selector"]["matchLabels"].items()),
            "ServiceMonitor also selects the public Service")
     expect([e["port"] for e in sm["spec"]["endpoints"]] == ["admin"], "ServiceMonitor port")
+    job = labels.get(sm["spec"].get("jobLabel", ""), admin["metadata"]["name"])
+    expect("wsgate" in job, f"scrape job {job!r} does not match the alert rules' job=~\".*wsgate.*\"")
     expect(sm["metadata"]["labels"].get("release") == "kube-prometheus-stack", "ServiceMonitor extra labels")
     shipped = yaml.safe_load((CHART / "files" / "wsgate.rules.yml").read_text())
     expect(rules[0]["spec"]["groups"] == shipped["groups"], "PrometheusRule differs from files/wsgate.rules.yml")
