@@ -1,0 +1,302 @@
+//! The internal publish and presence API (`/api/v1` on the admin listener), used by the Moqui
+//! notification listener and GrowERP's chat pushes. Requests carry `Authorization: Bearer
+//! <--api-token>`; without a configured token the API is disabled (403) rather than open.
+//!
+//! The notification object is forwarded byte for byte: it is kept as raw JSON, checked, and
+//! encoded into one envelope whatever the number of recipients.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, RawQuery, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+
+use crate::protocol::{self, Kind};
+use crate::server::AppState;
+
+/// Most user ids one request may name.
+const MAX_USERS: usize = 10_000;
+
+pub fn router(state: Arc<AppState>) -> Router<Arc<AppState>> {
+    let limit = state.config.max_api_body;
+    Router::new()
+        .route("/notifications", post(notifications))
+        .route("/chat", post(chat))
+        .route("/presence", get(presence))
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(state, require_token))
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    ApiError(status, msg.into()).into_response()
+}
+
+/// A request the API refuses: a status and a sentence naming the problem.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+fn bad_request(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+fn route_of(path: &str) -> &'static str {
+    if path.ends_with("/notifications") {
+        "notifications"
+    } else if path.ends_with("/chat") {
+        "chat"
+    } else if path.ends_with("/presence") {
+        "presence"
+    } else {
+        "other"
+    }
+}
+
+/// Constant-time comparison, so the token cannot be guessed byte by byte from timings.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_token(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let route = route_of(req.uri().path());
+    let resp = match &state.config.api_token {
+        None => error(
+            StatusCode::FORBIDDEN,
+            "the publish API is disabled: start wsgate with --api-token (WSGATE_API_TOKEN)",
+        ),
+        Some(token) => {
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::trim);
+            match given {
+                Some(g) if same(g.as_bytes(), token.as_bytes()) => next.run(req).await,
+                Some(_) => error(StatusCode::UNAUTHORIZED, "wrong API token"),
+                None => error(
+                    StatusCode::UNAUTHORIZED,
+                    "missing Authorization: Bearer <api token>",
+                ),
+            }
+        }
+    };
+    state
+        .metrics
+        .api_requests
+        .with_label_values(&[route, resp.status().as_str()])
+        .inc();
+    resp
+}
+
+fn body_error(e: BytesRejection) -> Response {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
+    } else {
+        error(e.status(), e.body_text())
+    }
+}
+
+fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| bad_request(format!("invalid request: {e}")))
+}
+
+fn user_list(ids: Vec<String>) -> Result<Vec<String>, ApiError> {
+    if ids.is_empty() {
+        return Err(bad_request("userIds is empty"));
+    }
+    if ids.len() > MAX_USERS {
+        return Err(bad_request(format!(
+            "userIds names more than {MAX_USERS} users"
+        )));
+    }
+    if ids.iter().any(|u| u.is_empty()) {
+        return Err(bad_request("userIds contains an empty user id"));
+    }
+    let mut ids = ids;
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
+
+fn object(raw: &RawValue, field: &str) -> Result<(), ApiError> {
+    if raw.get().trim_start().starts_with('{') {
+        Ok(())
+    } else {
+        Err(bad_request(format!("{field} must be a JSON object")))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NotificationRequest<'a> {
+    #[serde(rename = "userIds")]
+    user_ids: Option<Vec<String>>,
+    #[serde(rename = "tenantId")]
+    tenant_id: Option<String>,
+    broadcast: Option<bool>,
+    #[serde(borrow)]
+    notification: Option<&'a RawValue>,
+}
+
+async fn notifications(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return body_error(e),
+    };
+    let req: NotificationRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let Some(notification) = req.notification else {
+        return error(StatusCode::BAD_REQUEST, "notification is required");
+    };
+    if let Err(e) = object(notification, "notification") {
+        return e.into_response();
+    }
+    let Some(topic) = protocol::notification_topic(notification.get()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "notification.topic is required (a non-empty string)",
+        );
+    };
+    let registry = state.hub.registry();
+    let broadcast = req.broadcast.unwrap_or(false);
+    let targets = req.user_ids.is_some() as u8 + req.tenant_id.is_some() as u8 + broadcast as u8;
+    if targets != 1 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "name exactly one of userIds, tenantId or \"broadcast\": true",
+        );
+    }
+    let (target, channels) = if let Some(ids) = req.user_ids {
+        match user_list(ids) {
+            Ok(ids) => (
+                "users",
+                ids.iter().map(|u| registry.user_channel(u)).collect(),
+            ),
+            Err(e) => return e.into_response(),
+        }
+    } else if let Some(t) = req.tenant_id {
+        if t.is_empty() {
+            return error(StatusCode::BAD_REQUEST, "tenantId is empty");
+        }
+        ("tenant", vec![registry.tenant_channel(&t)])
+    } else {
+        ("broadcast", vec![registry.all_channel().to_owned()])
+    };
+    let n = channels.len();
+    let payload = protocol::encode(Kind::Notification, &topic, notification.get().as_bytes());
+    match state.hub.publish(channels, payload).await {
+        Ok(()) => (
+            StatusCode::ACCEPTED,
+            Json(json!({"topic": topic, "target": target, "channels": n})),
+        )
+            .into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChatRequest<'a> {
+    #[serde(rename = "userIds")]
+    user_ids: Option<Vec<String>>,
+    #[serde(borrow, rename = "chatMessage")]
+    chat_message: Option<&'a RawValue>,
+}
+
+async fn chat(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return body_error(e),
+    };
+    let req: ChatRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let Some(message) = req.chat_message else {
+        return error(StatusCode::BAD_REQUEST, "chatMessage is required");
+    };
+    if let Err(e) = object(message, "chatMessage") {
+        return e.into_response();
+    }
+    let Some(ids) = req.user_ids else {
+        return error(StatusCode::BAD_REQUEST, "userIds is required");
+    };
+    let ids = match user_list(ids) {
+        Ok(ids) => ids,
+        Err(e) => return e.into_response(),
+    };
+    let registry = state.hub.registry();
+    let channels: Vec<String> = ids.iter().map(|u| registry.user_channel(u)).collect();
+    let n = channels.len();
+    let payload = protocol::encode(Kind::Chat, "", message.get().as_bytes());
+    match state.hub.publish(channels, payload).await {
+        Ok(()) => (
+            StatusCode::ACCEPTED,
+            Json(json!({"target": "users", "channels": n})),
+        )
+            .into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn presence(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Response {
+    let mut ids: Vec<String> = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .filter(|(k, _)| k == "userId")
+        .map(|(_, v)| v.into_owned())
+        .filter(|v| !v.is_empty())
+        .collect();
+    if ids.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "name at least one user: ?userId=a&userId=b",
+        );
+    }
+    if ids.len() > MAX_USERS {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("more than {MAX_USERS} users"),
+        );
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    match state.hub.broker().presence(ids.clone()).await {
+        Ok(online) => {
+            let map: BTreeMap<String, Value> = ids
+                .into_iter()
+                .zip(online)
+                .map(|(u, o)| (u, Value::Bool(o)))
+                .collect();
+            (StatusCode::OK, Json(json!({ "online": map }))).into_response()
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn constant_time_compare() {
+        assert!(super::same(b"abc", b"abc"));
+        assert!(!super::same(b"abc", b"abd"));
+        assert!(!super::same(b"abc", b"abcd"));
+    }
+}

@@ -1,0 +1,153 @@
+//! API key validation with a moka cache in front of the back-end.
+//!
+//! - Keyed by the SHA-256 of the key: the raw key is never stored, logged or counted.
+//! - Accepted keys live `--auth-ttl`, rejected keys `--auth-negative-ttl` (per-entry expiry).
+//! - Concurrent misses for one key are coalesced into one back-end call (moka's
+//!   `or_try_insert_with`): a reconnect storm of N tabs costs one call, not N.
+//! - Back-end failures are not cached. With `--auth-serve-stale` a key that was accepted within
+//!   that window is still accepted while the back-end is unreachable.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moka::future::Cache;
+use moka::Expiry;
+use sha2::{Digest, Sha256};
+
+use crate::backend::{Backend, BackendError, Identity};
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+type KeyHash = [u8; 32];
+
+#[derive(Debug, Clone)]
+enum Outcome {
+    Valid(Identity),
+    Rejected,
+}
+
+struct TtlByOutcome {
+    positive: Duration,
+    negative: Duration,
+}
+
+impl Expiry<KeyHash, Outcome> for TtlByOutcome {
+    fn expire_after_create(&self, _: &KeyHash, v: &Outcome, _: Instant) -> Option<Duration> {
+        Some(match v {
+            Outcome::Valid(_) => self.positive,
+            Outcome::Rejected => self.negative,
+        })
+    }
+}
+
+/// Why a connection could not be authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("API key rejected")]
+    Rejected,
+    #[error("authentication back-end unavailable")]
+    Unavailable,
+}
+
+pub struct Auth {
+    backend: Arc<Backend>,
+    cache: Cache<KeyHash, Outcome>,
+    stale: Option<Cache<KeyHash, Identity>>,
+    metrics: Arc<Metrics>,
+}
+
+fn hash(key: &str) -> KeyHash {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+impl Auth {
+    pub fn new(cfg: &Config, backend: Arc<Backend>, metrics: Arc<Metrics>) -> Auth {
+        let cache = Cache::builder()
+            .max_capacity(cfg.auth_cache_capacity)
+            .expire_after(TtlByOutcome {
+                positive: cfg.auth_ttl,
+                negative: cfg.auth_negative_ttl,
+            })
+            .build();
+        let stale = (!cfg.auth_serve_stale.is_zero()).then(|| {
+            Cache::builder()
+                .max_capacity(cfg.auth_cache_capacity)
+                .time_to_live(cfg.auth_ttl + cfg.auth_serve_stale)
+                .build()
+        });
+        Auth {
+            backend,
+            cache,
+            stale,
+            metrics,
+        }
+    }
+
+    /// Who this key belongs to. One back-end call per key per TTL at most, however many
+    /// connections ask at once.
+    pub async fn authenticate(&self, key: &str) -> Result<Identity, AuthError> {
+        let h = hash(key);
+        let entry = self
+            .cache
+            .entry(h)
+            .or_try_insert_with(async {
+                match self.backend.authenticate(key).await {
+                    Ok(id) => Ok(Outcome::Valid(id)),
+                    Err(BackendError::Rejected) | Err(BackendError::NotFound) => {
+                        Ok(Outcome::Rejected)
+                    }
+                    Err(e) => Err(e),
+                }
+            })
+            .await;
+        match entry {
+            Ok(entry) => {
+                let fresh = entry.is_fresh();
+                match entry.into_value() {
+                    Outcome::Valid(id) => {
+                        if fresh {
+                            self.metrics.auth_miss.inc();
+                            if let Some(stale) = &self.stale {
+                                stale.insert(h, id.clone()).await;
+                            }
+                        } else {
+                            self.metrics.auth_hit.inc();
+                        }
+                        Ok(id)
+                    }
+                    Outcome::Rejected => {
+                        if fresh {
+                            self.metrics.auth_miss.inc();
+                            if let Some(stale) = &self.stale {
+                                stale.invalidate(&h).await;
+                            }
+                        } else {
+                            self.metrics.auth_negative_hit.inc();
+                        }
+                        Err(AuthError::Rejected)
+                    }
+                }
+            }
+            Err(_backend_down) => {
+                self.metrics.auth_miss.inc();
+                if let Some(stale) = &self.stale {
+                    if let Some(id) = stale.get(&h).await {
+                        self.metrics.auth_stale.inc();
+                        return Ok(id);
+                    }
+                }
+                Err(AuthError::Unavailable)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hash_is_not_the_key() {
+        let h = super::hash("secret-key");
+        assert_ne!(&h[..10], b"secret-key");
+        assert_eq!(h, super::hash("secret-key"));
+    }
+}

@@ -1,0 +1,92 @@
+//! The in-process broker: a single node with no Redis. Same interface as the Redis broker, so
+//! everything above the seam runs unchanged; publishing delivers synchronously in the publisher's
+//! task.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use super::{ready, Broker, BrokerFuture, MessageSink};
+
+#[derive(Default)]
+struct State {
+    channels: HashSet<String>,
+    online: HashMap<Arc<str>, ()>,
+}
+
+pub struct MemoryBroker {
+    state: Mutex<State>,
+    sink: Arc<dyn MessageSink>,
+}
+
+impl MemoryBroker {
+    pub fn new(sink: Arc<dyn MessageSink>) -> MemoryBroker {
+        MemoryBroker {
+            state: Mutex::new(State::default()),
+            sink,
+        }
+    }
+
+    /// Channels currently subscribed (for tests and metrics).
+    pub fn channels(&self) -> Vec<String> {
+        self.state.lock().channels.iter().cloned().collect()
+    }
+}
+
+impl Broker for MemoryBroker {
+    fn subscribe(&self, channels: Vec<String>) -> BrokerFuture<()> {
+        self.state.lock().channels.extend(channels);
+        ready(Ok(()))
+    }
+
+    fn unsubscribe(&self, channels: Vec<String>) {
+        let mut state = self.state.lock();
+        for c in &channels {
+            state.channels.remove(c);
+        }
+    }
+
+    fn publish(&self, channels: Vec<String>, payload: Bytes) -> BrokerFuture<()> {
+        let targets: Vec<String> = {
+            let state = self.state.lock();
+            channels
+                .into_iter()
+                .filter(|c| state.channels.contains(c))
+                .collect()
+        };
+        // Delivered outside the broker's lock: the sink takes its own.
+        for c in &targets {
+            self.sink.deliver(c, payload.clone());
+        }
+        ready(Ok(()))
+    }
+
+    fn set_online(&self, user_id: Arc<str>, online: bool) -> BrokerFuture<()> {
+        let mut state = self.state.lock();
+        if online {
+            state.online.insert(user_id, ());
+        } else {
+            state.online.remove(&user_id);
+        }
+        ready(Ok(()))
+    }
+
+    fn presence(&self, user_ids: Vec<String>) -> BrokerFuture<Vec<bool>> {
+        let state = self.state.lock();
+        let v = user_ids
+            .iter()
+            .map(|u| state.online.contains_key(u.as_str()))
+            .collect();
+        ready(Ok(v))
+    }
+
+    fn is_up(&self) -> bool {
+        true
+    }
+
+    fn shutdown(&self) -> BrokerFuture<()> {
+        ready(Ok(()))
+    }
+}

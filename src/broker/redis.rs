@@ -1,0 +1,539 @@
+//! The Redis broker: any number of nodes on one Redis behave as one gateway.
+//!
+//! - One dedicated pub/sub connection per node, owned by a single actor task: SUBSCRIBE and
+//!   UNSUBSCRIBE requests are queued in call order, adjacent requests of one kind are merged
+//!   into one command (one round trip for many channels), and a subscribe resolves only when
+//!   Redis acknowledged it.
+//! - Publishing goes over a deadpool-redis pool; a message for many channels is one pipeline.
+//! - The actor remembers the whole wanted channel set and this node's online users: after a
+//!   reconnect (with backoff) it restores both before the node reports ready again.
+//! - A canary published on `{prefix}:canary:{node}` every second must come back through the
+//!   subscription; if it does not, the subscription is silently dead: the node turns unready and
+//!   reconnects.
+//! - Presence: `{prefix}:node:{node}:users` (a SET with a TTL refreshed by heartbeat) and
+//!   `{prefix}:nodes` (ZSET node → last heartbeat, ms). A crashed node stops heartbeating, so its
+//!   users read offline within `--presence-ttl`.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use deadpool_redis::{Pool, Runtime};
+use futures_util::StreamExt;
+use redis::AsyncCommands;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::{Broker, BrokerError, BrokerFuture, MessageSink};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::protocol::{self, Kind};
+
+/// How often the canary goes round, and how late it may be before the subscription is
+/// considered dead.
+const CANARY_INTERVAL: Duration = Duration::from_secs(1);
+const CANARY_DEADLINE: Duration = Duration::from_secs(4);
+/// Timeout of one Redis command; a Redis that does not answer is a Redis that is down.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
+/// Channels per SUBSCRIBE when the whole set is restored.
+const RESTORE_CHUNK: usize = 1000;
+
+enum Cmd {
+    Subscribe(Vec<String>, oneshot::Sender<Result<(), BrokerError>>),
+    Unsubscribe(Vec<String>),
+    Online(Arc<str>, bool, oneshot::Sender<Result<(), BrokerError>>),
+}
+
+struct Shared {
+    up: AtomicBool,
+    /// Milliseconds since `epoch` when the canary last came back.
+    canary_seen: AtomicU64,
+    epoch: Instant,
+    metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    fn since_epoch(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+}
+
+pub struct RedisBroker {
+    shared: Arc<Shared>,
+    cmds: mpsc::UnboundedSender<Cmd>,
+    pool: Pool,
+    keys: Keys,
+    presence_ttl: Duration,
+}
+
+#[derive(Clone)]
+struct Keys {
+    node_id: String,
+    nodes: String,
+    node_users: String,
+    canary: String,
+}
+
+impl Keys {
+    fn node_users_of(&self, prefix: &str, node: &str) -> String {
+        format!("{prefix}:node:{node}:users")
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable(e.to_string())
+}
+
+async fn timed<T>(
+    fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, BrokerError> {
+    match tokio::time::timeout(COMMAND_TIMEOUT, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(unavailable(e)),
+        Err(_) => Err(unavailable("Redis did not answer in time")),
+    }
+}
+
+fn now_ms() -> u64 {
+    protocol::now_micros() / 1000
+}
+
+impl RedisBroker {
+    /// Starts the broker's tasks; the connection is made in the background, so a node can start
+    /// while Redis is still coming up (it reports unready meanwhile).
+    pub fn start(
+        cfg: &Config,
+        url: &str,
+        sink: Arc<dyn MessageSink>,
+        metrics: Arc<Metrics>,
+    ) -> Result<RedisBroker, BrokerError> {
+        let client =
+            redis::Client::open(url).map_err(|_| unavailable("the Redis URL cannot be used"))?;
+        let pool = deadpool_redis::Config::from_url(url)
+            .builder()
+            .map_err(|_| unavailable("the Redis URL cannot be used"))?
+            .max_size(cfg.redis_pool_size)
+            .wait_timeout(Some(COMMAND_TIMEOUT))
+            .create_timeout(Some(COMMAND_TIMEOUT))
+            .recycle_timeout(Some(COMMAND_TIMEOUT))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(unavailable)?;
+        let prefix = cfg.redis_prefix.clone();
+        let keys = Keys {
+            node_id: cfg.node_id.clone(),
+            nodes: format!("{prefix}:nodes"),
+            node_users: format!("{prefix}:node:{}:users", cfg.node_id),
+            canary: format!("{prefix}:canary:{}", cfg.node_id),
+        };
+        let shared = Arc::new(Shared {
+            up: AtomicBool::new(false),
+            canary_seen: AtomicU64::new(0),
+            epoch: Instant::now(),
+            metrics,
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        let actor = Actor {
+            client,
+            pool: pool.clone(),
+            shared: shared.clone(),
+            sink,
+            keys: keys.clone(),
+            presence_ttl: cfg.presence_ttl,
+            channels: HashSet::new(),
+            online: HashSet::new(),
+        };
+        tokio::spawn(actor.run(rx));
+        Ok(RedisBroker {
+            shared,
+            cmds: tx,
+            pool,
+            keys,
+            presence_ttl: cfg.presence_ttl,
+        })
+    }
+
+    fn send(&self, cmd: Cmd) -> Result<(), BrokerError> {
+        self.cmds.send(cmd).map_err(|_| BrokerError::Closed)
+    }
+}
+
+fn wait(rx: oneshot::Receiver<Result<(), BrokerError>>) -> BrokerFuture<()> {
+    Box::pin(async move { rx.await.unwrap_or(Err(BrokerError::Closed)) })
+}
+
+impl Broker for RedisBroker {
+    fn subscribe(&self, channels: Vec<String>) -> BrokerFuture<()> {
+        let (tx, rx) = oneshot::channel();
+        if let Err(e) = self.send(Cmd::Subscribe(channels, tx)) {
+            return super::ready(Err(e));
+        }
+        wait(rx)
+    }
+
+    fn unsubscribe(&self, channels: Vec<String>) {
+        let _ = self.send(Cmd::Unsubscribe(channels));
+    }
+
+    fn publish(&self, channels: Vec<String>, payload: Bytes) -> BrokerFuture<()> {
+        let pool = self.pool.clone();
+        Box::pin(async move {
+            let mut conn = pool.get().await.map_err(unavailable)?;
+            let mut pipe = redis::pipe();
+            for ch in &channels {
+                pipe.publish(ch, payload.as_ref()).ignore();
+            }
+            timed(pipe.query_async::<()>(&mut conn)).await
+        })
+    }
+
+    fn set_online(&self, user_id: Arc<str>, online: bool) -> BrokerFuture<()> {
+        let (tx, rx) = oneshot::channel();
+        if let Err(e) = self.send(Cmd::Online(user_id, online, tx)) {
+            return super::ready(Err(e));
+        }
+        wait(rx)
+    }
+
+    fn presence(&self, user_ids: Vec<String>) -> BrokerFuture<Vec<bool>> {
+        let pool = self.pool.clone();
+        let nodes_key = self.keys.nodes.clone();
+        let keys = self.keys.clone();
+        let ttl_ms = self.presence_ttl.as_millis() as u64;
+        let prefix = nodes_key.trim_end_matches(":nodes").to_owned();
+        Box::pin(async move {
+            let mut conn = pool.get().await.map_err(unavailable)?;
+            let since = now_ms().saturating_sub(ttl_ms);
+            let nodes: Vec<String> = timed(conn.zrangebyscore(&nodes_key, since, "+inf")).await?;
+            let mut online = vec![false; user_ids.len()];
+            if nodes.is_empty() {
+                return Ok(online);
+            }
+            let mut pipe = redis::pipe();
+            for node in &nodes {
+                pipe.cmd("SMISMEMBER")
+                    .arg(keys.node_users_of(&prefix, node))
+                    .arg(&user_ids);
+            }
+            let answers: Vec<Vec<bool>> = timed(pipe.query_async(&mut conn)).await?;
+            for per_node in answers {
+                for (o, member) in online.iter_mut().zip(per_node) {
+                    *o |= member;
+                }
+            }
+            Ok(online)
+        })
+    }
+
+    fn is_up(&self) -> bool {
+        self.shared.up.load(Ordering::Relaxed)
+    }
+
+    fn shutdown(&self) -> BrokerFuture<()> {
+        let pool = self.pool.clone();
+        let keys = self.keys.clone();
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            shared.up.store(false, Ordering::Relaxed);
+            let mut conn = pool.get().await.map_err(unavailable)?;
+            let mut pipe = redis::pipe();
+            pipe.zrem(&keys.nodes, &keys.node_id)
+                .ignore()
+                .del(&keys.node_users)
+                .ignore();
+            timed(pipe.query_async::<()>(&mut conn)).await
+        })
+    }
+}
+
+struct Actor {
+    client: redis::Client,
+    pool: Pool,
+    shared: Arc<Shared>,
+    sink: Arc<dyn MessageSink>,
+    keys: Keys,
+    presence_ttl: Duration,
+    /// Every channel the hub wants, whether or not Redis has it right now.
+    channels: HashSet<String>,
+    /// Users with a connection on this node.
+    online: HashSet<Arc<str>>,
+}
+
+/// Why a connected session of the actor ended.
+enum End {
+    /// The hub side is gone: the node is stopping.
+    Stopped,
+    /// The connection broke or the canary stopped: reconnect.
+    Lost(String),
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+        let mut backoff = Duration::from_millis(100);
+        let mut connected_before = false;
+        loop {
+            match self.connect_and_serve(&mut rx, &mut connected_before).await {
+                End::Stopped => return,
+                End::Lost(why) => {
+                    self.shared.up.store(false, Ordering::Relaxed);
+                    self.shared.metrics.broker_up.set(0);
+                    tracing::warn!(reason = %why, retry_in = ?backoff, "Redis pub/sub connection lost");
+                }
+            }
+            // While disconnected, answer requests at once (the hub rolls back) but keep
+            // recording what is wanted, so the reconnect restores it.
+            let deadline = Instant::now() + backoff;
+            loop {
+                tokio::select! {
+                    cmd = rx.recv() => match cmd {
+                        None => return,
+                        Some(cmd) => self.record_while_down(cmd),
+                    },
+                    _ = tokio::time::sleep_until(deadline) => break,
+                }
+            }
+            let jitter = rand::random::<f64>() * 0.3 + 0.85;
+            backoff = (backoff * 2).min(Duration::from_secs(5)).mul_f64(jitter);
+        }
+    }
+
+    fn record_while_down(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Subscribe(chs, tx) => {
+                self.channels.extend(chs);
+                let _ = tx.send(Err(unavailable("Redis is unreachable")));
+            }
+            Cmd::Unsubscribe(chs) => {
+                for c in chs {
+                    self.channels.remove(&c);
+                }
+            }
+            Cmd::Online(user, online, tx) => {
+                if online {
+                    self.online.insert(user);
+                } else {
+                    self.online.remove(&user);
+                }
+                let _ = tx.send(Ok(()));
+            }
+        }
+    }
+
+    async fn connect_and_serve(
+        &mut self,
+        rx: &mut mpsc::UnboundedReceiver<Cmd>,
+        connected_before: &mut bool,
+    ) -> End {
+        let pubsub = match timed(self.client.get_async_pubsub()).await {
+            Ok(p) => p,
+            Err(e) => return End::Lost(e.to_string()),
+        };
+        let (mut sink, mut stream) = pubsub.split();
+
+        // Reader: decode nothing here, hand bytes to the hub; intercept the canary.
+        let (lost_tx, mut lost_rx) = oneshot::channel::<()>();
+        let reader = {
+            let deliver = self.sink.clone();
+            let shared = self.shared.clone();
+            let canary = self.keys.canary.clone();
+            tokio::spawn(async move {
+                while let Some(msg) = stream.next().await {
+                    let channel = msg.get_channel_name();
+                    if channel == canary {
+                        shared
+                            .canary_seen
+                            .store(shared.since_epoch(), Ordering::Relaxed);
+                        continue;
+                    }
+                    deliver.deliver(channel, Bytes::copy_from_slice(msg.get_payload_bytes()));
+                }
+                let _ = lost_tx.send(());
+            })
+        };
+        let _abort_reader = AbortOnDrop(reader);
+
+        // Restore the whole set, then presence, before reporting ready.
+        let mut all: Vec<String> = self.channels.iter().cloned().collect();
+        all.push(self.keys.canary.clone());
+        for chunk in all.chunks(RESTORE_CHUNK) {
+            if let Err(e) = timed(sink.subscribe(chunk)).await {
+                return End::Lost(e.to_string());
+            }
+        }
+        if let Err(e) = self.heartbeat(true).await {
+            return End::Lost(e.to_string());
+        }
+        self.shared
+            .canary_seen
+            .store(self.shared.since_epoch(), Ordering::Relaxed);
+        self.shared.up.store(true, Ordering::Relaxed);
+        self.shared.metrics.broker_up.set(1);
+        if *connected_before {
+            self.shared.metrics.broker_reconnects.inc();
+            tracing::info!(
+                channels = all.len(),
+                "Redis pub/sub reconnected, subscriptions restored"
+            );
+        } else {
+            tracing::info!("Redis pub/sub connected");
+        }
+        *connected_before = true;
+
+        let mut canary = tokio::time::interval(CANARY_INTERVAL);
+        let mut heartbeat = tokio::time::interval(self.presence_ttl / 3);
+        heartbeat.tick().await;
+        let mut batch: Vec<Cmd> = Vec::new();
+        loop {
+            tokio::select! {
+                cmd = rx.recv() => {
+                    let Some(cmd) = cmd else { return End::Stopped };
+                    batch.push(cmd);
+                    while batch.len() < 4096 {
+                        match rx.try_recv() {
+                            Ok(c) => batch.push(c),
+                            Err(_) => break,
+                        }
+                    }
+                    if let Err(e) = self.apply(&mut sink, &mut batch).await {
+                        return End::Lost(e.to_string());
+                    }
+                }
+                _ = &mut lost_rx => return End::Lost("connection closed".into()),
+                _ = canary.tick() => {
+                    let seen = self.shared.canary_seen.load(Ordering::Relaxed);
+                    let late = self.shared.since_epoch().saturating_sub(seen);
+                    if late > CANARY_DEADLINE.as_millis() as u64 {
+                        self.shared.metrics.broker_canary_failures.inc();
+                        return End::Lost(format!("canary not received for {late} ms"));
+                    }
+                    self.send_canary();
+                }
+                _ = heartbeat.tick() => {
+                    if let Err(e) = self.heartbeat(false).await {
+                        return End::Lost(e.to_string());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Publishes the canary without blocking the actor: a Redis that hangs shows up as a canary
+    /// that does not come back.
+    fn send_canary(&self) {
+        let pool = self.pool.clone();
+        let channel = self.keys.canary.clone();
+        tokio::spawn(async move {
+            if let Ok(mut conn) = pool.get().await {
+                let payload = protocol::encode(Kind::Canary, "", b"");
+                let _ = timed(conn.publish::<_, _, ()>(&channel, payload.as_ref())).await;
+            }
+        });
+    }
+
+    /// Refreshes this node's presence; `full` re-adds every online user (after a reconnect,
+    /// Redis may have lost them).
+    async fn heartbeat(&self, full: bool) -> Result<(), BrokerError> {
+        let mut conn = self.pool.get().await.map_err(unavailable)?;
+        let ttl_ms = self.presence_ttl.as_millis() as u64;
+        let now = now_ms();
+        let mut pipe = redis::pipe();
+        pipe.zadd(&self.keys.nodes, &self.keys.node_id, now)
+            .ignore();
+        if full && !self.online.is_empty() {
+            let users: Vec<&str> = self.online.iter().map(|u| &**u).collect();
+            for chunk in users.chunks(RESTORE_CHUNK) {
+                pipe.sadd(&self.keys.node_users, chunk).ignore();
+            }
+        }
+        pipe.cmd("PEXPIRE")
+            .arg(&self.keys.node_users)
+            .arg(ttl_ms)
+            .ignore();
+        // Forget nodes that stopped heartbeating long ago (their user sets have expired).
+        pipe.zrembyscore(&self.keys.nodes, 0, now.saturating_sub(ttl_ms * 4))
+            .ignore();
+        timed(pipe.query_async::<()>(&mut conn)).await
+    }
+
+    /// Applies queued commands in order, merging adjacent commands of one kind.
+    async fn apply(
+        &mut self,
+        sink: &mut redis::aio::PubSubSink,
+        batch: &mut Vec<Cmd>,
+    ) -> Result<(), BrokerError> {
+        let mut cmds = std::mem::take(batch).into_iter().peekable();
+        while let Some(cmd) = cmds.next() {
+            match cmd {
+                Cmd::Subscribe(mut chs, tx) => {
+                    let mut waiters = vec![tx];
+                    while let Some(Cmd::Subscribe(..)) = cmds.peek() {
+                        if let Some(Cmd::Subscribe(more, tx)) = cmds.next() {
+                            chs.extend(more);
+                            waiters.push(tx);
+                        }
+                    }
+                    chs.sort_unstable();
+                    chs.dedup();
+                    self.channels.extend(chs.iter().cloned());
+                    let result = timed(sink.subscribe(&chs)).await;
+                    for w in waiters {
+                        let _ = w.send(result.clone());
+                    }
+                    result?;
+                }
+                Cmd::Unsubscribe(mut chs) => {
+                    while let Some(Cmd::Unsubscribe(..)) = cmds.peek() {
+                        if let Some(Cmd::Unsubscribe(more)) = cmds.next() {
+                            chs.extend(more);
+                        }
+                    }
+                    for c in &chs {
+                        self.channels.remove(c);
+                    }
+                    timed(sink.unsubscribe(&chs)).await?;
+                }
+                Cmd::Online(user, online, tx) => {
+                    let mut ops = vec![(user, online, tx)];
+                    while let Some(Cmd::Online(..)) = cmds.peek() {
+                        if let Some(Cmd::Online(u, o, t)) = cmds.next() {
+                            ops.push((u, o, t));
+                        }
+                    }
+                    let mut pipe = redis::pipe();
+                    for (u, o, _) in &ops {
+                        if *o {
+                            self.online.insert(u.clone());
+                            pipe.sadd(&self.keys.node_users, &**u).ignore();
+                        } else {
+                            self.online.remove(u);
+                            pipe.srem(&self.keys.node_users, &**u).ignore();
+                        }
+                    }
+                    pipe.cmd("PEXPIRE")
+                        .arg(&self.keys.node_users)
+                        .arg(self.presence_ttl.as_millis() as u64)
+                        .ignore();
+                    let result = match self.pool.get().await {
+                        Ok(mut conn) => timed(pipe.query_async::<()>(&mut conn)).await,
+                        Err(e) => Err(unavailable(e)),
+                    };
+                    for (_, _, tx) in ops {
+                        let _ = tx.send(result.clone());
+                    }
+                    // A presence write that failed is repaired by the full heartbeat after the
+                    // reconnect that a real outage causes.
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,436 @@
+//! Command line and environment: every flag also reads a `WSGATE_*` variable. The whole
+//! configuration is validated here, before anything binds, so a bad value is reported in one line
+//! (exit code 64) instead of as a half-started node.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use reqwest::Url;
+
+/// Exit code for a configuration error (EX_USAGE from sysexits.h).
+pub const EXIT_CONFIG: i32 = 64;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "wsgate",
+    version,
+    about = "Horizontally scalable WebSocket gateway for Moqui / GrowERP notifications (/notws) and chat (/chat)"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a gateway node.
+    Serve(Box<ServeArgs>),
+    /// Run a gateway on the in-process broker with a built-in demo back-end, and print how to try it.
+    Demo(DemoArgs),
+    /// Run only the built-in demo back-end (for load tests and local clusters).
+    DemoBackend(DemoBackendArgs),
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 10s, 2m)"))
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Public listener: /notws and /chat, nothing else.
+    #[arg(long, env = "WSGATE_LISTEN", default_value = "0.0.0.0:8081")]
+    pub listen: SocketAddr,
+
+    /// Internal listener: /metrics, /healthz, /readyz and the publish API under /api/v1/.
+    #[arg(long, env = "WSGATE_ADMIN_LISTEN", default_value = "0.0.0.0:8082")]
+    pub admin_listen: SocketAddr,
+
+    /// Base URL of the Moqui / GrowERP back-end.
+    #[arg(
+        long,
+        env = "WSGATE_BACKEND_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub backend_url: String,
+
+    /// Path of the REST call that validates an API key.
+    #[arg(
+        long,
+        env = "WSGATE_AUTH_PATH",
+        default_value = "/rest/s1/growerp/100/Authenticate"
+    )]
+    pub auth_path: String,
+
+    /// classificationId sent with the Authenticate call.
+    #[arg(
+        long,
+        env = "WSGATE_AUTH_CLASSIFICATION_ID",
+        default_value = "AppAdmin"
+    )]
+    pub auth_classification_id: String,
+
+    /// Path of the REST call that lists a chat room's members.
+    #[arg(
+        long,
+        env = "WSGATE_CHAT_ROOM_PATH",
+        default_value = "/rest/s1/growerp/100/ChatRoom"
+    )]
+    pub chat_room_path: String,
+
+    /// JSON pointer to the user id in the Authenticate answer.
+    #[arg(
+        long,
+        env = "WSGATE_USER_ID_POINTER",
+        default_value = "/authenticate/user/userId"
+    )]
+    pub user_id_pointer: String,
+
+    /// JSON pointer to the tenant (company) in the Authenticate answer; empty disables tenants.
+    #[arg(
+        long,
+        env = "WSGATE_TENANT_POINTER",
+        default_value = "/authenticate/ownerPartyId"
+    )]
+    pub tenant_pointer: String,
+
+    /// Timeout of one back-end call.
+    #[arg(long, env = "WSGATE_BACKEND_TIMEOUT", default_value = "2s", value_parser = duration)]
+    pub backend_timeout: Duration,
+
+    /// How long an accepted API key is cached.
+    #[arg(long, env = "WSGATE_AUTH_TTL", default_value = "60s", value_parser = duration)]
+    pub auth_ttl: Duration,
+
+    /// How long a rejected API key is cached.
+    #[arg(long, env = "WSGATE_AUTH_NEGATIVE_TTL", default_value = "5s", value_parser = duration)]
+    pub auth_negative_ttl: Duration,
+
+    /// How long a last accepted answer may still be used while the back-end is unreachable (0 = never).
+    #[arg(long, env = "WSGATE_AUTH_SERVE_STALE", default_value = "0s", value_parser = duration)]
+    pub auth_serve_stale: Duration,
+
+    /// Most API keys held in the auth cache.
+    #[arg(long, env = "WSGATE_AUTH_CACHE_CAPACITY", default_value_t = 100_000)]
+    pub auth_cache_capacity: u64,
+
+    /// How long a chat room's member list is cached.
+    #[arg(long, env = "WSGATE_CHAT_ROOM_TTL", default_value = "10s", value_parser = duration)]
+    pub chat_room_ttl: Duration,
+
+    /// Redis URL (redis:// or rediss://). Absent: a single node on the in-process broker.
+    #[arg(long, env = "WSGATE_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Prefix of every Redis channel and key, so several installations can share one Redis.
+    #[arg(long, env = "WSGATE_REDIS_PREFIX", default_value = "wsgate")]
+    pub redis_prefix: String,
+
+    /// Connections in the Redis publish pool.
+    #[arg(long, env = "WSGATE_REDIS_POOL_SIZE", default_value_t = 8)]
+    pub redis_pool_size: usize,
+
+    /// This node's name in presence and logs (default: host name plus a random suffix).
+    #[arg(long, env = "WSGATE_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// After a node crash its users read offline within this bound.
+    #[arg(long, env = "WSGATE_PRESENCE_TTL", default_value = "15s", value_parser = duration)]
+    pub presence_ttl: Duration,
+
+    /// How long the last unsubscribe of a channel is delayed, to absorb reconnect churn.
+    #[arg(long, env = "WSGATE_UNSUBSCRIBE_DELAY", default_value = "2s", value_parser = duration)]
+    pub unsubscribe_delay: Duration,
+
+    /// Bearer token of the publish API. Without it the API answers 403.
+    #[arg(long, env = "WSGATE_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+
+    /// Largest client frame in bytes; a larger one closes the connection with 1009.
+    #[arg(long, env = "WSGATE_MAX_FRAME_SIZE", default_value_t = 65_536)]
+    pub max_frame_size: usize,
+
+    /// Largest publish API request body in bytes (413 above).
+    #[arg(long, env = "WSGATE_MAX_API_BODY", default_value_t = 1_048_576)]
+    pub max_api_body: usize,
+
+    /// Messages queued for one connection before it is closed as a slow consumer (4008).
+    #[arg(long, env = "WSGATE_OUTBOUND_QUEUE", default_value_t = 256)]
+    pub outbound_queue: usize,
+
+    /// Bytes queued for one connection before it is closed as a slow consumer (4008).
+    #[arg(long, env = "WSGATE_OUTBOUND_QUEUE_BYTES", default_value_t = 1_048_576)]
+    pub outbound_queue_bytes: usize,
+
+    /// Open connections per user on this node (0 = unlimited); more are refused with 429.
+    #[arg(long, env = "WSGATE_MAX_CONNECTIONS_PER_USER", default_value_t = 32)]
+    pub max_connections_per_user: usize,
+
+    /// Interval between pings; a peer silent for two intervals is closed (4000).
+    #[arg(long, env = "WSGATE_PING_INTERVAL", default_value = "30s", value_parser = duration)]
+    pub ping_interval: Duration,
+
+    /// On SIGTERM, open sockets are closed (1012) spread over this window.
+    #[arg(long, env = "WSGATE_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub drain_timeout: Duration,
+
+    /// Log format: text or json.
+    #[arg(long, env = "WSGATE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+
+    /// Log filter (tracing syntax, e.g. info or wsgate=debug).
+    #[arg(long, env = "WSGATE_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Public listener of the demo gateway.
+    #[arg(long, env = "WSGATE_LISTEN", default_value = "127.0.0.1:8081")]
+    pub listen: SocketAddr,
+    /// Internal listener of the demo gateway.
+    #[arg(long, env = "WSGATE_ADMIN_LISTEN", default_value = "127.0.0.1:8082")]
+    pub admin_listen: SocketAddr,
+    /// Listener of the built-in demo back-end.
+    #[arg(long, default_value = "127.0.0.1:8083")]
+    pub backend_listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoBackendArgs {
+    /// Listener of the demo back-end.
+    #[arg(long, default_value = "127.0.0.1:8083")]
+    pub listen: SocketAddr,
+}
+
+/// A configuration value that cannot work, named by its flag.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid value for {flag}: {problem}")]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub problem: String,
+}
+
+fn bad(flag: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        flag,
+        problem: problem.into(),
+    }
+}
+
+/// The validated configuration of one gateway node.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub backend_url: Url,
+    pub auth_url: Url,
+    pub chat_room_url: Url,
+    pub user_id_pointer: String,
+    pub tenant_pointer: Option<String>,
+    pub backend_timeout: Duration,
+    pub auth_ttl: Duration,
+    pub auth_negative_ttl: Duration,
+    pub auth_serve_stale: Duration,
+    pub auth_cache_capacity: u64,
+    pub chat_room_ttl: Duration,
+    pub redis_url: Option<String>,
+    pub redis_prefix: String,
+    pub redis_pool_size: usize,
+    pub node_id: String,
+    pub presence_ttl: Duration,
+    pub unsubscribe_delay: Duration,
+    pub api_token: Option<String>,
+    pub max_frame_size: usize,
+    pub max_api_body: usize,
+    pub outbound_queue: usize,
+    pub outbound_queue_bytes: usize,
+    pub max_connections_per_user: usize,
+    pub ping_interval: Duration,
+    pub drain_timeout: Duration,
+}
+
+fn pointer(flag: &'static str, p: &str) -> Result<String, ConfigError> {
+    if !p.starts_with('/') {
+        return Err(bad(
+            flag,
+            format!("'{p}' is not a JSON pointer (it must start with '/')"),
+        ));
+    }
+    Ok(p.to_owned())
+}
+
+fn nonzero(flag: &'static str, d: Duration) -> Result<Duration, ConfigError> {
+    if d.is_zero() {
+        return Err(bad(flag, "must be greater than zero"));
+    }
+    Ok(d)
+}
+
+impl ServeArgs {
+    /// Checks every value; nothing has been bound or spawned yet.
+    pub fn validate(&self) -> Result<Config, ConfigError> {
+        if self.listen == self.admin_listen && self.listen.port() != 0 {
+            return Err(bad(
+                "--admin-listen",
+                "must differ from --listen (the internal API is never public)",
+            ));
+        }
+        let backend_url = Url::parse(&self.backend_url)
+            .map_err(|e| bad("--backend-url", format!("'{}': {e}", self.backend_url)))?;
+        if !matches!(backend_url.scheme(), "http" | "https") || backend_url.host().is_none() {
+            return Err(bad(
+                "--backend-url",
+                format!("'{}' must be an http(s) URL with a host", self.backend_url),
+            ));
+        }
+        let join = |flag: &'static str, path: &str| -> Result<Url, ConfigError> {
+            if !path.starts_with('/') {
+                return Err(bad(flag, format!("'{path}' must start with '/'")));
+            }
+            let base = backend_url.as_str().trim_end_matches('/');
+            Url::parse(&format!("{base}{path}")).map_err(|e| bad(flag, e.to_string()))
+        };
+        let mut auth_url = join("--auth-path", &self.auth_path)?;
+        if !self.auth_classification_id.is_empty() {
+            auth_url
+                .query_pairs_mut()
+                .append_pair("classificationId", &self.auth_classification_id);
+        }
+        let chat_room_url = join("--chat-room-path", &self.chat_room_path)?;
+        let user_id_pointer = pointer("--user-id-pointer", &self.user_id_pointer)?;
+        let tenant_pointer = if self.tenant_pointer.is_empty() {
+            None
+        } else {
+            Some(pointer("--tenant-pointer", &self.tenant_pointer)?)
+        };
+        if let Some(url) = &self.redis_url {
+            let scheme = url.split("://").next().unwrap_or_default();
+            if !matches!(scheme, "redis" | "rediss") || !url.contains("://") {
+                return Err(bad(
+                    "--redis-url",
+                    "must be a redis:// or rediss:// URL (credentials are not shown here)",
+                ));
+            }
+            if redis::IntoConnectionInfo::into_connection_info(url.as_str()).is_err() {
+                return Err(bad(
+                    "--redis-url",
+                    "cannot be parsed as a Redis URL (credentials are not shown here)",
+                ));
+            }
+        }
+        if self.redis_prefix.is_empty()
+            || self
+                .redis_prefix
+                .chars()
+                .any(|c| c.is_whitespace() || c == '*' || c == '?' || c == '[')
+        {
+            return Err(bad(
+                "--redis-prefix",
+                "must be non-empty, without spaces or glob characters",
+            ));
+        }
+        if self.redis_pool_size == 0 {
+            return Err(bad("--redis-pool-size", "must be at least 1"));
+        }
+        if let Some(t) = &self.api_token {
+            if t.trim().is_empty() {
+                return Err(bad(
+                    "--api-token",
+                    "is empty; leave it unset to disable the publish API",
+                ));
+            }
+        }
+        if self.max_frame_size < 128 {
+            return Err(bad("--max-frame-size", "must be at least 128 bytes"));
+        }
+        if self.max_api_body < 1024 {
+            return Err(bad("--max-api-body", "must be at least 1024 bytes"));
+        }
+        if self.outbound_queue == 0 {
+            return Err(bad("--outbound-queue", "must be at least 1"));
+        }
+        if self.outbound_queue_bytes < 1024 {
+            return Err(bad("--outbound-queue-bytes", "must be at least 1024 bytes"));
+        }
+        if self.auth_cache_capacity == 0 {
+            return Err(bad("--auth-cache-capacity", "must be at least 1"));
+        }
+        let presence_ttl = nonzero("--presence-ttl", self.presence_ttl)?;
+        if presence_ttl < Duration::from_secs(3) || presence_ttl > Duration::from_secs(30) {
+            return Err(bad("--presence-ttl", "must be between 3s and 30s"));
+        }
+        let node_id = match &self.node_id {
+            Some(id) if id.is_empty() || id.contains(char::is_whitespace) => {
+                return Err(bad("--node-id", "must be non-empty without spaces"));
+            }
+            Some(id) => id.clone(),
+            None => default_node_id(),
+        };
+        Ok(Config {
+            listen: self.listen,
+            admin_listen: self.admin_listen,
+            backend_url,
+            auth_url,
+            chat_room_url,
+            user_id_pointer,
+            tenant_pointer,
+            backend_timeout: nonzero("--backend-timeout", self.backend_timeout)?,
+            auth_ttl: nonzero("--auth-ttl", self.auth_ttl)?,
+            auth_negative_ttl: nonzero("--auth-negative-ttl", self.auth_negative_ttl)?,
+            auth_serve_stale: self.auth_serve_stale,
+            auth_cache_capacity: self.auth_cache_capacity,
+            chat_room_ttl: nonzero("--chat-room-ttl", self.chat_room_ttl)?,
+            redis_url: self.redis_url.clone(),
+            redis_prefix: self.redis_prefix.clone(),
+            redis_pool_size: self.redis_pool_size,
+            node_id,
+            presence_ttl,
+            unsubscribe_delay: self.unsubscribe_delay,
+            api_token: self.api_token.clone(),
+            max_frame_size: self.max_frame_size,
+            max_api_body: self.max_api_body,
+            outbound_queue: self.outbound_queue,
+            outbound_queue_bytes: self.outbound_queue_bytes,
+            max_connections_per_user: self.max_connections_per_user,
+            ping_interval: nonzero("--ping-interval", self.ping_interval)?,
+            drain_timeout: self.drain_timeout,
+        })
+    }
+}
+
+fn default_node_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "wsgate".to_owned());
+    format!("{host}-{:06x}", rand::random::<u32>() & 0xff_ffff)
+}
+
+impl Config {
+    /// A configuration for tests and embedding: defaults with the given back-end, listeners on
+    /// loopback port 0.
+    pub fn for_backend(backend_url: &str) -> Result<Config, ConfigError> {
+        let args = Cli::try_parse_from([
+            "wsgate",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--backend-url",
+            backend_url,
+        ])
+        .map_err(|e| bad("arguments", e.to_string()))?;
+        match args.command {
+            Command::Serve(a) => a.validate(),
+            _ => Err(bad("arguments", "not serve")),
+        }
+    }
+}

@@ -1,0 +1,35 @@
+//! wsgate: a horizontally scalable WebSocket gateway for Moqui / GrowERP notifications (`/notws`)
+//! and chat (`/chat`).
+//!
+//! # Layout
+//!
+//! Dependencies point one way: transport → session → hub → broker.
+//!
+//! - [`config`]: flags and environment, validated before anything binds (exit 64).
+//! - [`server`]: the two listeners and routers, the pre-upgrade auth, the node's drain.
+//! - [`api`]: the internal publish and presence API on the admin listener.
+//! - [`session`]: one WebSocket: read client frames, write queued messages, ping, close.
+//! - [`chat`]: chat-room look-up and routing of client chat frames.
+//! - [`auth`]: API key validation, cached in moka by key hash.
+//! - [`backend`]: the Moqui / GrowERP REST calls (Authenticate, ChatRoom).
+//! - [`hub`]: the local registry (users → connections → topics), reference-counted channel
+//!   interest, fan-out into bounded per-connection queues.
+//! - [`broker`]: the seam between nodes: [`broker::memory`] (one node) and [`broker::redis`].
+//! - [`protocol`]: wire formats with no I/O: client frames and the broker envelope.
+//! - [`metrics`]: one Prometheus registry per node.
+//! - [`disconnect`]: the close-code table.
+//! - [`demo`]: the built-in demo back-end.
+
+pub mod api;
+pub mod auth;
+pub mod backend;
+pub mod broker;
+pub mod chat;
+pub mod config;
+pub mod demo;
+pub mod disconnect;
+pub mod hub;
+pub mod metrics;
+pub mod protocol;
+pub mod server;
+pub mod session;

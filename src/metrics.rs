@@ -1,0 +1,438 @@
+//! Prometheus metrics: one [`Metrics`] (and one registry) per gateway instance, so that parallel
+//! test servers never collide and nothing is global.
+//!
+//! Hot-path rule: every labelled child that the fan-out path touches is resolved once, here, at
+//! start-up, and stored as a plain field. Delivering a message costs a few atomic adds, never a
+//! label lookup, a string format or a map access. Counters on the fan-out path are incremented
+//! once per broker message by the number of recipients, not once per recipient.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::protocol::Endpoint;
+
+/// Why a connection attempt was refused before the upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    MissingKey,
+    InvalidKey,
+    UserMismatch,
+    BackendUnavailable,
+    BrokerUnavailable,
+    Draining,
+    TooManyConnections,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 7] = [
+        RejectReason::MissingKey,
+        RejectReason::InvalidKey,
+        RejectReason::UserMismatch,
+        RejectReason::BackendUnavailable,
+        RejectReason::BrokerUnavailable,
+        RejectReason::Draining,
+        RejectReason::TooManyConnections,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::MissingKey => "missing_key",
+            RejectReason::InvalidKey => "invalid_key",
+            RejectReason::UserMismatch => "user_mismatch",
+            RejectReason::BackendUnavailable => "backend_unavailable",
+            RejectReason::BrokerUnavailable => "broker_unavailable",
+            RejectReason::Draining => "draining",
+            RejectReason::TooManyConnections => "too_many_connections",
+        }
+    }
+}
+
+/// Client frames that were dropped without closing the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IgnoredFrame {
+    UnknownCommand,
+    Binary,
+    InvalidJson,
+    NoRoom,
+    NotMember,
+    UnknownRoom,
+    BrokerUnavailable,
+    BackendUnavailable,
+}
+
+impl IgnoredFrame {
+    pub const ALL: [IgnoredFrame; 8] = [
+        IgnoredFrame::UnknownCommand,
+        IgnoredFrame::Binary,
+        IgnoredFrame::InvalidJson,
+        IgnoredFrame::NoRoom,
+        IgnoredFrame::NotMember,
+        IgnoredFrame::UnknownRoom,
+        IgnoredFrame::BrokerUnavailable,
+        IgnoredFrame::BackendUnavailable,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IgnoredFrame::UnknownCommand => "unknown_command",
+            IgnoredFrame::Binary => "binary",
+            IgnoredFrame::InvalidJson => "invalid_json",
+            IgnoredFrame::NoRoom => "no_room",
+            IgnoredFrame::NotMember => "not_member",
+            IgnoredFrame::UnknownRoom => "unknown_room",
+            IgnoredFrame::BrokerUnavailable => "broker_unavailable",
+            IgnoredFrame::BackendUnavailable => "backend_unavailable",
+        }
+    }
+}
+
+/// Back-end calls, for latency and error metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendCall {
+    Authenticate,
+    ChatRoom,
+}
+
+impl BackendCall {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendCall::Authenticate => "authenticate",
+            BackendCall::ChatRoom => "chat_room",
+        }
+    }
+}
+
+/// Per-endpoint children, resolved once.
+pub struct EndpointMetrics {
+    pub connections: IntGauge,
+    pub opened: IntCounter,
+    pub deliveries: IntCounter,
+    rejected: Vec<IntCounter>,
+    closed: Vec<IntCounter>,
+    ignored: Vec<IntCounter>,
+}
+
+impl EndpointMetrics {
+    pub fn rejected(&self, reason: RejectReason) -> &IntCounter {
+        &self.rejected[reason as usize]
+    }
+    pub fn closed(&self, reason: crate::disconnect::CloseReason) -> &IntCounter {
+        &self.closed[reason as usize]
+    }
+    pub fn ignored(&self, kind: IgnoredFrame) -> &IntCounter {
+        &self.ignored[kind as usize]
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub ready: IntGauge,
+    pub notws: EndpointMetrics,
+    pub chat: EndpointMetrics,
+    pub auth_hit: IntCounter,
+    pub auth_miss: IntCounter,
+    pub auth_negative_hit: IntCounter,
+    pub auth_stale: IntCounter,
+    pub room_hit: IntCounter,
+    pub room_miss: IntCounter,
+    pub backend_duration: HistogramVec,
+    pub backend_errors: IntCounterVec,
+    pub topic_subscriptions: IntGauge,
+    pub broker_channels: IntGauge,
+    pub broker_up: IntGauge,
+    pub broker_received: IntCounter,
+    pub broker_published: IntCounter,
+    pub broker_publish_duration: Histogram,
+    pub broker_publish_errors: IntCounter,
+    pub broker_reconnects: IntCounter,
+    pub broker_canary_failures: IntCounter,
+    pub fanout_recipients: Histogram,
+    pub delivery_latency: Histogram,
+    pub outbound_dropped: IntCounter,
+    pub slow_consumer_disconnects: IntCounter,
+    pub api_requests: IntCounterVec,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("static metric definition");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("static metric definition");
+    registry
+        .register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .expect("static metric definition");
+    registry
+        .register(Box::new(h.clone()))
+        .expect("metric registered once");
+    h
+}
+
+/// Latency buckets from 100 µs to 10 s: fine enough at the low end to see the in-process path,
+/// wide enough at the top to see a stalled broker.
+pub const LATENCY_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let build = IntGaugeVec::new(
+            Opts::new("wsgate_build_info", "Build information; always 1."),
+            &["version"],
+        )
+        .expect("static metric definition");
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        r.register(Box::new(build)).expect("metric registered once");
+
+        #[cfg(target_os = "linux")]
+        {
+            // Standard process_* metrics (RSS, CPU, fds): what memory per connection is sized by.
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            r.register(Box::new(pc)).expect("metric registered once");
+        }
+
+        let connections = IntGaugeVec::new(
+            Opts::new("wsgate_connections", "Open WebSocket connections."),
+            &["endpoint"],
+        )
+        .expect("static metric definition");
+        r.register(Box::new(connections.clone()))
+            .expect("metric registered once");
+        let opened = counter_vec(
+            &r,
+            "wsgate_connections_opened_total",
+            "WebSocket connections accepted (upgraded).",
+            &["endpoint"],
+        );
+        let rejected = counter_vec(
+            &r,
+            "wsgate_connections_rejected_total",
+            "Connection attempts refused before the upgrade, by reason.",
+            &["endpoint", "reason"],
+        );
+        let closed = counter_vec(
+            &r,
+            "wsgate_connections_closed_total",
+            "WebSocket connections closed, by reason.",
+            &["endpoint", "reason"],
+        );
+        let deliveries = counter_vec(
+            &r,
+            "wsgate_deliveries_total",
+            "Messages queued to a client connection (one per recipient connection).",
+            &["endpoint"],
+        );
+        let ignored = counter_vec(
+            &r,
+            "wsgate_client_frames_ignored_total",
+            "Client frames dropped without closing the connection, by kind.",
+            &["endpoint", "kind"],
+        );
+        let endpoint = |e: Endpoint| {
+            let name = e.as_str();
+            EndpointMetrics {
+                connections: connections.with_label_values(&[name]),
+                opened: opened.with_label_values(&[name]),
+                deliveries: deliveries.with_label_values(&[name]),
+                rejected: RejectReason::ALL
+                    .iter()
+                    .map(|r| rejected.with_label_values(&[name, r.as_str()]))
+                    .collect(),
+                closed: crate::disconnect::CloseReason::ALL
+                    .iter()
+                    .map(|r| closed.with_label_values(&[name, r.as_str()]))
+                    .collect(),
+                ignored: IgnoredFrame::ALL
+                    .iter()
+                    .map(|k| ignored.with_label_values(&[name, k.as_str()]))
+                    .collect(),
+            }
+        };
+        let notws = endpoint(Endpoint::Notws);
+        let chat = endpoint(Endpoint::Chat);
+
+        let auth = counter_vec(
+            &r,
+            "wsgate_auth_cache_requests_total",
+            "API key look-ups, by cache result (hit, miss, negative_hit, stale).",
+            &["result"],
+        );
+        let room = counter_vec(
+            &r,
+            "wsgate_chat_room_cache_requests_total",
+            "Chat room member look-ups, by cache result.",
+            &["result"],
+        );
+        let backend_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "wsgate_backend_request_duration_seconds",
+                "Latency of calls to the Moqui/GrowERP back-end.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["call"],
+        )
+        .expect("static metric definition");
+        r.register(Box::new(backend_duration.clone()))
+            .expect("metric registered once");
+        let backend_errors = counter_vec(
+            &r,
+            "wsgate_backend_errors_total",
+            "Failed back-end calls, by call and kind (timeout, connect, status, invalid_response).",
+            &["call", "kind"],
+        );
+        for call in ["authenticate", "chat_room"] {
+            backend_duration.with_label_values(&[call]);
+            for kind in ["timeout", "connect", "status", "invalid_response"] {
+                backend_errors.with_label_values(&[call, kind]);
+            }
+        }
+        let api_requests = counter_vec(
+            &r,
+            "wsgate_api_requests_total",
+            "Internal publish/presence API requests, by route and status.",
+            &["route", "status"],
+        );
+        for route in ["notifications", "chat", "presence"] {
+            api_requests.with_label_values(&[route, "202"]);
+        }
+
+        Metrics {
+            ready: gauge(
+                &r,
+                "wsgate_ready",
+                "1 when this node accepts connections (broker up, not draining).",
+            ),
+            notws,
+            chat,
+            auth_hit: auth.with_label_values(&["hit"]),
+            auth_miss: auth.with_label_values(&["miss"]),
+            auth_negative_hit: auth.with_label_values(&["negative_hit"]),
+            auth_stale: auth.with_label_values(&["stale"]),
+            room_hit: room.with_label_values(&["hit"]),
+            room_miss: room.with_label_values(&["miss"]),
+            backend_duration,
+            backend_errors,
+            topic_subscriptions: gauge(
+                &r,
+                "wsgate_topic_subscriptions",
+                "Topic subscriptions held by /notws connections on this node (ALL counts as one).",
+            ),
+            broker_channels: gauge(
+                &r,
+                "wsgate_broker_channels",
+                "Broker channels this node is subscribed to.",
+            ),
+            broker_up: gauge(
+                &r,
+                "wsgate_broker_up",
+                "1 while the broker connection is up and its canary arrives.",
+            ),
+            broker_received: counter(
+                &r,
+                "wsgate_broker_messages_received_total",
+                "Messages received from the broker.",
+            ),
+            broker_published: counter(
+                &r,
+                "wsgate_broker_messages_published_total",
+                "Messages published to the broker (one per channel).",
+            ),
+            broker_publish_duration: histogram(
+                &r,
+                "wsgate_broker_publish_duration_seconds",
+                "Time to publish one batch to the broker.",
+                LATENCY_BUCKETS.to_vec(),
+            ),
+            broker_publish_errors: counter(
+                &r,
+                "wsgate_broker_publish_errors_total",
+                "Publish batches that failed.",
+            ),
+            broker_reconnects: counter(
+                &r,
+                "wsgate_broker_reconnects_total",
+                "Times the broker subscription connection was re-established.",
+            ),
+            broker_canary_failures: counter(
+                &r,
+                "wsgate_broker_canary_failures_total",
+                "Canary messages that did not come back through the broker in time.",
+            ),
+            fanout_recipients: histogram(
+                &r,
+                "wsgate_fanout_recipients",
+                "Local recipient connections per broker message on this node.",
+                vec![
+                    0.0, 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0, 5000.0, 20000.0,
+                ],
+            ),
+            delivery_latency: histogram(
+                &r,
+                "wsgate_delivery_latency_seconds",
+                "Time from the publisher's timestamp to the socket write.",
+                LATENCY_BUCKETS.to_vec(),
+            ),
+            outbound_dropped: counter(
+                &r,
+                "wsgate_outbound_dropped_total",
+                "Messages not queued because a connection's outbound queue was full.",
+            ),
+            slow_consumer_disconnects: counter(
+                &r,
+                "wsgate_slow_consumer_disconnects_total",
+                "Connections closed because they did not read fast enough (close 4008).",
+            ),
+            api_requests,
+            registry: r,
+        }
+    }
+
+    pub fn endpoint(&self, e: Endpoint) -> &EndpointMetrics {
+        match e {
+            Endpoint::Notws => &self.notws,
+            Endpoint::Chat => &self.chat,
+        }
+    }
+
+    pub fn backend_error(&self, call: BackendCall, kind: &str) {
+        self.backend_errors
+            .with_label_values(&[call.as_str(), kind])
+            .inc();
+    }
+
+    /// Renders the registry in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::with_capacity(16 * 1024);
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,436 @@
+//! Listeners, routers and the node's lifecycle: start, serve, drain, stop.
+//!
+//! Two listeners: the public one serves only `/notws` and `/chat`; the internal one serves
+//! `/metrics`, `/healthz`, `/readyz` and the publish API, and must never be exposed publicly.
+//!
+//! Upgraded sockets live outside axum's graceful shutdown, so the node drains them itself: on
+//! the shutdown signal `/readyz` turns 503, new upgrades get 503, every session closes with 1012
+//! at a random moment within `--drain-timeout`, and the process waits for them (with a grace
+//! period) before it exits.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{Auth, AuthError};
+use crate::backend::Backend;
+use crate::broker::memory::MemoryBroker;
+use crate::broker::redis::RedisBroker;
+use crate::broker::Broker;
+use crate::chat::Chat;
+use crate::config::Config;
+use crate::hub::{Hub, HubLimits, RegisterError};
+use crate::metrics::{Metrics, RejectReason};
+use crate::protocol::Endpoint;
+use crate::session::{self, Session};
+
+/// Read buffer of each socket. Client frames are tiny (`subscribe: ALL`, a chat line), and
+/// tungstenite allocates this eagerly for every connection: 128 KiB by default would cost more
+/// than everything else an idle connection holds. Larger frames grow it on demand.
+const READ_BUFFER_SIZE: usize = 1024;
+/// Frames are fed into the write buffer and written once it holds this much, or on flush:
+/// big enough to coalesce a burst into one syscall, allocated only while there is output.
+const WRITE_BUFFER_SIZE: usize = 16 * 1024;
+
+/// Everything a node shares between its tasks. One per node: no global state.
+pub struct AppState {
+    pub config: Config,
+    pub metrics: Arc<Metrics>,
+    pub auth: Auth,
+    pub chat: Chat,
+    pub hub: Arc<Hub>,
+    draining: AtomicBool,
+    drain: CancellationToken,
+    sessions: TaskTracker,
+}
+
+/// Errors that stop a node from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("broker: {0}")]
+    Broker(String),
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl AppState {
+    pub async fn new(config: Config) -> Result<Arc<AppState>, StartError> {
+        let metrics = Arc::new(Metrics::new());
+        let backend = Arc::new(Backend::new(&config, metrics.clone())?);
+        let auth = Auth::new(&config, backend.clone(), metrics.clone());
+        let chat = Chat::new(backend, metrics.clone(), config.chat_room_ttl);
+        let limits = HubLimits {
+            max_connections_per_user: config.max_connections_per_user,
+            outbound_queue: config.outbound_queue,
+            outbound_queue_bytes: config.outbound_queue_bytes,
+            unsubscribe_delay: config.unsubscribe_delay,
+        };
+        let mut broker_error = None;
+        let hub = Hub::new(
+            &config.redis_prefix,
+            metrics.clone(),
+            limits,
+            |sink| -> Arc<dyn Broker> {
+                match &config.redis_url {
+                    None => Arc::new(MemoryBroker::new(sink)),
+                    Some(url) => match RedisBroker::start(&config, url, sink, metrics.clone()) {
+                        Ok(b) => Arc::new(b),
+                        Err(e) => {
+                            broker_error = Some(e);
+                            Arc::new(MemoryBroker::new(Arc::new(NullSink)))
+                        }
+                    },
+                }
+            },
+        );
+        if let Some(e) = broker_error {
+            return Err(StartError::Broker(e.to_string()));
+        }
+        hub.start()
+            .await
+            .map_err(|e| StartError::Broker(e.to_string()))?;
+        Ok(Arc::new(AppState {
+            config,
+            metrics,
+            auth,
+            chat,
+            hub,
+            draining: AtomicBool::new(false),
+            drain: CancellationToken::new(),
+            sessions: TaskTracker::new(),
+        }))
+    }
+
+    /// Ready: broker up and not draining.
+    pub fn is_ready(&self) -> bool {
+        !self.draining.load(Ordering::Relaxed) && self.hub.broker().is_up()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+struct NullSink;
+impl crate::broker::MessageSink for NullSink {
+    fn deliver(&self, _: &str, _: bytes::Bytes) {}
+}
+
+/// The public router: `/notws` and `/chat`, nothing else.
+pub fn public_app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/notws", get(notws))
+        .route("/chat", get(chat))
+        .with_state(state)
+}
+
+/// The internal router: health, readiness, metrics, publish API.
+pub fn admin_app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .nest("/api/v1", crate::api::router(state.clone()))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else if !state.hub.broker().is_up() {
+        (StatusCode::SERVICE_UNAVAILABLE, "broker unavailable\n").into_response()
+    } else {
+        (StatusCode::OK, "ready\n").into_response()
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    state.metrics.ready.set(state.is_ready() as i64);
+    state
+        .metrics
+        .broker_up
+        .set(state.hub.broker().is_up() as i64);
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn notws(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    upgrade(state, Endpoint::Notws, query, headers, ws).await
+}
+
+async fn chat(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    upgrade(state, Endpoint::Chat, query, headers, ws).await
+}
+
+/// Where the API key and the claimed user id came from.
+#[derive(Default)]
+struct Credentials {
+    key: Option<String>,
+    user_id: Option<String>,
+}
+
+/// `api_key` or `apiKey` query parameter, `api_key` header, or `Authorization: Bearer`.
+fn credentials(query: Option<&str>, headers: &HeaderMap) -> Credentials {
+    let mut c = Credentials::default();
+    let mut api_key = None;
+    let mut api_key_old = None;
+    for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match k.as_ref() {
+            "api_key" if !v.is_empty() => api_key = Some(v.into_owned()),
+            "apiKey" if !v.is_empty() => api_key_old = Some(v.into_owned()),
+            "userId" if !v.is_empty() => c.user_id = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    let header_key = headers
+        .get("api_key")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned);
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned);
+    c.key = api_key.or(api_key_old).or(header_key).or(bearer);
+    c
+}
+
+fn reject(state: &AppState, endpoint: Endpoint, reason: RejectReason) -> Response {
+    state.metrics.endpoint(endpoint).rejected(reason).inc();
+    let (status, body) = match reason {
+        RejectReason::MissingKey => (
+            StatusCode::UNAUTHORIZED,
+            "missing API key (api_key query parameter, api_key header or Authorization: Bearer)\n",
+        ),
+        RejectReason::InvalidKey => (StatusCode::UNAUTHORIZED, "API key rejected\n"),
+        RejectReason::UserMismatch => (
+            StatusCode::FORBIDDEN,
+            "userId does not match the API key's user\n",
+        ),
+        RejectReason::BackendUnavailable => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "authentication back-end unavailable, retry later\n",
+        ),
+        RejectReason::BrokerUnavailable => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "message broker unavailable, retry later\n",
+        ),
+        RejectReason::Draining => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "node is shutting down, reconnect\n",
+        ),
+        RejectReason::TooManyConnections => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many connections for this user\n",
+        ),
+    };
+    let mut resp = (status, body).into_response();
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    }
+    resp
+}
+
+/// Authenticates and registers before answering 101, so that an auth failure is an HTTP status
+/// (never an accepted-then-closed socket) and the user's channel is live when the client sees
+/// the handshake complete.
+async fn upgrade(
+    state: Arc<AppState>,
+    endpoint: Endpoint,
+    query: Option<String>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if state.is_draining() {
+        return reject(&state, endpoint, RejectReason::Draining);
+    }
+    let creds = credentials(query.as_deref(), &headers);
+    let Some(key) = creds.key else {
+        return reject(&state, endpoint, RejectReason::MissingKey);
+    };
+    let identity = match state.auth.authenticate(&key).await {
+        Ok(id) => id,
+        Err(AuthError::Rejected) => return reject(&state, endpoint, RejectReason::InvalidKey),
+        Err(AuthError::Unavailable) => {
+            return reject(&state, endpoint, RejectReason::BackendUnavailable)
+        }
+    };
+    if let Some(claimed) = &creds.user_id {
+        if claimed.as_str() != &*identity.user_id {
+            return reject(&state, endpoint, RejectReason::UserMismatch);
+        }
+    }
+    let registration = match state.hub.register(identity, endpoint).await {
+        Ok(r) => r,
+        Err(RegisterError::TooManyConnections) => {
+            return reject(&state, endpoint, RejectReason::TooManyConnections)
+        }
+        Err(RegisterError::Broker(e)) => {
+            tracing::warn!(error = %e, "registering a connection failed");
+            return reject(&state, endpoint, RejectReason::BrokerUnavailable);
+        }
+    };
+    // Taken now, so a drain that starts before the socket runs still waits for it.
+    let token = state.sessions.token();
+    let session = Session {
+        registration,
+        api_key: key,
+    };
+    let drain = state.drain.clone();
+    let max = state.config.max_frame_size;
+    ws.read_buffer_size(READ_BUFFER_SIZE)
+        .write_buffer_size(WRITE_BUFFER_SIZE)
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| async move {
+            session::run(socket, session, state, drain).await;
+            drop(token);
+        })
+}
+
+/// Addresses a running node listens on.
+#[derive(Debug, Clone, Copy)]
+pub struct Addrs {
+    pub public: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+/// Serves a node on the given listeners until `shutdown` resolves, then drains and returns.
+/// Tests call this directly with listeners bound to port 0.
+pub async fn run(
+    state: Arc<AppState>,
+    public: TcpListener,
+    admin: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let stop_http = CancellationToken::new();
+    let public_srv = {
+        let stop = stop_http.clone();
+        let app = public_app(state.clone());
+        tokio::spawn(async move {
+            axum::serve(public, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        })
+    };
+    let admin_srv = {
+        let stop = stop_http.clone();
+        let app = admin_app(state.clone());
+        tokio::spawn(async move {
+            axum::serve(admin, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        })
+    };
+
+    shutdown.await;
+    drain(&state).await;
+    stop_http.cancel();
+    let grace = Duration::from_secs(2);
+    let _ = tokio::time::timeout(grace, public_srv).await;
+    let _ = tokio::time::timeout(grace, admin_srv).await;
+    if let Err(e) = tokio::time::timeout(grace, state.hub.broker().shutdown()).await {
+        tracing::warn!(error = %e, "broker did not shut down in time");
+    }
+    Ok(())
+}
+
+/// Drains the node: unready at once, refuse upgrades, close sessions (1012) spread over the
+/// drain window, wait for them with a grace period.
+pub async fn drain(state: &AppState) {
+    if state.draining.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    state.metrics.ready.set(0);
+    let open = state.hub.connections();
+    tracing::info!(
+        connections = open,
+        window = ?state.config.drain_timeout,
+        "draining: closing sockets with 1012"
+    );
+    state.drain.cancel();
+    state.sessions.close();
+    let grace = state.config.drain_timeout + Duration::from_secs(3);
+    if tokio::time::timeout(grace, state.sessions.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            remaining = state.sessions.len(),
+            "drain window over, dropping remaining sockets"
+        );
+        state.hub.close_all(crate::disconnect::CloseReason::Drain);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_sources_in_order() {
+        let mut h = HeaderMap::new();
+        h.insert("api_key", HeaderValue::from_static("hdr"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer tok"),
+        );
+        assert_eq!(
+            credentials(Some("api_key=q&apiKey=old&userId=u"), &h)
+                .key
+                .as_deref(),
+            Some("q")
+        );
+        assert_eq!(
+            credentials(Some("apiKey=old"), &h).key.as_deref(),
+            Some("old")
+        );
+        assert_eq!(credentials(None, &h).key.as_deref(), Some("hdr"));
+        h.remove("api_key");
+        assert_eq!(credentials(Some(""), &h).key.as_deref(), Some("tok"));
+        assert_eq!(credentials(None, &HeaderMap::new()).key, None);
+        assert_eq!(
+            credentials(Some("userId=john"), &HeaderMap::new())
+                .user_id
+                .as_deref(),
+            Some("john")
+        );
+    }
+}

@@ -1,0 +1,197 @@
+//! One WebSocket connection, one task: read client frames, write queued messages, ping, drain.
+//!
+//! Writes are coalesced: every message queued since the last write is fed into the socket's
+//! write buffer and flushed once, so a burst to one connection costs one `write()` syscall
+//! instead of one per message. Reading and writing share the task; a write that cannot
+//! progress (the peer does not read) is abandoned as soon as the queue overflows.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::SinkExt;
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::disconnect::CloseReason;
+use crate::hub::{Outgoing, Registration};
+use crate::metrics::IgnoredFrame;
+use crate::protocol::{self, Endpoint, NotwsCommand};
+use crate::server::AppState;
+
+/// How long a close frame may take to go out before the socket is simply dropped.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub struct Session {
+    pub registration: Registration,
+    /// Needed for chat-room look-ups, which GrowERP answers for the sender's own key. Never logged.
+    pub api_key: String,
+}
+
+/// Runs a connection until it closes. `drain` is cancelled when the node starts draining.
+pub async fn run(
+    mut socket: WebSocket,
+    session: Session,
+    state: Arc<AppState>,
+    drain: CancellationToken,
+) {
+    let conn = session.registration.conn.clone();
+    let endpoint = conn.endpoint;
+    let m = state.metrics.endpoint(endpoint);
+    m.connections.inc();
+    m.opened.inc();
+
+    let ping_interval = state.config.ping_interval;
+    let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_seen = Instant::now();
+    let mut drain_at: Option<Instant> = None;
+    let mut batch: VecDeque<Outgoing> = VecDeque::new();
+
+    let reason = loop {
+        tokio::select! {
+            incoming = socket.recv() => {
+                let msg = match incoming {
+                    None => break CloseReason::Client,
+                    Some(Ok(msg)) => msg,
+                    Some(Err(e)) => break read_error(e),
+                };
+                last_seen = Instant::now();
+                match msg {
+                    Message::Text(text) => handle_text(&state, &session, endpoint, text).await,
+                    Message::Binary(_) => m.ignored(IgnoredFrame::Binary).inc(),
+                    Message::Close(_) => break CloseReason::Client,
+                    Message::Ping(_) | Message::Pong(_) => {}
+                }
+            }
+            _ = conn.outbound.ready.notified() => {
+                if let Some(reason) = conn.outbound.take(&mut batch) {
+                    break reason;
+                }
+                if batch.is_empty() {
+                    continue;
+                }
+                let result = tokio::select! {
+                    r = write_batch(&mut socket, &mut batch, &state) => r,
+                    _ = conn.outbound.killed.notified() => Err(()),
+                };
+                if result.is_err() {
+                    // Either the socket failed, or the queue overflowed while we were stuck
+                    // writing; the queue knows which.
+                    let mut scratch = VecDeque::new();
+                    break conn.outbound.take(&mut scratch).unwrap_or(CloseReason::Error);
+                }
+                if batch.capacity() > 64 {
+                    // A burst grew the buffer: give the memory back to idle connections.
+                    batch = VecDeque::new();
+                }
+            }
+            _ = ping.tick() => {
+                if last_seen.elapsed() > ping_interval * 2 {
+                    break CloseReason::PingTimeout;
+                }
+                if socket.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
+                    break CloseReason::Error;
+                }
+            }
+            _ = drain.cancelled(), if drain_at.is_none() => {
+                // Spread the 1012s over the window so clients do not all reconnect at once.
+                let window = state.config.drain_timeout.mul_f64(0.9);
+                let jitter = window.mul_f64(rand::random::<f64>());
+                drain_at = Some(Instant::now() + jitter);
+            }
+            _ = sleep_until(drain_at.unwrap_or_else(Instant::now)), if drain_at.is_some() => {
+                break CloseReason::Drain;
+            }
+        }
+    };
+
+    if reason != CloseReason::Client {
+        if reason == CloseReason::SlowConsumer {
+            tracing::debug!(
+                user = %conn.identity.user_id,
+                endpoint = endpoint.as_str(),
+                "closing slow consumer"
+            );
+        }
+        let frame = CloseFrame {
+            code: reason.code(),
+            reason: Utf8Bytes::from_static(reason.text()),
+        };
+        let _ = tokio::time::timeout(
+            CLOSE_WRITE_TIMEOUT,
+            socket.send(Message::Close(Some(frame))),
+        )
+        .await;
+        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, socket.close()).await;
+    }
+    m.connections.dec();
+    m.closed(reason).inc();
+    // Unregisters from the hub (and releases its channels) here.
+    drop(session);
+}
+
+async fn write_batch(
+    socket: &mut WebSocket,
+    batch: &mut VecDeque<Outgoing>,
+    state: &AppState,
+) -> Result<(), ()> {
+    // feed() only appends to the socket's write buffer (it writes early only past
+    // WRITE_BUFFER_SIZE); flush() then writes the whole batch with as few syscalls as possible.
+    for msg in batch.iter() {
+        socket
+            .feed(Message::Text(msg.frame.clone()))
+            .await
+            .map_err(|_| ())?;
+    }
+    socket.flush().await.map_err(|_| ())?;
+    let now = protocol::now_micros();
+    for msg in batch.drain(..) {
+        let secs = now.saturating_sub(msg.published_at) as f64 / 1e6;
+        state.metrics.delivery_latency.observe(secs);
+    }
+    Ok(())
+}
+
+fn read_error(e: axum::Error) -> CloseReason {
+    let inner = e.into_inner();
+    match inner.downcast_ref::<tungstenite::Error>() {
+        Some(tungstenite::Error::Capacity(_)) => CloseReason::FrameTooLarge,
+        Some(tungstenite::Error::ConnectionClosed)
+        | Some(tungstenite::Error::AlreadyClosed)
+        | Some(tungstenite::Error::Io(_))
+        | Some(tungstenite::Error::Protocol(_)) => CloseReason::Client,
+        _ => CloseReason::Error,
+    }
+}
+
+async fn handle_text(state: &AppState, session: &Session, endpoint: Endpoint, text: Utf8Bytes) {
+    let conn = &session.registration.conn;
+    let m = state.metrics.endpoint(endpoint);
+    match endpoint {
+        Endpoint::Notws => match protocol::parse_notws(text.as_str()) {
+            NotwsCommand::Subscribe(topics) => {
+                session.registration.hub().set_topics(conn, &topics, true)
+            }
+            NotwsCommand::Unsubscribe(topics) => {
+                session.registration.hub().set_topics(conn, &topics, false)
+            }
+            NotwsCommand::Unknown => {
+                tracing::debug!(user = %conn.identity.user_id, "unknown command prefix");
+                m.ignored(IgnoredFrame::UnknownCommand).inc();
+            }
+        },
+        Endpoint::Chat => {
+            let hub = session.registration.hub();
+            if let Err(kind) = state
+                .chat
+                .route(hub, text.as_str(), &conn.identity.user_id, &session.api_key)
+                .await
+            {
+                tracing::debug!(user = %conn.identity.user_id, kind = kind.as_str(), "chat frame dropped");
+                m.ignored(kind).inc();
+            }
+        }
+    }
+}
