@@ -1,0 +1,610 @@
+//! Test harness: real parts only. A real `redis-server` on an ephemeral port (owned by the test,
+//! so it can be killed and restarted), gateway nodes running in-process on port 0, a stub
+//! GrowERP back-end answering with the real response shapes and counting its calls, and real
+//! WebSocket clients that behave like GrowERP's `WsClient`.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use wsgate::config::Config;
+use wsgate::server::{self, AppState};
+
+pub const TOKEN: &str = "test-token";
+
+// ---------------------------------------------------------------- Redis
+
+/// A `redis-server` child process on an ephemeral port; killed on drop.
+pub struct Redis {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("an ephemeral port is available")
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let mut r = Redis {
+            port: free_port(),
+            child: None,
+        };
+        r.spawn();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start redis-server ({e}). These tests need a real Redis: install it \
+                     with `apt-get install redis-server` (Debian/Ubuntu) or `brew install redis`, \
+                     so that `redis-server` is on PATH."
+                )
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.ping() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer PING on port {} within 10 s",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn ping(&self) -> bool {
+        redis::Client::open(self.url())
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
+            .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+            .is_ok()
+    }
+
+    /// SIGKILLs the server (no goodbye to clients).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port, empty.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
+            .expect("connect to the test Redis")
+    }
+
+    /// `PUBSUB CHANNELS pattern`, sorted.
+    pub fn channels(&self, pattern: &str) -> Vec<String> {
+        let mut v: Vec<String> = redis::cmd("PUBSUB")
+            .arg("CHANNELS")
+            .arg(pattern)
+            .query(&mut self.conn())
+            .expect("PUBSUB CHANNELS");
+        v.sort();
+        v
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+// ---------------------------------------------------------------- stub back-end
+
+/// How the stub back-end answers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Mode {
+    Normal = 0,
+    /// Every call answers 500.
+    Fail = 1,
+    /// Every call sleeps longer than the gateway's timeout.
+    Hang = 2,
+}
+
+pub struct BackendState {
+    /// key → (userId, tenant)
+    keys: HashMap<String, (String, String)>,
+    /// room → members
+    rooms: HashMap<String, Vec<String>>,
+    pub auth_calls: AtomicU64,
+    pub room_calls: AtomicU64,
+    mode: AtomicU8,
+    /// Delay added to every Authenticate call, in ms (to make concurrent misses overlap).
+    pub auth_delay_ms: AtomicU64,
+}
+
+/// A stand-in for the Moqui/GrowERP back-end with the real Authenticate and ChatRoom response
+/// shapes. Keys: `key-<user>` for users alice, bob, carol (tenant ACME) and dave (tenant OTHER),
+/// plus any `key-<name>` registered with [`Backend::start_with`]. Rooms: `room1` (alice, bob,
+/// carol), `room2` (alice, dave).
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub state: Arc<BackendState>,
+}
+
+impl Backend {
+    pub async fn start() -> Backend {
+        Backend::start_with(&[]).await
+    }
+
+    pub async fn start_with(extra_users: &[(&str, &str)]) -> Backend {
+        let mut keys = HashMap::new();
+        for (u, t) in [
+            ("alice", "ACME"),
+            ("bob", "ACME"),
+            ("carol", "ACME"),
+            ("dave", "OTHER"),
+        ]
+        .iter()
+        .chain(extra_users.iter())
+        {
+            keys.insert(format!("key-{u}"), (u.to_string(), t.to_string()));
+        }
+        let mut rooms = HashMap::new();
+        rooms.insert(
+            "room1".to_string(),
+            vec!["alice".into(), "bob".into(), "carol".into()],
+        );
+        rooms.insert("room2".to_string(), vec!["alice".into(), "dave".into()]);
+        let state = Arc::new(BackendState {
+            keys,
+            rooms,
+            auth_calls: AtomicU64::new(0),
+            room_calls: AtomicU64::new(0),
+            mode: AtomicU8::new(0),
+            auth_delay_ms: AtomicU64::new(0),
+        });
+        let app = Router::new()
+            .route("/rest/s1/growerp/100/Authenticate", get(authenticate))
+            .route("/rest/s1/growerp/100/ChatRoom", get(chat_room))
+            .with_state(state.clone());
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind stub back-end");
+        let addr = listener.local_addr().expect("stub address");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Backend { addr, state }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set_mode(&self, m: Mode) {
+        self.state.mode.store(m as u8, Ordering::SeqCst);
+    }
+
+    pub fn auth_calls(&self) -> u64 {
+        self.state.auth_calls.load(Ordering::SeqCst)
+    }
+
+    pub fn room_calls(&self) -> u64 {
+        self.state.room_calls.load(Ordering::SeqCst)
+    }
+}
+
+async fn misbehave(s: &BackendState) -> Option<Response> {
+    match s.mode.load(Ordering::SeqCst) {
+        1 => Some((StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response()),
+        2 => {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Some(StatusCode::GATEWAY_TIMEOUT.into_response())
+        }
+        _ => None,
+    }
+}
+
+async fn authenticate(State(s): State<Arc<BackendState>>, headers: HeaderMap) -> Response {
+    s.auth_calls.fetch_add(1, Ordering::SeqCst);
+    let delay = s.auth_delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    if let Some(r) = misbehave(&s).await {
+        return r;
+    }
+    let key = headers
+        .get("api_key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    match s.keys.get(key) {
+        Some((user, tenant)) => Json(json!({"authenticate": {
+            "ownerPartyId": tenant,
+            "user": {"userId": user, "firstName": user, "lastName": "Test", "loginName": user},
+            "company": {"partyId": tenant, "name": tenant},
+            "apiKey": null,
+            "moquiSessionToken": "x"
+        }}))
+        .into_response(),
+        None => (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"errorCode": 401, "errors": "User must be logged in"})),
+        )
+            .into_response(),
+    }
+}
+
+async fn chat_room(
+    State(s): State<Arc<BackendState>>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    s.room_calls.fetch_add(1, Ordering::SeqCst);
+    if let Some(r) = misbehave(&s).await {
+        return r;
+    }
+    let key = headers
+        .get("api_key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !s.keys.contains_key(key) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let room = q.get("chatRoomId").cloned().unwrap_or_default();
+    match s.rooms.get(&room) {
+        Some(members) => Json(json!({"chatRooms": [{
+            "chatRoomId": room,
+            "chatRoomName": room,
+            "members": members.iter().map(|m| json!({"user": {"userId": m}, "isActive": true})).collect::<Vec<_>>()
+        }]}))
+        .into_response(),
+        None => Json(json!({"chatRooms": []})).into_response(),
+    }
+}
+
+// ---------------------------------------------------------------- gateway node
+
+/// A gateway node running in this process on loopback port 0.
+pub struct Node {
+    pub public: SocketAddr,
+    pub admin: SocketAddr,
+    pub state: Arc<AppState>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// A configuration for tests: the stub back-end, an API token, fast timers.
+pub fn config(backend: &Backend) -> Config {
+    let mut c = Config::for_backend(&backend.url()).expect("valid test config");
+    c.api_token = Some(TOKEN.to_string());
+    c.unsubscribe_delay = Duration::from_millis(100);
+    c.backend_timeout = Duration::from_millis(500);
+    c.presence_ttl = Duration::from_secs(3);
+    c.drain_timeout = Duration::from_millis(500);
+    c
+}
+
+impl Node {
+    pub async fn start(config: Config) -> Node {
+        let public = TcpListener::bind("127.0.0.1:0").await.expect("bind public");
+        let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+        let (pa, aa) = (
+            public.local_addr().expect("addr"),
+            admin.local_addr().expect("addr"),
+        );
+        let state = AppState::new(config).await.expect("node starts");
+        let (tx, rx) = oneshot::channel::<()>();
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            let _ = server::run(st, public, admin, async move {
+                let _ = rx.await;
+            })
+            .await;
+        });
+        Node {
+            public: pa,
+            admin: aa,
+            state,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn ws(&self, path_and_query: &str) -> String {
+        format!("ws://{}{}", self.public, path_and_query)
+    }
+
+    /// URL of a GrowERP-style notification client.
+    pub fn notws(&self, user: &str) -> String {
+        self.ws(&format!("/notws?api_key=key-{user}&userId={user}"))
+    }
+
+    pub fn chat(&self, user: &str) -> String {
+        self.ws(&format!("/chat?api_key=key-{user}&userId={user}"))
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    /// Begins the drain and waits for the node to stop.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+    }
+
+    /// Triggers the drain without waiting.
+    pub fn begin_stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    pub async fn readyz(&self) -> u16 {
+        http()
+            .get(self.admin_url("/readyz"))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    }
+
+    pub async fn metrics(&self) -> String {
+        http()
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .expect("scrape")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+
+    /// Publishes a notification through this node's API; returns the status.
+    pub async fn notify(&self, body: Value) -> (u16, Value) {
+        post(&self.admin_url("/api/v1/notifications"), body).await
+    }
+
+    pub async fn presence(&self, users: &[&str]) -> Value {
+        let q: Vec<String> = users.iter().map(|u| format!("userId={u}")).collect();
+        let resp = http()
+            .get(self.admin_url(&format!("/api/v1/presence?{}", q.join("&"))))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("presence");
+        assert_eq!(resp.status().as_u16(), 200, "presence answers 200");
+        resp.json::<Value>().await.expect("presence JSON")["online"].clone()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("HTTP client")
+}
+
+pub async fn post(url: &str, body: Value) -> (u16, Value) {
+    let resp = http()
+        .post(url)
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .expect("POST");
+    let status = resp.status().as_u16();
+    let v = resp.json::<Value>().await.unwrap_or(Value::Null);
+    (status, v)
+}
+
+/// A notification in Moqui's wrapped shape.
+pub fn notification(topic: &str, title: &str) -> Value {
+    json!({
+        "topic": topic, "subTopic": "sub", "sentDate": "2026-11-29T10:00:00Z",
+        "notificationMessageId": title, "topicDescription": "d", "message": {"n": title},
+        "title": title, "link": "/x", "type": "info", "persistOnSend": false,
+        "showAlert": true, "alertNoAutoHide": false
+    })
+}
+
+// ---------------------------------------------------------------- WebSocket client
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A client that behaves like GrowERP's `WsClient`: connect, `subscribe: ALL`, read frames.
+pub struct Client {
+    pub ws: Ws,
+}
+
+/// The HTTP status of a refused handshake, or panics.
+pub async fn refused(url: &str) -> (u16, String) {
+    match tokio_tungstenite::connect_async(url).await {
+        Ok(_) => panic!("handshake to {url} was accepted; expected an HTTP refusal"),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            let body = resp
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).to_string())
+                .unwrap_or_default();
+            (resp.status().as_u16(), body)
+        }
+        Err(e) => panic!("handshake to {url} failed without an HTTP status: {e}"),
+    }
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Client {
+        let (ws, resp) = tokio_tungstenite::connect_async(url)
+            .await
+            .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+        assert_eq!(resp.status().as_u16(), 101);
+        Client { ws }
+    }
+
+    /// Connects and subscribes `ALL`, as the GrowERP client does.
+    pub async fn subscribed(url: &str) -> Client {
+        let mut c = Client::connect(url).await;
+        c.send("subscribe: ALL").await;
+        c.sync().await;
+        c
+    }
+
+    pub async fn send(&mut self, text: &str) {
+        self.ws
+            .send(Message::text(text))
+            .await
+            .expect("send a frame");
+    }
+
+    /// Makes sure every frame sent so far was processed by the gateway: a ping is answered
+    /// only after the frames before it were read.
+    pub async fn sync(&mut self) {
+        self.ws
+            .send(Message::Ping(b"sync".to_vec().into()))
+            .await
+            .expect("send ping");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.ws.next()).await {
+                Ok(Some(Ok(Message::Pong(p)))) if p.as_ref() == b"sync" => return,
+                Ok(Some(Ok(_))) => continue,
+                other => panic!("no pong while syncing: {other:?}"),
+            }
+        }
+    }
+
+    /// Next text frame within `timeout`, or None.
+    pub async fn recv_within(&mut self, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.ws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => return Some(t.to_string()),
+                Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Err(_) => return None,
+                Ok(Some(Ok(_))) => continue,
+                Ok(Some(Err(_))) => return None,
+            }
+        }
+    }
+
+    /// Next text frame (5 s at most), parsed.
+    pub async fn recv_json(&mut self) -> Value {
+        let text = self
+            .recv_within(Duration::from_secs(5))
+            .await
+            .expect("a message within 5 s");
+        serde_json::from_str(&text).expect("a JSON frame")
+    }
+
+    /// Asserts nothing arrives within `d`.
+    pub async fn expect_silence(&mut self, d: Duration) {
+        if let Some(t) = self.recv_within(d).await {
+            panic!("expected no message, got {t}");
+        }
+    }
+
+    /// Waits for the close frame and returns its code.
+    pub async fn close_code(&mut self, timeout: Duration) -> Option<u16> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.ws.next()).await {
+                Ok(Some(Ok(Message::Close(Some(f))))) => return Some(u16::from(f.code)),
+                Ok(Some(Ok(Message::Close(None)))) => return Some(u16::from(CloseCode::Status)),
+                Ok(Some(Ok(_))) => continue,
+                Ok(Some(Err(_))) | Ok(None) | Err(_) => return None,
+            }
+        }
+    }
+}
+
+/// Value of a metric sample in a scrape (exact series text, e.g. `wsgate_deliveries_total{endpoint="notws"}`).
+pub fn metric(scrape: &str, series: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .unwrap_or_else(|| panic!("series {series} not in scrape"))
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
