@@ -384,6 +384,7 @@ impl Actor {
         let mut canary = tokio::time::interval(CANARY_INTERVAL);
         let mut heartbeat = tokio::time::interval(self.presence_ttl / 3);
         heartbeat.tick().await;
+        let mut resync_presence = false;
         let mut batch: Vec<Cmd> = Vec::new();
         loop {
             tokio::select! {
@@ -411,8 +412,14 @@ impl Actor {
                     self.send_canary();
                 }
                 _ = heartbeat.tick() => {
-                    if let Err(e) = self.heartbeat(false).await {
-                        return End::Lost(e.to_string());
+                    // A failed heartbeat is on the pool, not the subscription: the canary
+                    // judges the subscription; presence is re-asserted in full next time round.
+                    match self.heartbeat(resync_presence).await {
+                        Ok(()) => resync_presence = false,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "presence heartbeat failed");
+                            resync_presence = true;
+                        }
                     }
                 }
             }

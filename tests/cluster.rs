@@ -1,0 +1,387 @@
+//! Several nodes on one real Redis: cross-node delivery, churn, Redis faults, node loss,
+//! installations separated by prefix.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+const SHORT: Duration = Duration::from_millis(300);
+
+fn redis_config(
+    backend: &Backend,
+    redis: &Redis,
+    prefix: &str,
+    node: &str,
+) -> wsgate::config::Config {
+    let mut c = config(backend);
+    c.redis_url = Some(redis.url());
+    c.redis_prefix = prefix.to_string();
+    c.node_id = node.to_string();
+    c
+}
+
+async fn ready(node: &Node) {
+    eventually(Duration::from_secs(10), "node ready", || async {
+        node.readyz().await == 200
+    })
+    .await;
+}
+
+async fn cluster(backend: &Backend, redis: &Redis, prefix: &str, n: usize) -> Vec<Node> {
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        let node = Node::start(redis_config(backend, redis, prefix, &format!("n{i}"))).await;
+        ready(&node).await;
+        nodes.push(node);
+    }
+    nodes
+}
+
+#[tokio::test]
+async fn delivery_across_nodes() {
+    let redis = Redis::start();
+    let backend = Backend::start().await;
+    let nodes = cluster(&backend, &redis, "wsg", 3).await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+
+    let mut alice_a = Client::subscribed(&a.notws("alice")).await;
+    let mut alice_c = Client::subscribed(&c.notws("alice")).await; // same user, another node
+    let mut bob_b = Client::subscribed(&b.notws("bob")).await; // ACME
+    let mut dave_c = Client::subscribed(&c.notws("dave")).await; // OTHER
+
+    // Users: published on B, delivered on A and C.
+    let (s, _) = b
+        .notify(json!({"userIds": ["alice"], "notification": notification("T", "to alice")}))
+        .await;
+    assert_eq!(s, 202);
+    assert_eq!(alice_a.recv_json().await["title"], "to alice");
+    assert_eq!(alice_c.recv_json().await["title"], "to alice");
+    bob_b.expect_silence(SHORT).await;
+
+    // Tenant.
+    a.notify(json!({"tenantId": "ACME", "notification": notification("T", "acme")}))
+        .await;
+    for cl in [&mut alice_a, &mut alice_c, &mut bob_b] {
+        assert_eq!(cl.recv_json().await["title"], "acme");
+    }
+    dave_c.expect_silence(SHORT).await;
+
+    // Broadcast.
+    c.notify(json!({"broadcast": true, "notification": notification("T", "all")}))
+        .await;
+    for cl in [&mut alice_a, &mut alice_c, &mut bob_b, &mut dave_c] {
+        assert_eq!(cl.recv_json().await["title"], "all");
+    }
+
+    // Chat across nodes.
+    let mut chat_alice = Client::connect(&a.chat("alice")).await;
+    let mut chat_bob = Client::connect(&b.chat("bob")).await;
+    let mut chat_carol = Client::connect(&c.chat("carol")).await;
+    chat_alice
+        .send(r#"{"chatRoom":{"chatRoomId":"room1"},"content":"cross"}"#)
+        .await;
+    for cl in [&mut chat_bob, &mut chat_carol] {
+        let m = cl.recv_json().await;
+        assert_eq!(m["content"], "cross");
+        assert_eq!(m["fromUserId"], "alice");
+    }
+    chat_alice.expect_silence(SHORT).await;
+
+    // Presence answers for the whole cluster, from any node.
+    let p = a.presence(&["alice", "bob", "carol", "dave", "erin"]).await;
+    assert_eq!(
+        p,
+        json!({"alice": true, "bob": true, "carol": true, "dave": true, "erin": false})
+    );
+    drop(bob_b);
+    drop(chat_bob);
+    eventually(Duration::from_secs(5), "bob offline everywhere", || async {
+        c.presence(&["bob"]).await == json!({"bob": false})
+    })
+    .await;
+}
+
+/// What the live connections need: per node `all` and its canary, plus user and tenant channels.
+fn expected_channels(prefix: &str, nodes: usize, users: &[(&str, &str)]) -> Vec<String> {
+    let mut set = BTreeSet::new();
+    set.insert(format!("{prefix}:all"));
+    for i in 0..nodes {
+        set.insert(format!("{prefix}:canary:n{i}"));
+    }
+    for (u, t) in users {
+        set.insert(format!("{prefix}:u:{u}"));
+        set.insert(format!("{prefix}:t:{t}"));
+    }
+    set.into_iter().collect()
+}
+
+#[tokio::test]
+async fn subscription_churn_leaves_exactly_what_is_needed() {
+    let redis = Redis::start();
+    let users: Vec<String> = (0..20).map(|i| format!("u{i}")).collect();
+    let extra: Vec<(&str, &str)> = users.iter().map(|u| (u.as_str(), "CHURN")).collect();
+    let backend = Backend::start_with(&extra).await;
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        let mut cfg = redis_config(&backend, &redis, "churn", &format!("n{i}"));
+        cfg.max_connections_per_user = 0;
+        cfg.unsubscribe_delay = Duration::from_millis(50);
+        let node = Node::start(cfg).await;
+        ready(&node).await;
+        nodes.push(node);
+    }
+    // 1,000 connect/disconnect cycles, 50 at a time, spread over users and nodes.
+    let mut kept = Vec::new();
+    for round in 0..20 {
+        let mut batch = Vec::new();
+        for j in 0..50 {
+            let i = round * 50 + j;
+            let node = &nodes[i % 3];
+            let user = &users[(i * 7) % users.len()];
+            let url = node.ws(&format!("/notws?api_key=key-{user}&userId={user}"));
+            batch.push(async move { Client::connect(&url).await });
+        }
+        let mut clients = futures_util::future::join_all(batch).await;
+        // Keep a few alive at the end; everything else disconnects.
+        if round == 19 {
+            kept = clients.split_off(45);
+        }
+        drop(clients);
+        // Let some unsubscribes fall in the delay window and others complete.
+        tokio::time::sleep(Duration::from_millis(if round % 2 == 0 { 10 } else { 80 })).await;
+    }
+    // The 5 kept connections: i = 995..999.
+    let live: Vec<(usize, &str)> = (995..1000)
+        .map(|i| (i % 3, users[(i * 7) % users.len()].as_str()))
+        .collect();
+    let live_users: Vec<(&str, &str)> = live.iter().map(|(_, u)| (*u, "CHURN")).collect();
+    let want = expected_channels("churn", 3, &live_users);
+    eventually(Duration::from_secs(10), "channel set converges", || async {
+        redis.channels("churn:*") == want
+    })
+    .await;
+    // And it stays exactly that: nothing flaps back.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(redis.channels("churn:*"), want);
+    let total: usize = nodes.iter().map(|n| n.state.hub.connections()).sum();
+    assert_eq!(total, kept.len());
+    drop(kept);
+    let want = expected_channels("churn", 3, &[]);
+    eventually(
+        Duration::from_secs(10),
+        "all user channels released",
+        || async { redis.channels("churn:*") == want },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn redis_restart_keeps_sockets_and_restores_subscriptions() {
+    let mut redis = Redis::start();
+    let backend = Backend::start().await;
+    let nodes = cluster(&backend, &redis, "rr", 2).await;
+    let mut alice = Client::subscribed(&nodes[0].notws("alice")).await;
+    let mut bob = Client::subscribed(&nodes[1].notws("bob")).await;
+    let mut dave = Client::subscribed(&nodes[1].notws("dave")).await;
+
+    redis.kill();
+    for n in &nodes {
+        eventually(
+            Duration::from_secs(10),
+            "readyz 503 while Redis is down",
+            || async { n.readyz().await == 503 },
+        )
+        .await;
+    }
+    // Publishing answers 503 while Redis is away.
+    let (s, _) = nodes[0]
+        .notify(json!({"userIds": ["alice"], "notification": notification("T", "lost")}))
+        .await;
+    assert_eq!(s, 503);
+    // A chat frame is dropped and counted.
+    let mut chat = Client::connect(&nodes[0].chat("alice")).await.ws;
+    drop(
+        futures_util::SinkExt::send(
+            &mut chat,
+            tokio_tungstenite::tungstenite::Message::text(
+                r#"{"chatRoom":{"chatRoomId":"room1"},"content":"x"}"#,
+            ),
+        )
+        .await,
+    );
+
+    redis.restart();
+    for n in &nodes {
+        ready(n).await;
+    }
+    // Sockets stayed open; every message published after readiness returns is delivered.
+    for i in 0..20 {
+        let (s, _) = nodes[i % 2]
+            .notify(json!({"userIds": ["alice", "bob"], "notification": notification("T", &i.to_string())}))
+            .await;
+        assert_eq!(s, 202);
+    }
+    nodes[1]
+        .notify(json!({"tenantId": "OTHER", "notification": notification("T", "tenant")}))
+        .await;
+    nodes[0]
+        .notify(json!({"broadcast": true, "notification": notification("T", "all")}))
+        .await;
+    for i in 0..20 {
+        assert_eq!(alice.recv_json().await["title"], i.to_string());
+        assert_eq!(bob.recv_json().await["title"], i.to_string());
+    }
+    assert_eq!(dave.recv_json().await["title"], "tenant");
+    for c in [&mut alice, &mut bob, &mut dave] {
+        assert_eq!(c.recv_json().await["title"], "all");
+    }
+    // Presence was restored too.
+    assert_eq!(
+        nodes[0].presence(&["alice", "bob"]).await,
+        json!({"alice": true, "bob": true})
+    );
+    let m = nodes[0].metrics().await;
+    assert!(metric(&m, "wsgate_broker_reconnects_total") >= 1.0);
+    assert_eq!(metric(&m, "wsgate_broker_up"), 1.0);
+}
+
+#[tokio::test]
+async fn installations_with_different_prefixes_are_separate() {
+    let redis = Redis::start();
+    let backend = Backend::start().await;
+    let one = Node::start(redis_config(&backend, &redis, "one", "a")).await;
+    let two = Node::start(redis_config(&backend, &redis, "two", "b")).await;
+    ready(&one).await;
+    ready(&two).await;
+    let mut alice1 = Client::subscribed(&one.notws("alice")).await;
+    let mut alice2 = Client::subscribed(&two.notws("alice")).await;
+    one.notify(json!({"userIds": ["alice"], "notification": notification("T", "one")}))
+        .await;
+    one.notify(json!({"broadcast": true, "notification": notification("T", "one-all")}))
+        .await;
+    assert_eq!(alice1.recv_json().await["title"], "one");
+    assert_eq!(alice1.recv_json().await["title"], "one-all");
+    alice2.expect_silence(SHORT).await;
+    assert_eq!(
+        two.presence(&["alice"]).await,
+        json!({"alice": true}),
+        "presence is per installation too"
+    );
+    drop(alice2);
+    eventually(Duration::from_secs(5), "alice offline in two", || async {
+        two.presence(&["alice"]).await == json!({"alice": false})
+    })
+    .await;
+    assert_eq!(one.presence(&["alice"]).await, json!({"alice": true}));
+}
+
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").to_string()
+}
+
+#[tokio::test]
+async fn a_killed_node_reads_offline_within_the_presence_ttl() {
+    let redis = Redis::start();
+    let backend = Backend::start().await;
+    let survivor = Node::start(redis_config(&backend, &redis, "kill", "survivor")).await;
+    ready(&survivor).await;
+    let (public, admin) = (free_addr(), free_addr());
+    let mut victim = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .args([
+            "serve",
+            "--listen",
+            &public,
+            "--admin-listen",
+            &admin,
+            "--backend-url",
+            &backend.url(),
+            "--redis-url",
+            &redis.url(),
+            "--redis-prefix",
+            "kill",
+            "--node-id",
+            "victim",
+            "--presence-ttl",
+            "3s",
+            "--api-token",
+            TOKEN,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn wsgate");
+    let ready_url = format!("http://{admin}/readyz");
+    eventually(Duration::from_secs(10), "victim ready", || async {
+        http()
+            .get(&ready_url)
+            .send()
+            .await
+            .map(|r| r.status().as_u16() == 200)
+            .unwrap_or(false)
+    })
+    .await;
+    let _on_victim =
+        Client::subscribed(&format!("ws://{public}/notws?api_key=key-bob&userId=bob")).await;
+    let mut on_survivor = Client::subscribed(&survivor.notws("alice")).await;
+    assert_eq!(
+        survivor.presence(&["alice", "bob"]).await,
+        json!({"alice": true, "bob": true})
+    );
+
+    victim.start_kill().expect("SIGKILL");
+    let _ = victim.wait().await;
+    let killed_at = std::time::Instant::now();
+    eventually(
+        Duration::from_secs(10),
+        "bob offline after the crash",
+        || async { survivor.presence(&["bob"]).await == json!({"bob": false}) },
+    )
+    .await;
+    let took = killed_at.elapsed();
+    assert!(
+        took <= Duration::from_millis(3500),
+        "offline within the 3 s presence TTL (took {took:?})"
+    );
+    // The survivor is undisturbed.
+    assert_eq!(survivor.presence(&["alice"]).await, json!({"alice": true}));
+    survivor
+        .notify(json!({"userIds": ["alice"], "notification": notification("T", "still here")}))
+        .await;
+    assert_eq!(on_survivor.recv_json().await["title"], "still here");
+}
+
+#[tokio::test]
+async fn a_silently_dead_subscription_is_detected_by_the_canary() {
+    let redis = Redis::start();
+    let backend = Backend::start().await;
+    let node = Node::start(redis_config(&backend, &redis, "canary", "n0")).await;
+    ready(&node).await;
+    let mut alice = Client::subscribed(&node.notws("alice")).await;
+    // Redis stops answering while every connection stays open: nothing arrives any more.
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(7000)
+        .arg("ALL")
+        .query(&mut redis.conn())
+        .expect("CLIENT PAUSE");
+    eventually(
+        Duration::from_secs(10),
+        "unready once the canary is late",
+        || async { node.readyz().await == 503 },
+    )
+    .await;
+    // Repaired after Redis answers again, and delivery works.
+    ready(&node).await;
+    let m = node.metrics().await;
+    assert!(metric(&m, "wsgate_broker_canary_failures_total") >= 1.0);
+    node.notify(json!({"userIds": ["alice"], "notification": notification("T", "back")}))
+        .await;
+    assert_eq!(alice.recv_json().await["title"], "back");
+}
