@@ -30,6 +30,17 @@ pub enum Command {
     Demo(DemoArgs),
     /// Run only the built-in demo back-end (for load tests and local clusters).
     DemoBackend(DemoBackendArgs),
+    /// Connect to a gateway, print what arrives, send what is typed (for trying it by hand).
+    Client(ClientArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// WebSocket URL, e.g. ws://127.0.0.1:8081/notws?api_key=demo-key-john
+    pub url: String,
+    /// Frames to send right after connecting (repeatable), e.g. --send 'subscribe: ALL'
+    #[arg(long)]
+    pub send: Vec<String>,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -119,7 +130,7 @@ pub struct ServeArgs {
     pub chat_room_ttl: Duration,
 
     /// Redis URL (redis:// or rediss://). Absent: a single node on the in-process broker.
-    #[arg(long, env = "WSGATE_REDIS_URL")]
+    #[arg(long, env = "WSGATE_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
 
     /// Prefix of every Redis channel and key, so several installations can share one Redis.

@@ -129,16 +129,18 @@ pub fn banner(public: SocketAddr, admin: SocketAddr, backend: SocketAddr) -> Str
   demo back-end  http://{backend}   (users: john, jane, bob; any key demo-key-<user> works;
                                       chat room: {DEMO_ROOM})
 
-1. Open a client (any WebSocket client; websocat shown), then type:  subscribe: ALL
-     websocat 'ws://{public}/notws?api_key=demo-key-john&userId=john'
+1. Open a client (in another terminal; from a source tree: cargo run --release -- client ...):
+     wsgate client 'ws://{public}/notws?api_key=demo-key-john&userId=john' --send 'subscribe: ALL'
 
 2. Publish a notification to john:
      curl -s -H 'Authorization: Bearer {DEMO_TOKEN}' -H 'Content-Type: application/json' \
        -d '{{"userIds":["john"],"notification":{{"topic":"DemoTopic","title":"Hello from wsgate","message":{{"text":"hi"}}}}}}' \
        http://{admin}/api/v1/notifications
 
-Chat: connect two clients to /chat (keys demo-key-jane, demo-key-bob) and send
-     {{"chatRoom":{{"chatRoomId":"{DEMO_ROOM}"}},"content":"hello"}}
+Chat: connect two clients to /chat, e.g.
+     wsgate client 'ws://{public}/chat?api_key=demo-key-bob'
+     wsgate client 'ws://{public}/chat?api_key=demo-key-jane'
+   and type in one of them:  {{"chatRoom":{{"chatRoomId":"{DEMO_ROOM}"}},"content":"hello"}}
 Stop with Ctrl-C.
 "#
     )

@@ -18,13 +18,14 @@
 //! - [`protocol`]: wire formats with no I/O: client frames and the broker envelope.
 //! - [`metrics`]: one Prometheus registry per node.
 //! - [`disconnect`]: the close-code table.
-//! - [`demo`]: the built-in demo back-end.
+//! - [`demo`]: the built-in demo back-end; [`client`]: a small client for trying it by hand.
 
 pub mod api;
 pub mod auth;
 pub mod backend;
 pub mod broker;
 pub mod chat;
+pub mod client;
 pub mod config;
 pub mod demo;
 pub mod disconnect;

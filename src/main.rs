@@ -42,6 +42,13 @@ fn main() -> ExitCode {
             Command::Serve(args) => serve(*args).await,
             Command::Demo(args) => demo_cmd(args).await,
             Command::DemoBackend(args) => demo_backend(args).await,
+            Command::Client(args) => match wsgate::client::run(&args.url, &args.send).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            },
         }
     })
 }
