@@ -23,7 +23,8 @@ fn helm_chart_lints_renders_and_validates() {
         .join("node_modules")
         .join("@kubernetes-models")
         .join("prometheus-operator");
-    let how = "install them with `bash helm/check/install.sh` (needs python3 with venv, node and npm; \
+    let how =
+        "install them with `bash helm/check/install.sh` (needs python3 with venv, node and npm; \
                WSGATE_TOOLS_DIR selects the directory, default .tools)";
     assert!(
         python.is_file(),
@@ -65,6 +66,9 @@ fn helm_chart_lints_renders_and_validates() {
         .next()
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("cannot read the summary line {summary:?}"));
-    assert!(summary.ends_with(", 0 failed"), "chart checks failed: {summary}");
+    assert!(
+        summary.ends_with(", 0 failed"),
+        "chart checks failed: {summary}"
+    );
     assert!(passed >= 50, "only {passed} chart checks ran: {summary}");
 }

@@ -12,6 +12,7 @@
 #                        (default: ${TMPDIR:-/tmp}/wsgate-cluster-$UID)
 #   WSGATE_CLUSTER_NODES number of gateway nodes (default 3)
 #   WSGATE_CLUSTER_TOKEN API token of the nodes' publish API (default demo-token)
+#   REDIS_SERVER_BIN, NGINX_BIN  explicit paths of redis-server and nginx (default: PATH, /usr/sbin)
 #
 # `start` writes $WSGATE_CLUSTER_DIR/cluster.env (KEY=VALUE lines, see `status`) and prints
 # the URLs. Clients connect through nginx, e.g.
@@ -40,8 +41,12 @@ find_bin() {
   fi
 }
 
-find_tool() {
-  local name="$1" package="$2" path
+find_tool() { # name package override-path
+  local name="$1" package="$2" path="${3:-}"
+  if [[ -n "$path" ]]; then
+    [[ -x "$path" ]] || die "$path ($name) is not executable. Install $name: apt-get install -y $package"
+    echo "$path"; return
+  fi
   path="$(command -v "$name" 2>/dev/null || true)"
   if [[ -z "$path" ]]; then
     for dir in /usr/sbin /usr/local/sbin /sbin; do
@@ -71,7 +76,7 @@ free_port() {
 # HTTP status of GET http://127.0.0.1:$1$2, or 000 when nothing answers.
 http_status() {
   local port="$1" path="$2" line
-  if exec 3<>"/dev/tcp/127.0.0.1/$port" 2>/dev/null; then
+  if { exec 3<>"/dev/tcp/127.0.0.1/$port"; } 2>/dev/null; then
     printf 'GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n' "$path" >&3
     read -r -t 2 line <&3 || line=""
     exec 3<&- 3>&-
@@ -121,7 +126,7 @@ write_nginx_conf() { # lb_port admin_lb_port ws_ports... -- admin_ports...
     [[ "$(id -u)" == 0 ]] && echo "user root root;"
     cat <<EOF
 worker_processes 1;
-pid $state/nginx-master.pid;
+pid $state/nginx.master-pid;
 error_log $state/nginx-error.log warn;
 events { worker_connections 4096; }
 http {
@@ -194,8 +199,8 @@ EOF
 cmd_start() {
   local bin redis nginx
   bin="$(find_bin)"
-  redis="$(find_tool redis-server redis-server)"
-  nginx="$(find_tool nginx nginx)"
+  redis="$(find_tool redis-server redis-server "${REDIS_SERVER_BIN:-}")"
+  nginx="$(find_tool nginx nginx "${NGINX_BIN:-}")"
   [[ "$nodes" =~ ^[1-9][0-9]?$ ]] || die "WSGATE_CLUSTER_NODES must be 1..99"
   if [[ -f "$state/cluster.env" ]] && alive redis; then
     die "a cluster is already running in $state (deploy/local/cluster.sh stop first)"
