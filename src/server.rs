@@ -281,6 +281,11 @@ async fn upgrade(
     if state.is_draining() {
         return reject(&state, endpoint, RejectReason::Draining);
     }
+    if !state.hub.broker().is_up() {
+        // Consistent with /readyz: a node that cannot deliver takes no new sockets, even for
+        // users whose channels it still holds from before the outage.
+        return reject(&state, endpoint, RejectReason::BrokerUnavailable);
+    }
     let creds = credentials(query.as_deref(), &headers);
     let Some(key) = creds.key else {
         return reject(&state, endpoint, RejectReason::MissingKey);

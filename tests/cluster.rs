@@ -188,6 +188,7 @@ async fn redis_restart_keeps_sockets_and_restores_subscriptions() {
     let mut alice = Client::subscribed(&nodes[0].notws("alice")).await;
     let mut bob = Client::subscribed(&nodes[1].notws("bob")).await;
     let mut dave = Client::subscribed(&nodes[1].notws("dave")).await;
+    let mut chat = Client::connect(&nodes[0].chat("alice")).await.ws;
 
     redis.kill();
     for n in &nodes {
@@ -204,7 +205,6 @@ async fn redis_restart_keeps_sockets_and_restores_subscriptions() {
         .await;
     assert_eq!(s, 503);
     // A chat frame is dropped and counted.
-    let mut chat = Client::connect(&nodes[0].chat("alice")).await.ws;
     drop(
         futures_util::SinkExt::send(
             &mut chat,
@@ -214,6 +214,22 @@ async fn redis_restart_keeps_sockets_and_restores_subscriptions() {
         )
         .await,
     );
+
+    eventually(
+        Duration::from_secs(10),
+        "chat frame dropped and counted",
+        || async {
+            let m = nodes[0].metrics().await;
+            metric(
+                &m,
+                r#"wsgate_client_frames_ignored_total{endpoint="chat",kind="broker_unavailable"}"#,
+            ) == 1.0
+        },
+    )
+    .await;
+    // New sockets are refused while the node cannot deliver, even for a user it holds.
+    let (s, _) = refused(&nodes[0].notws("alice")).await;
+    assert_eq!(s, 503);
 
     redis.restart();
     for n in &nodes {
