@@ -183,8 +183,11 @@ pub async fn idle(a: IdleArgs) -> anyhow::Result<()> {
             hold_seconds: a.hold,
             nodes: c.url.len(),
         },
-        results: r,
+        results: &r,
     })?;
+    if r.connected == 0 {
+        bail!("idle: no connection could be opened: {:?}", r.errors);
+    }
     Ok(())
 }
 
@@ -594,8 +597,11 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
             p99_limit_ms: a.p99_limit_ms,
             nodes: c.url.len(),
         },
-        results: r,
+        results: &r,
     })?;
+    if r.steps.iter().all(|s| s.received == 0) {
+        bail!("fanout: no notification was delivered");
+    }
     Ok(())
 }
 
@@ -818,8 +824,11 @@ pub async fn chat(a: ChatArgs) -> anyhow::Result<()> {
         params: serde_json::json!({
             "pairs": a.pairs, "rates": a.rates, "duration_seconds": a.duration, "nodes": nodes
         }),
-        results: r,
+        results: &r,
     })?;
+    if r.steps.iter().all(|s| s.received == 0) {
+        bail!("chat: no message was delivered");
+    }
     Ok(())
 }
 
@@ -1061,7 +1070,10 @@ pub async fn storm(a: StormArgs) -> anyhow::Result<()> {
             "connections": a.connections, "keys": a.keys, "spread_seconds": a.spread,
             "limit_seconds": a.limit, "nodes": c.url.len()
         }),
-        results: r,
+        results: &r,
     })?;
+    if r.cold.connected == 0 {
+        bail!("storm: no client could connect: {:?}", r.cold.errors);
+    }
     Ok(())
 }
