@@ -312,8 +312,8 @@ impl Metrics {
             "Internal publish/presence API requests, by route and status.",
             &["route", "status"],
         );
-        for route in ["notifications", "chat", "presence"] {
-            api_requests.with_label_values(&[route, "202"]);
+        for (route, ok) in [("notifications", "202"), ("chat", "202"), ("presence", "200")] {
+            api_requests.with_label_values(&[route, ok]);
         }
 
         Metrics {
