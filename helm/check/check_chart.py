@@ -487,6 +487,21 @@ def check_example_manifests() -> str:
     return f"{path.name}: {len(docs)} Ingresses valid; /notws and /chat to wsgate, / to Moqui"
 
 
+def check_dockerfile() -> str:
+    """The image and the chart agree: uid, ports, entrypoint."""
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    expect("USER 10001:10001" in lines, "deploy/Dockerfile does not switch to uid 10001")
+    expect("EXPOSE 8081 8082" in lines, "deploy/Dockerfile does not expose 8081 and 8082")
+    expect('ENTRYPOINT ["/usr/local/bin/wsgate"]' in lines, "deploy/Dockerfile entrypoint")
+    expect('CMD ["serve"]' in lines, "deploy/Dockerfile CMD")
+    values = helm.Chart.load(str(CHART)).values
+    expect(values["securityContext"]["runAsUser"] == 10001 == values["podSecurityContext"]["runAsUser"],
+           "chart runAsUser differs from the image's uid")
+    expect(values["ports"] == {"ws": 8081, "admin": 8082}, "chart ports differ from the image's EXPOSE")
+    return "image uid 10001, ports 8081/8082, entrypoint wsgate serve: consistent with the chart"
+
+
 def check_notes() -> str:
     out = render(VALUE_SETS["ingress"])
     notes = next(v for k, v in out.items() if k.endswith("NOTES.txt"))
@@ -557,6 +572,7 @@ def main() -> int:
     run("bad values refused", check_bad_values)
     run("files/ copies", check_file_copies)
     run("example manifests", check_example_manifests)
+    run("Dockerfile", check_dockerfile)
     run("NOTES.txt", check_notes)
     run("README values", check_readme)
     print(f"{passed} passed, {failed} failed")
