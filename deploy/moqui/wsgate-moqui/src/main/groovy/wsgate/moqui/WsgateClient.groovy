@@ -120,8 +120,10 @@ class WsgateClient {
                 .build()
         return http.sendAsync(request, HttpResponse.BodyHandlers.ofString()).handle { HttpResponse<String> response, Throwable error ->
             if (error != null) {
-                // The message names the URL and the error, never the token.
-                logger.warn("wsgate ${path} failed: ${error.class.simpleName}: ${error.message}")
+                Throwable cause = error
+                while (cause instanceof java.util.concurrent.CompletionException && cause.cause != null) cause = cause.cause
+                // The message names the path and the error, never the token.
+                logger.warn("wsgate ${path} failed: ${cause.class.simpleName}: ${cause.message}")
                 return -1
             }
             int status = response.statusCode()
