@@ -123,7 +123,7 @@ class WsgateClient {
                 Throwable cause = error
                 while (cause instanceof java.util.concurrent.CompletionException && cause.cause != null) cause = cause.cause
                 // The message names the path and the error, never the token.
-                logger.warn("wsgate ${path} failed: ${cause.class.simpleName}: ${cause.message}")
+                logger.warn("wsgate ${adminUrl}${path} failed: ${cause.class.simpleName}${cause.message ? ': ' + cause.message : ''}")
                 return -1
             }
             int status = response.statusCode()
