@@ -3,10 +3,10 @@
 //! kubernetes-validate and the prometheus-operator schemas. Missing tools fail the test
 //! with the command that installs them; the test never skips.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn tools_dir(root: &PathBuf) -> PathBuf {
+fn tools_dir(root: &Path) -> PathBuf {
     match std::env::var_os("WSGATE_TOOLS_DIR") {
         Some(dir) if !dir.is_empty() => PathBuf::from(dir),
         _ => root.join(".tools"),

@@ -140,37 +140,34 @@ type Shared = Arc<Mutex<HashMap<String, ClientState>>>;
 /// `subscribe: ALL`, and when the socket closes, reconnect after a short delay.
 async fn run_client(user: String, url: String, shared: Shared) {
     loop {
-        match connect_async(url.as_str()).await {
-            Ok((mut ws, _response)) => {
-                if ws.send(Message::text("subscribe: ALL")).await.is_ok() {
-                    {
-                        let mut all = shared.lock().await;
-                        let me = all.entry(user.clone()).or_default();
-                        me.connections += 1;
-                        me.connected = true;
-                    }
-                    while let Some(frame) = ws.next().await {
-                        match frame {
-                            Ok(Message::Text(text)) => {
-                                let mut all = shared.lock().await;
-                                all.entry(user.clone())
-                                    .or_default()
-                                    .messages
-                                    .push(text.as_str().to_owned());
-                            }
-                            Ok(Message::Close(_)) | Err(_) => break,
-                            Ok(_) => {}
-                        }
-                    }
-                    shared
-                        .lock()
-                        .await
-                        .entry(user.clone())
-                        .or_default()
-                        .connected = false;
+        if let Ok((mut ws, _response)) = connect_async(url.as_str()).await {
+            if ws.send(Message::text("subscribe: ALL")).await.is_ok() {
+                {
+                    let mut all = shared.lock().await;
+                    let me = all.entry(user.clone()).or_default();
+                    me.connections += 1;
+                    me.connected = true;
                 }
+                while let Some(frame) = ws.next().await {
+                    match frame {
+                        Ok(Message::Text(text)) => {
+                            let mut all = shared.lock().await;
+                            all.entry(user.clone())
+                                .or_default()
+                                .messages
+                                .push(text.as_str().to_owned());
+                        }
+                        Ok(Message::Close(_)) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+                shared
+                    .lock()
+                    .await
+                    .entry(user.clone())
+                    .or_default()
+                    .connected = false;
             }
-            Err(_) => {}
         }
         // WsClient waits before it reconnects; spread the clients a little.
         let jitter = user.bytes().map(u64::from).sum::<u64>() % 200;
