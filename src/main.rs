@@ -72,25 +72,34 @@ async fn bind(flag: &str, addr: std::net::SocketAddr) -> Result<TcpListener, Exi
     })
 }
 
+/// Validates before anything binds; a bad value is one line and exit code 64.
+fn validate(args: &ServeArgs) -> Result<wsgate::config::Config, ExitCode> {
+    args.validate().map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_CONFIG as u8)
+    })
+}
+
+async fn bind_both(
+    config: &wsgate::config::Config,
+) -> Result<(TcpListener, TcpListener), ExitCode> {
+    let public = bind("--listen", config.listen).await?;
+    let admin = bind("--admin-listen", config.admin_listen).await?;
+    Ok((public, admin))
+}
+
 async fn serve(args: ServeArgs) -> ExitCode {
     if let Err(problem) = tracing_subscriber::EnvFilter::try_new(&args.log_level) {
         eprintln!("error: invalid value for --log-level: {problem}");
         return ExitCode::from(EXIT_CONFIG as u8);
     }
-    let config = match args.validate() {
+    let config = match validate(&args) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_CONFIG as u8);
-        }
-    };
-    init_logging(&args.log_format, &args.log_level);
-    let public = match bind("--listen", config.listen).await {
-        Ok(l) => l,
         Err(code) => return code,
     };
-    let admin = match bind("--admin-listen", config.admin_listen).await {
-        Ok(l) => l,
+    init_logging(&args.log_format, &args.log_level);
+    let (public, admin) = match bind_both(&config).await {
+        Ok(pair) => pair,
         Err(code) => return code,
     };
     run_node(config, public, admin).await
@@ -182,19 +191,12 @@ async fn demo_cmd(args: wsgate::config::DemoArgs) -> ExitCode {
         }) => a,
         _ => return ExitCode::from(EXIT_CONFIG as u8),
     };
-    let config = match serve.validate() {
+    let config = match validate(&serve) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_CONFIG as u8);
-        }
-    };
-    let public = match bind("--listen", config.listen).await {
-        Ok(l) => l,
         Err(code) => return code,
     };
-    let admin = match bind("--admin-listen", config.admin_listen).await {
-        Ok(l) => l,
+    let (public, admin) = match bind_both(&config).await {
+        Ok(pair) => pair,
         Err(code) => return code,
     };
     let (p, a) = (

@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -72,79 +72,32 @@ fn config_errors_exit_64_with_one_line_naming_the_flag() {
     assert!(!stderr.contains("s3cret"), "{stderr}");
 }
 
-fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").to_string()
-}
-
 #[tokio::test]
 async fn sigterm_drains_with_1012_and_exits_0() {
     let backend = Backend::start().await;
-    let (public, admin) = (free_addr(), free_addr());
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
-        .args([
-            "serve",
-            "--listen",
-            &public,
-            "--admin-listen",
-            &admin,
-            "--backend-url",
-            &backend.url(),
-            "--drain-timeout",
-            "2s",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn wsgate");
-    let ready = format!("http://{admin}/readyz");
-    eventually(Duration::from_secs(10), "node ready", || async {
-        http()
-            .get(&ready)
-            .send()
-            .await
-            .map(|r| r.status().as_u16() == 200)
-            .unwrap_or(false)
-    })
-    .await;
+    let mut node = Binary::serve(&backend, &["--drain-timeout", "2s"]).await;
     let mut clients = Vec::new();
     for _ in 0..4 {
-        clients.push(
-            Client::subscribed(&format!(
-                "ws://{public}/notws?api_key=key-alice&userId=alice"
-            ))
-            .await,
-        );
+        clients.push(Client::subscribed(&node.notws("alice")).await);
     }
-    let pid = child.id().expect("pid") as i32;
-    // SAFETY: sending a signal to our own child process.
-    let rc = unsafe { libc_kill(pid, 15) };
-    assert_eq!(rc, 0, "SIGTERM sent");
+    let pid = node.child.id().expect("pid").to_string();
+    let sent = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "SIGTERM sent");
     eventually(
         Duration::from_secs(2),
         "readyz 503 during the drain",
-        || async {
-            http()
-                .get(&ready)
-                .send()
-                .await
-                .map(|r| r.status().as_u16() == 503)
-                .unwrap_or(false)
-        },
+        || async { node.readyz().await == 503 },
     )
     .await;
     for c in clients.iter_mut() {
         assert_eq!(c.close_code(Duration::from_secs(5)).await, Some(1012));
     }
-    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+    let status = tokio::time::timeout(Duration::from_secs(10), node.child.wait())
         .await
         .expect("exits within the drain window")
         .expect("exit status");
     assert_eq!(status.code(), Some(0));
-}
-
-extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
 }

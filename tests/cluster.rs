@@ -4,7 +4,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -296,63 +295,36 @@ async fn installations_with_different_prefixes_are_separate() {
     assert_eq!(one.presence(&["alice"]).await, json!({"alice": true}));
 }
 
-fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").to_string()
-}
-
 #[tokio::test]
 async fn a_killed_node_reads_offline_within_the_presence_ttl() {
     let redis = Redis::start();
     let backend = Backend::start().await;
     let survivor = Node::start(redis_config(&backend, &redis, "kill", "survivor")).await;
     ready(&survivor).await;
-    let (public, admin) = (free_addr(), free_addr());
-    let mut victim = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
-        .args([
-            "serve",
-            "--listen",
-            &public,
-            "--admin-listen",
-            &admin,
-            "--backend-url",
-            &backend.url(),
+    let redis_url = redis.url();
+    let mut victim = Binary::serve(
+        &backend,
+        &[
             "--redis-url",
-            &redis.url(),
+            &redis_url,
             "--redis-prefix",
             "kill",
             "--node-id",
             "victim",
             "--presence-ttl",
             "3s",
-            "--api-token",
-            TOKEN,
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn wsgate");
-    let ready_url = format!("http://{admin}/readyz");
-    eventually(Duration::from_secs(10), "victim ready", || async {
-        http()
-            .get(&ready_url)
-            .send()
-            .await
-            .map(|r| r.status().as_u16() == 200)
-            .unwrap_or(false)
-    })
+        ],
+    )
     .await;
-    let _on_victim =
-        Client::subscribed(&format!("ws://{public}/notws?api_key=key-bob&userId=bob")).await;
+    let _on_victim = Client::subscribed(&victim.notws("bob")).await;
     let mut on_survivor = Client::subscribed(&survivor.notws("alice")).await;
     assert_eq!(
         survivor.presence(&["alice", "bob"]).await,
         json!({"alice": true, "bob": true})
     );
 
-    victim.start_kill().expect("SIGKILL");
-    let _ = victim.wait().await;
+    victim.child.start_kill().expect("SIGKILL");
+    let _ = victim.child.wait().await;
     let killed_at = std::time::Instant::now();
     eventually(
         Duration::from_secs(10),

@@ -252,36 +252,10 @@ async fn handshake_refusals() {
 
     // Every key source works.
     Client::connect(&node.ws("/notws?apiKey=key-alice")).await;
-    let mut req = http::Request::builder()
-        .uri(node.ws("/notws"))
-        .header("api_key", "key-bob")
-        .header("Host", node.public.to_string())
-        .header("Connection", "Upgrade")
-        .header("Upgrade", "websocket")
-        .header("Sec-WebSocket-Version", "13")
-        .header(
-            "Sec-WebSocket-Key",
-            tokio_tungstenite::tungstenite::handshake::client::generate_key(),
-        )
-        .body(())
-        .expect("request");
-    tokio_tungstenite::connect_async(req)
+    connect_with_header(&node.ws("/notws"), "api_key", "key-bob")
         .await
         .expect("api_key header accepted");
-    req = http::Request::builder()
-        .uri(node.ws("/notws"))
-        .header("Authorization", "Bearer key-carol")
-        .header("Host", node.public.to_string())
-        .header("Connection", "Upgrade")
-        .header("Upgrade", "websocket")
-        .header("Sec-WebSocket-Version", "13")
-        .header(
-            "Sec-WebSocket-Key",
-            tokio_tungstenite::tungstenite::handshake::client::generate_key(),
-        )
-        .body(())
-        .expect("request");
-    tokio_tungstenite::connect_async(req)
+    connect_with_header(&node.ws("/notws"), "Authorization", "Bearer key-carol")
         .await
         .expect("bearer accepted");
 

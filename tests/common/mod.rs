@@ -494,6 +494,23 @@ pub async fn refused(url: &str) -> (u16, String) {
     }
 }
 
+/// Opens a WebSocket with one extra request header (the key sources that are not in the URL).
+pub async fn connect_with_header(
+    url: &str,
+    name: &str,
+    value: &str,
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = url.into_client_request()?;
+    req.headers_mut().insert(
+        http::HeaderName::from_bytes(name.as_bytes()).expect("header name"),
+        http::HeaderValue::from_str(value).expect("header value"),
+    );
+    tokio_tungstenite::connect_async(req)
+        .await
+        .map(|(ws, _)| ws)
+}
+
 impl Client {
     pub async fn connect(url: &str) -> Client {
         let (ws, resp) = tokio_tungstenite::connect_async(url)
@@ -591,6 +608,75 @@ pub fn metric(scrape: &str, series: &str) -> f64 {
                 .and_then(|v| v.trim().parse::<f64>().ok())
         })
         .unwrap_or_else(|| panic!("series {series} not in scrape"))
+}
+
+/// A loopback address with a free port, for the real binary's listeners.
+pub fn free_addr() -> String {
+    format!("127.0.0.1:{}", free_port())
+}
+
+/// The real `wsgate serve` binary on fresh loopback ports, killed on drop; waits until ready.
+pub struct Binary {
+    pub public: String,
+    pub admin: String,
+    pub child: tokio::process::Child,
+}
+
+impl Binary {
+    pub async fn serve(backend: &Backend, extra: &[&str]) -> Binary {
+        let (public, admin) = (free_addr(), free_addr());
+        let backend_url = backend.url();
+        let mut args = vec![
+            "serve",
+            "--listen",
+            &public,
+            "--admin-listen",
+            &admin,
+            "--backend-url",
+            &backend_url,
+            "--api-token",
+            TOKEN,
+        ];
+        args.extend_from_slice(extra);
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn the wsgate binary");
+        let ready = format!("http://{admin}/readyz");
+        eventually(Duration::from_secs(10), "the binary is ready", || async {
+            http()
+                .get(&ready)
+                .send()
+                .await
+                .map(|r| r.status().as_u16() == 200)
+                .unwrap_or(false)
+        })
+        .await;
+        Binary {
+            public,
+            admin,
+            child,
+        }
+    }
+
+    pub fn notws(&self, user: &str) -> String {
+        format!(
+            "ws://{}/notws?api_key=key-{user}&userId={user}",
+            self.public
+        )
+    }
+
+    pub async fn readyz(&self) -> u16 {
+        http()
+            .get(format!("http://{}/readyz", self.admin))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    }
 }
 
 /// Polls `f` until it returns true or `timeout` passes.
