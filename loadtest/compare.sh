@@ -5,7 +5,7 @@
 #   loadtest/compare.sh [--smoke] [--rounds N] [--out DIR] [--scenarios LIST] [--connections N]
 #
 # Needs: cargo, node + npm (the peer's modules are installed with `npm ci`), redis-server (for
-# the two-node chat scenario). Every server it starts listens on 127.0.0.1 only and is stopped
+# the two-node chat scenario). With WSGATE_BIN and LOADTEST_BIN set, nothing is built. Every server it starts listens on 127.0.0.1 only and is stopped
 # when the script ends.
 set -euo pipefail
 
@@ -50,11 +50,16 @@ if [[ ",$scenarios," == *",chat,"* ]] && ! command -v redis-server >/dev/null; t
 fi
 cargo_flags=()
 [[ "$profile" == "release" ]] && cargo_flags+=(--release)
-(cd "$root" && cargo build -q "${cargo_flags[@]}" -p wsgate -p wsgate-loadtest)
-target_dir="$(cd "$root" && cargo metadata --format-version 1 --no-deps | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>console.log(JSON.parse(s).target_directory))')"
-bin="$target_dir/$profile"
-WSGATE="${WSGATE_BIN:-$bin/wsgate}"
-LT="${LOADTEST_BIN:-$bin/wsgate-loadtest}"
+if [[ -n "${WSGATE_BIN:-}" && -n "${LOADTEST_BIN:-}" ]]; then
+  WSGATE="$WSGATE_BIN"
+  LT="$LOADTEST_BIN"
+else
+  (cd "$root" && cargo build -q "${cargo_flags[@]}" -p wsgate -p wsgate-loadtest)
+  target_dir="$(cd "$root" && cargo metadata --format-version 1 --no-deps | node -e 'let s="";process.stdin.on("data",d=>s+=d).on("end",()=>console.log(JSON.parse(s).target_directory))')"
+  bin="$target_dir/$profile"
+  WSGATE="${WSGATE_BIN:-$bin/wsgate}"
+  LT="${LOADTEST_BIN:-$bin/wsgate-loadtest}"
+fi
 peer_dir="$here/peers/socketio"
 if [[ ! -d "$peer_dir/node_modules/socket.io" ]]; then
   (cd "$peer_dir" && npm ci --no-audit --no-fund --silent)
@@ -132,15 +137,15 @@ start_server() {
 # ---------------------------------------------------------------- parameters
 if [[ "$smoke" == 1 ]]; then
   idle_args=(--connections "$conns" --hold 1)
-  fan_args=(--connections "$conns" --recipients 100 --rates 2000,5000 --duration 2 --floor-seconds 1 --no-stop)
-  burst_args=(--connections "$conns" --recipients 100 --rates 5000 --duration 2 --burst 8 --floor-seconds 1 --no-stop)
+  fan_args=(--connections "$conns" --recipients 100 --rates 2000,5000 --duration 2 --floor-seconds 1 --warmup 1 --no-stop)
+  burst_args=(--connections "$conns" --recipients 100 --rates 5000 --duration 2 --burst 8 --floor-seconds 1 --warmup 1 --no-stop)
   chat_args=(--pairs 50 --rates 200 --duration 2)
   storm_args=(--connections "$conns" --keys 30 --spread 0.5 --deadline 20)
 else
   recip=$((conns / 10))
   idle_args=(--connections "$conns" --hold 5)
-  fan_args=(--connections "$conns" --recipients "$recip" --rates 50000,100000,150000,200000,250000,300000 --duration 5)
-  burst_args=(--connections "$conns" --recipients "$recip" --rates 100000,200000,300000 --duration 5 --burst 16)
+  fan_args=(--connections "$conns" --recipients "$recip" --rates 25000,50000,100000,150000,200000,250000 --duration 5 --floor-seconds 2)
+  burst_args=(--connections "$conns" --recipients "$recip" --rates 50000,100000,200000,250000 --duration 5 --burst 16 --floor-seconds 2)
   chat_args=(--pairs 1000 --rates 2000,5000,10000 --duration 5)
   storm_args=(--connections "$conns" --keys $((conns / 10)) --spread 1 --deadline 30)
 fi

@@ -231,7 +231,11 @@ pub fn run(a: CompareArgs) -> anyhow::Result<()> {
             ["wsgate", "socketio"]
                 .iter()
                 .flat_map(|t| files.get(scenario, t))
-                .filter_map(|v| f(&v["results"]["floor"]["us_per_write"]))
+                .filter_map(|v| {
+                    step_at(v, rate)
+                        .and_then(|s| f(&s["floor_us_per_write"]))
+                        .or_else(|| f(&v["results"]["floor"]["us_per_write"]))
+                })
                 .collect(),
         );
         let (cw, cs) = (
@@ -291,6 +295,25 @@ pub fn run(a: CompareArgs) -> anyhow::Result<()> {
             sat("wsgate"),
             sat("socketio"),
             ratio(sat("wsgate"), sat("socketio")),
+            0,
+            "wsgate ≥ 200000 with p99 < 50 ms (ratio: wsgate ÷ Socket.IO)",
+        );
+        let lossless = |t: &str| {
+            files.med(scenario, t, |v| {
+                Some(
+                    v["results"]["lossless_max_deliveries_per_second"]
+                        .as_f64()
+                        .unwrap_or(0.0),
+                )
+            })
+        };
+        row(
+            &mut md,
+            &format!("{scenario}_lossless_max"),
+            &format!("{label} fan-out: highest rate without loss (any latency), deliveries/s"),
+            lossless("wsgate"),
+            lossless("socketio"),
+            ratio(lossless("wsgate"), lossless("socketio")),
             0,
             "wsgate ≥ 200000 (ratio: wsgate ÷ Socket.IO)",
         );

@@ -75,6 +75,12 @@ fn paced_writes(
 }
 
 pub async fn measure(p: &FloorParams) -> anyhow::Result<FloorResult> {
+    let mut v = measure_rates(p, &[p.rate]).await?;
+    v.pop().ok_or_else(|| anyhow!("floor: no result"))
+}
+
+/// Measures the floor at each of `rates` on one set of socket pairs.
+pub async fn measure_rates(p: &FloorParams, rates: &[u64]) -> anyhow::Result<Vec<FloorResult>> {
     stats::raise_nofile();
     let listener = TcpListener::bind("127.0.0.1:0")?;
     listener.set_nonblocking(true)?;
@@ -123,32 +129,40 @@ pub async fn measure(p: &FloorParams) -> anyhow::Result<FloorResult> {
     .await??;
     // Let the sink settle into its read loops.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (rate, duration, size) = (p.rate as f64, p.duration, p.size);
-    let (one, coalesced, socks) = tokio::task::spawn_blocking(move || {
-        let one = paced_writes(&socks, rate, duration, size, 1);
-        std::thread::sleep(Duration::from_millis(300));
-        let coalesced = paced_writes(&socks, rate, duration.min(2.0), size, 16);
-        (one, coalesced, socks)
+    let (duration, size) = (p.duration, p.size);
+    let rate_list: Vec<u64> = rates.to_vec();
+    let (runs, coalesced, socks) = tokio::task::spawn_blocking(move || {
+        let mut runs = Vec::new();
+        for r in &rate_list {
+            runs.push((*r, paced_writes(&socks, *r as f64, duration, size, 1)));
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let first = rate_list.first().copied().unwrap_or(100_000) as f64;
+        let coalesced = paced_writes(&socks, first, duration.min(2.0), size, 16);
+        (runs, coalesced, socks)
     })
     .await?;
     drop(socks);
     drop(child.stdin.take());
     let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
     let _ = child.kill().await;
-    let (writes, blocked, u, s, elapsed) = one;
     let (cw, _, cu, cs, _) = coalesced;
-    Ok(FloorResult {
-        connections: n,
-        size,
-        target_writes_per_second: p.rate,
-        writes,
-        writes_per_second: writes as f64 / elapsed.max(1e-9),
-        would_block: blocked,
-        user_seconds: u,
-        system_seconds: s,
-        us_per_write: (u + s) * 1e6 / writes.max(1) as f64,
-        coalesced_us_per_message: (cu + cs) * 1e6 / (cw.max(1) * 16) as f64,
-    })
+    let coalesced_us = (cu + cs) * 1e6 / (cw.max(1) * 16) as f64;
+    Ok(runs
+        .into_iter()
+        .map(|(rate, (writes, blocked, u, s, elapsed))| FloorResult {
+            connections: n,
+            size,
+            target_writes_per_second: rate,
+            writes,
+            writes_per_second: writes as f64 / elapsed.max(1e-9),
+            would_block: blocked,
+            user_seconds: u,
+            system_seconds: s,
+            us_per_write: (u + s) * 1e6 / writes.max(1) as f64,
+            coalesced_us_per_message: coalesced_us,
+        })
+        .collect())
 }
 
 /// The receiving side of the floor measurement (a hidden subcommand, run as a child process).

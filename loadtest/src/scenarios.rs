@@ -219,7 +219,8 @@ pub struct FanoutArgs {
     /// p99 latency limit of a passing step, milliseconds.
     #[arg(long, default_value_t = 50.0)]
     pub p99_limit_ms: f64,
-    /// Keep stepping after a failed step.
+    /// Keep stepping after a step that lost messages or missed the rate (by default the sweep
+    /// stops there; steps over the latency limit alone do not stop it).
     #[arg(long)]
     pub no_stop: bool,
     /// Publish requests in flight at most.
@@ -231,6 +232,9 @@ pub struct FanoutArgs {
     /// Writes per second of the floor measurement (default: the first rate step).
     #[arg(long)]
     pub floor_rate: Option<u64>,
+    /// Seconds of unrecorded warm-up at the first rate before the sweep.
+    #[arg(long, default_value_t = 3.0)]
+    pub warmup: f64,
 }
 
 #[derive(Serialize)]
@@ -242,6 +246,7 @@ struct FanoutParams {
     burst: usize,
     payload_size: usize,
     p99_limit_ms: f64,
+    warmup_seconds: f64,
     nodes: usize,
 }
 
@@ -259,6 +264,8 @@ pub struct FanoutStep {
     pub latency: LatencySummary,
     pub server_cpu_seconds: f64,
     pub server_cpu_us_per_delivery: f64,
+    /// The floor measured in this run at this step's rate.
+    pub floor_us_per_write: Option<f64>,
     pub ratio_to_floor: Option<f64>,
     pub loadgen_cpu_seconds: f64,
     pub server_rss_bytes: u64,
@@ -271,9 +278,13 @@ pub struct FanoutResult {
     pub failed: usize,
     pub connect_seconds: f64,
     pub floor: Option<FloorResult>,
+    /// The floor at each rate of the sweep.
+    pub floors: Vec<FloorResult>,
     pub steps: Vec<FanoutStep>,
     /// Highest rate with no loss and p99 under the limit.
     pub saturation_deliveries_per_second: Option<u64>,
+    /// Highest rate delivered without loss, whatever the latency.
+    pub lossless_max_deliveries_per_second: Option<u64>,
     pub server_disconnects: u64,
 }
 
@@ -292,24 +303,45 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
         bail!("--admin-url names no node");
     }
     let machine = stats::machine();
-    let floor_res = if a.floor_seconds > 0.0 {
-        let rate = a
-            .floor_rate
-            .unwrap_or_else(|| a.rates.first().copied().unwrap_or(100_000));
-        eprintln!("fanout: floor with {} socket pairs", a.connections);
-        Some(
-            floor::measure(&floor::FloorParams {
+    // The floor at every rate of the sweep (or at --floor-rate), same socket count.
+    let floors: Vec<FloorResult> = if a.floor_seconds > 0.0 {
+        let rates = match a.floor_rate {
+            Some(r) => vec![r],
+            None => a.rates.clone(),
+        };
+        eprintln!(
+            "fanout: floor with {} socket pairs at {:?} writes/s",
+            a.connections, rates
+        );
+        let v = floor::measure_rates(
+            &floor::FloorParams {
                 connections: a.connections,
-                rate,
+                rate: rates.first().copied().unwrap_or(100_000),
                 duration: a.floor_seconds,
                 size: a.payload_size,
                 source_ips: c.source_ips,
-            })
-            .await?,
+            },
+            &rates,
         )
+        .await?;
+        for f in &v {
+            eprintln!(
+                "fanout: floor at {} writes/s (reached {:.0}): {:.2} us per write",
+                f.target_writes_per_second, f.writes_per_second, f.us_per_write
+            );
+        }
+        v
     } else {
-        None
+        Vec::new()
     };
+    let floor_for = |rate: u64| -> Option<FloorResult> {
+        floors
+            .iter()
+            .find(|f| f.target_writes_per_second == rate)
+            .or_else(|| floors.first())
+            .cloned()
+    };
+    let floor_res = floors.first().cloned();
     let server = c.server();
     let shared = Shared::new();
     let prefix = c.user_prefix.clone();
@@ -354,15 +386,25 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
     let http = http_client();
     let mut steps: Vec<FanoutStep> = Vec::new();
     let mut saturation = None;
+    let mut lossless_max = None;
+    let mut plan: Vec<(u64, u64, f64)> = Vec::new();
+    if a.warmup > 0.0 {
+        if let Some(first) = a.rates.first() {
+            plan.push((0, *first, a.warmup));
+        }
+    }
     for (si, rate) in a.rates.iter().copied().enumerate() {
-        let step_no = si as u64 + 1;
+        plan.push((si as u64 + 1, rate, a.duration));
+    }
+    for (step_no, rate, duration) in plan {
         shared.step.store(step_no, Ordering::Relaxed);
         shared.latency.reset();
         shared.received.store(0, Ordering::Relaxed);
         let pps = rate as f64 / a.recipients as f64;
-        let total = (pps * a.duration).round().max(1.0) as u64;
+        let total = (pps * duration).round().max(1.0) as u64;
         eprintln!(
-            "fanout: step {step_no}: {rate} deliveries/s = {pps:.1} publishes/s x {} recipients, burst {}",
+            "fanout: step {step_no}{}: {rate} deliveries/s = {pps:.1} publishes/s x {} recipients, burst {}",
+            if step_no == 0 { " (warm-up, not recorded)" } else { "" },
             a.recipients, a.burst
         );
         let s0 = server.sample().await?;
@@ -443,7 +485,8 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
             latency: lat,
             server_cpu_seconds: cpu,
             server_cpu_us_per_delivery: per,
-            ratio_to_floor: floor_res.as_ref().map(|f| per / f.us_per_write),
+            floor_us_per_write: floor_for(rate).map(|f| f.us_per_write),
+            ratio_to_floor: floor_for(rate).map(|f| per / f.us_per_write),
             loadgen_cpu_seconds: l1 - l0,
             server_rss_bytes: s1.rss_bytes,
             passed,
@@ -461,11 +504,21 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
                 .unwrap_or_default(),
             if passed { "PASS" } else { "FAIL" }
         );
+        if step_no == 0 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
+        let lossless = lost == 0 && errs == 0 && achieved >= 0.95;
         if passed {
             saturation = Some(rate);
         }
+        if lossless {
+            lossless_max = Some(rate);
+        }
         steps.push(step);
-        if !passed && !a.no_stop {
+        // Go on while every message arrives (latency may already be over the limit), so the
+        // sweep shows both the latency limit and the throughput limit.
+        if !lossless && !a.no_stop {
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -482,8 +535,10 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
         failed: pool.failed,
         connect_seconds: pool.elapsed.as_secs_f64(),
         floor: floor_res,
+        floors: floors.clone(),
         steps,
         saturation_deliveries_per_second: saturation,
+        lossless_max_deliveries_per_second: lossless_max,
         server_disconnects: disconnects,
     };
     pool.close(Duration::from_secs(10)).await;
@@ -548,15 +603,15 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
     if let Some(f) = &r.floor {
         let _ = writeln!(
             md,
-            "Floor (same run): {} loopback socket pairs, one {}-byte write() per message at {:.0} writes/s: **{:.2} µs CPU per write** (coalesced 16 per write: {:.2} µs per message).\n",
-            f.connections, f.size, f.writes_per_second, f.us_per_write, f.coalesced_us_per_message
+            "Floor (same run): {} loopback socket pairs, one {}-byte write() per message, at each step's rate (column *floor*); 16 messages per write() cost {:.2} µs per message.\n",
+            f.connections, f.size, f.coalesced_us_per_message
         );
     }
-    md += "| target/s | achieved/s | lost | p50 ms | p90 ms | p99 ms | max ms | server µs/delivery | vs floor | result |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
+    md += "| target/s | achieved/s | lost | p50 ms | p90 ms | p99 ms | max ms | server µs/delivery | floor µs/write | vs floor | result |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
     for s in &r.steps {
         let _ = writeln!(
             md,
-            "| {} | {:.0} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {} | {} |",
+            "| {} | {:.0} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {} | {} | {} |",
             s.target_deliveries_per_second,
             s.deliveries_per_second,
             s.lost,
@@ -565,6 +620,9 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
             s.latency.p99_ms,
             s.latency.max_ms,
             s.server_cpu_us_per_delivery,
+            s.floor_us_per_write
+                .map(|x| format!("{x:.2}"))
+                .unwrap_or_else(|| "-".into()),
             s.ratio_to_floor
                 .map(|x| format!("{x:.2}x"))
                 .unwrap_or_else(|| "-".into()),
@@ -573,11 +631,14 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
     }
     let _ = writeln!(
         md,
-        "\nSaturation (no loss, p99 ≤ {} ms): **{}**.\n\n![latency]({lat_svg})\n![throughput]({tp_svg})",
+        "\nSaturation (no loss, p99 ≤ {} ms): **{}**. Highest rate without loss (any latency): **{}**.\n\n![latency]({lat_svg})\n![throughput]({tp_svg})",
         a.p99_limit_ms,
         r.saturation_deliveries_per_second
             .map(|v| format!("{v} deliveries/s"))
-            .unwrap_or_else(|| "no step passed".into())
+            .unwrap_or_else(|| "no step passed".into()),
+        r.lossless_max_deliveries_per_second
+            .map(|v| format!("{v} deliveries/s"))
+            .unwrap_or_else(|| "none".into())
     );
     out.write_md(&md)?;
     // Drop the CDF points from the JSON's steps only where huge; keep them (they are small).
@@ -595,6 +656,7 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
             burst: a.burst,
             payload_size: a.payload_size,
             p99_limit_ms: a.p99_limit_ms,
+            warmup_seconds: a.warmup,
             nodes: c.url.len(),
         },
         results: &r,
