@@ -312,7 +312,11 @@ impl Metrics {
             "Internal publish/presence API requests, by route and status.",
             &["route", "status"],
         );
-        for (route, ok) in [("notifications", "202"), ("chat", "202"), ("presence", "200")] {
+        for (route, ok) in [
+            ("notifications", "202"),
+            ("chat", "202"),
+            ("presence", "200"),
+        ] {
             api_requests.with_label_values(&[route, ok]);
         }
 

@@ -59,7 +59,11 @@ pub async fn run(
                 };
                 last_seen = Instant::now();
                 match msg {
-                    Message::Text(text) => handle_text(&state, &session, endpoint, text).await,
+                    // Boxed: the chat path (back-end call, cache) is a large future, and an
+                    // inline await would make every idle connection's task carry its size.
+                    Message::Text(text) => {
+                        Box::pin(handle_text(&state, &session, endpoint, text)).await
+                    }
                     Message::Binary(_) => m.ignored(IgnoredFrame::Binary).inc(),
                     Message::Close(_) => break CloseReason::Client,
                     Message::Ping(_) | Message::Pong(_) => {}
