@@ -154,8 +154,9 @@ run_lt() { # scenario target name args...
   local scen="$1" target="$2" name="$3"
   shift 3
   echo "== $name" >&2
-  "$LT" "$scen" --target "$target" --backend-url "$backend_url" --api-token "$token" \
-    --out "$out" --name "$name" "$@" 2>&1 | tee -a "$logs/loadtest.log" >&2
+  # Run inside the result directory so that the recorded command line names no local path.
+  (cd "$out" && "$LT" "$scen" --target "$target" --backend-url "$backend_url" --api-token "$token" \
+    --out . --name "$name" "$@") 2>&1 | tee -a "$logs/loadtest.log" >&2
 }
 
 IFS=',' read -r -a scen_list <<<"$scenarios"
@@ -197,5 +198,5 @@ for r in $(seq 1 "$rounds"); do
   done
 done
 
-"$LT" compare --dir "$out"
+(cd "$out" && "$LT" compare --dir .)
 echo "results: $out" >&2

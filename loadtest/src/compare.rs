@@ -298,6 +298,36 @@ pub fn run(a: CompareArgs) -> anyhow::Result<()> {
             0,
             "wsgate ≥ 200000 with p99 < 50 ms (ratio: wsgate ÷ Socket.IO)",
         );
+        // CPU ÷ floor at the highest rate each run delivered without loss (where queues form
+        // and coalescing can pay off).
+        let top = |t: &str, key: &'static str| {
+            files.med(scenario, t, move |v| {
+                let steps = v["results"]["steps"].as_array()?;
+                steps
+                    .iter()
+                    .filter(|s| {
+                        s["lost"].as_i64() == Some(0)
+                            && s["publish_errors"].as_u64() == Some(0)
+                            && s["publish_achieved_ratio"].as_f64().unwrap_or(0.0) >= 0.95
+                    })
+                    .max_by_key(|s| s["target_deliveries_per_second"].as_u64().unwrap_or(0))
+                    .and_then(|s| f(&s[key]))
+            })
+        };
+        row(
+            &mut md,
+            &format!("{scenario}_top_vs_floor"),
+            &format!(
+                "{label} fan-out: CPU per delivery ÷ floor at the highest lossless rate (wsgate {} /s, Socket.IO {} /s)",
+                fmt(top("wsgate", "target_deliveries_per_second"), 0),
+                fmt(top("socketio", "target_deliveries_per_second"), 0)
+            ),
+            top("wsgate", "ratio_to_floor"),
+            top("socketio", "ratio_to_floor"),
+            None,
+            2,
+            if label == "isolated" { "-" } else { "wsgate < 1x" },
+        );
         let lossless = |t: &str| {
             files.med(scenario, t, |v| {
                 Some(
