@@ -19,6 +19,7 @@ use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -345,6 +346,16 @@ pub async fn run(
     admin: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
+    // Writes are coalesced in user space (see session), so Nagle's algorithm only adds delay:
+    // with it, a frame written while an earlier one is unacknowledged waits for the peer's
+    // delayed ACK (tens of milliseconds).
+    let nodelay = |tcp: &mut tokio::net::TcpStream| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+    };
+    let public = public.tap_io(nodelay);
+    let admin = admin.tap_io(nodelay);
     let stop_http = CancellationToken::new();
     let public_srv = {
         let stop = stop_http.clone();
