@@ -37,6 +37,17 @@ struct QueueState {
     queue: VecDeque<Outgoing>,
     bytes: usize,
     closed: Option<CloseReason>,
+    /// The node's heartbeat asks the session to send a ping.
+    ping: bool,
+}
+
+/// What the writer finds when it wakes.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Wake {
+    /// Close the connection with this reason after writing what was taken.
+    pub close: Option<CloseReason>,
+    /// Send a ping.
+    pub ping: bool,
 }
 
 /// A connection's bounded outbound queue (messages and bytes). Pushing never blocks: a full
@@ -69,6 +80,7 @@ impl Outbound {
                 queue: VecDeque::new(),
                 bytes: 0,
                 closed: None,
+                ping: false,
             }),
             max_messages,
             max_bytes,
@@ -103,14 +115,23 @@ impl Outbound {
     }
 
     /// Moves every queued message into `into` (which must be empty), so the writer can feed them
-    /// all and flush once. Returns the close reason if the connection is being closed.
-    pub fn take(&self, into: &mut VecDeque<Outgoing>) -> Option<CloseReason> {
+    /// all and flush once, and says whether to ping or close. Messages queued before a drain
+    /// close are still written; an overflow has already discarded the queue.
+    pub fn take(&self, into: &mut VecDeque<Outgoing>) -> Wake {
         let mut s = self.state.lock();
-        if s.closed.is_none() {
-            std::mem::swap(&mut s.queue, into);
-            s.bytes = 0;
+        std::mem::swap(&mut s.queue, into);
+        s.bytes = 0;
+        Wake {
+            close: s.closed,
+            ping: std::mem::take(&mut s.ping),
         }
-        s.closed
+    }
+
+    fn request_ping(&self) {
+        let mut s = self.state.lock();
+        s.ping = true;
+        drop(s);
+        self.ready.notify_one();
     }
 
     /// Closes the connection from the gateway's side.
@@ -131,6 +152,19 @@ pub struct Connection {
     pub endpoint: Endpoint,
     pub identity: Identity,
     pub outbound: Outbound,
+    /// When the peer last sent anything (ms since the epoch), for the node's ping sweep.
+    last_seen: AtomicU64,
+}
+
+fn now_ms() -> u64 {
+    protocol::now_micros() / 1000
+}
+
+impl Connection {
+    /// Records that the peer is alive (any frame, pongs included).
+    pub fn touch(&self) {
+        self.last_seen.store(now_ms(), Ordering::Relaxed);
+    }
 }
 
 /// A connection's topics; `ALL` matches everything.
@@ -221,12 +255,12 @@ impl Registry {
 }
 
 impl MessageSink for Registry {
-    fn deliver(&self, channel: &str, payload: Bytes) {
+    fn deliver(&self, channels: &[&str], payload: Bytes) {
         self.metrics.broker_received.inc();
         let env = match protocol::decode(payload) {
             Ok(env) => env,
             Err(e) => {
-                tracing::warn!(channel, error = %e, "undecodable broker message dropped");
+                tracing::warn!(channel = channels.first().copied().unwrap_or(""), error = %e, "undecodable broker message dropped");
                 return;
             }
         };
@@ -234,9 +268,6 @@ impl MessageSink for Registry {
             Kind::Notification => (Endpoint::Notws, env.topic.as_str()),
             Kind::Chat => (Endpoint::Chat, ""),
             Kind::Canary => return,
-        };
-        let Some(target) = self.target(channel) else {
-            return;
         };
         let msg = Outgoing {
             frame: env.frame.clone(),
@@ -264,25 +295,28 @@ impl MessageSink for Registry {
                     }
                 }
             };
-            match target {
-                Target::User(u) => {
-                    if let Some(user) = inner.users.get(u) {
-                        to_user(user);
+            for channel in channels {
+                match self.target(channel) {
+                    Some(Target::User(u)) => {
+                        if let Some(user) = inner.users.get(u) {
+                            to_user(user);
+                        }
                     }
-                }
-                Target::Tenant(t) => {
-                    if let Some(users) = inner.tenants.get(t) {
-                        for u in users {
-                            if let Some(user) = inner.users.get(u) {
-                                to_user(user);
+                    Some(Target::Tenant(t)) => {
+                        if let Some(users) = inner.tenants.get(t) {
+                            for u in users {
+                                if let Some(user) = inner.users.get(u) {
+                                    to_user(user);
+                                }
                             }
                         }
                     }
-                }
-                Target::All => {
-                    for user in inner.users.values() {
-                        to_user(user);
+                    Some(Target::All) => {
+                        for user in inner.users.values() {
+                            to_user(user);
+                        }
                     }
+                    None => {}
                 }
             }
         }
@@ -319,6 +353,7 @@ pub struct Hub {
     queue_messages: usize,
     queue_bytes: usize,
     unsubscribe_delay: Duration,
+    ping_interval: Duration,
 }
 
 /// Limits a hub applies to every connection.
@@ -328,6 +363,7 @@ pub struct HubLimits {
     pub outbound_queue: usize,
     pub outbound_queue_bytes: usize,
     pub unsubscribe_delay: Duration,
+    pub ping_interval: Duration,
 }
 
 impl Hub {
@@ -356,6 +392,7 @@ impl Hub {
             queue_messages: limits.outbound_queue,
             queue_bytes: limits.outbound_queue_bytes,
             unsubscribe_delay: limits.unsubscribe_delay,
+            ping_interval: limits.ping_interval,
         })
     }
 
@@ -380,8 +417,8 @@ impl Hub {
                 .set(inner.channels.len() as i64);
             self.broker.subscribe(vec![all])
         };
-        let weak = Arc::downgrade(self);
-        tokio::spawn(reaper(weak, self.unsubscribe_delay));
+        tokio::spawn(reaper(Arc::downgrade(self), self.unsubscribe_delay));
+        tokio::spawn(heartbeat(Arc::downgrade(self), self.ping_interval));
         // The node may start while the broker is still connecting: the broker restores its set
         // when it comes up, and readiness says 503 meanwhile.
         tokio::spawn(async move {
@@ -405,6 +442,7 @@ impl Hub {
             endpoint,
             identity: identity.clone(),
             outbound: Outbound::new(self.queue_messages, self.queue_bytes),
+            last_seen: AtomicU64::new(now_ms()),
         });
         let mut channels = vec![self.registry.user_channel(&identity.user_id)];
         if let Some(t) = &identity.tenant_id {
@@ -644,6 +682,54 @@ async fn reaper(hub: Weak<Hub>, delay: Duration) {
     }
 }
 
+/// One sweep per ping interval for the whole node, instead of a timer per connection: a peer
+/// silent for two intervals is closed (4000), every other connection is asked to ping.
+async fn heartbeat(hub: Weak<Hub>, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(hub) = hub.upgrade() else { return };
+        let silent_since = now_ms().saturating_sub(2 * interval.as_millis() as u64);
+        let inner = hub.registry.inner.lock();
+        for user in inner.users.values() {
+            for c in &user.conns {
+                if c.conn.last_seen.load(Ordering::Relaxed) < silent_since {
+                    c.conn.outbound.close(CloseReason::PingTimeout);
+                } else {
+                    c.conn.outbound.request_ping();
+                }
+            }
+        }
+    }
+}
+
+impl Hub {
+    /// Closes every connection with 1012, spread evenly (in random order) over `window`, so
+    /// that clients do not all reconnect to the other nodes in the same instant.
+    pub async fn drain(&self, window: Duration) {
+        use rand::seq::SliceRandom;
+        let mut conns: Vec<Arc<Connection>> = {
+            let inner = self.registry.inner.lock();
+            inner
+                .users
+                .values()
+                .flat_map(|u| u.conns.iter().map(|c| c.conn.clone()))
+                .collect()
+        };
+        conns.shuffle(&mut rand::rng());
+        let n = conns.len().max(1) as u32;
+        let start = tokio::time::Instant::now();
+        for (i, conn) in conns.iter().enumerate() {
+            tokio::time::sleep_until(start + window * i as u32 / n).await;
+            conn.outbound.close(CloseReason::Drain);
+        }
+        // Anything registered while the snapshot was taken.
+        self.close_all(CloseReason::Drain);
+    }
+}
+
 /// A registered connection. Dropping it unregisters the connection and releases its channels,
 /// whether the socket ran, failed to upgrade, or the registration was abandoned half way.
 pub struct Registration {
@@ -680,6 +766,7 @@ mod tests {
                 outbound_queue: 4,
                 outbound_queue_bytes: 1 << 20,
                 unsubscribe_delay: Duration::from_millis(delay_ms),
+                ping_interval: Duration::from_secs(30),
             },
             |sink| {
                 let b = Arc::new(MemoryBroker::new(sink));
@@ -776,8 +863,8 @@ mod tests {
         }
         let mut qa = VecDeque::new();
         let mut qb = VecDeque::new();
-        assert_eq!(a.conn.outbound.take(&mut qa), None);
-        assert_eq!(b.conn.outbound.take(&mut qb), None);
+        assert_eq!(a.conn.outbound.take(&mut qa), Wake::default());
+        assert_eq!(b.conn.outbound.take(&mut qb), Wake::default());
         assert_eq!(qa.len(), 1);
         assert_eq!(qb.len(), 2);
         assert_eq!(qa[0].frame.as_str(), r#"{"topic":"A"}"#);
@@ -801,9 +888,8 @@ mod tests {
                 .expect("publish");
         }
         let mut q = VecDeque::new();
-        assert_eq!(
-            a.conn.outbound.take(&mut q),
-            Some(CloseReason::SlowConsumer)
-        );
+        let wake = a.conn.outbound.take(&mut q);
+        assert_eq!(wake.close, Some(CloseReason::SlowConsumer));
+        assert!(q.is_empty(), "an overflow discards the queue");
     }
 }

@@ -53,7 +53,6 @@ pub struct AppState {
     pub chat: Chat,
     pub hub: Arc<Hub>,
     draining: AtomicBool,
-    drain: CancellationToken,
     sessions: TaskTracker,
 }
 
@@ -79,6 +78,7 @@ impl AppState {
             outbound_queue: config.outbound_queue,
             outbound_queue_bytes: config.outbound_queue_bytes,
             unsubscribe_delay: config.unsubscribe_delay,
+            ping_interval: config.ping_interval,
         };
         let mut broker_error = None;
         let hub = Hub::new(
@@ -111,7 +111,6 @@ impl AppState {
             chat,
             hub,
             draining: AtomicBool::new(false),
-            drain: CancellationToken::new(),
             sessions: TaskTracker::new(),
         }))
     }
@@ -128,7 +127,7 @@ impl AppState {
 
 struct NullSink;
 impl crate::broker::MessageSink for NullSink {
-    fn deliver(&self, _: &str, _: bytes::Bytes) {}
+    fn deliver(&self, _: &[&str], _: bytes::Bytes) {}
 }
 
 /// The public router: `/notws` and `/chat`, nothing else.
@@ -319,14 +318,13 @@ async fn upgrade(
         registration,
         api_key: key,
     };
-    let drain = state.drain.clone();
     let max = state.config.max_frame_size;
     ws.read_buffer_size(READ_BUFFER_SIZE)
         .write_buffer_size(WRITE_BUFFER_SIZE)
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
-            session::run(socket, session, state, drain).await;
+            session::run(socket, session, state).await;
             drop(token);
         })
 }
@@ -401,13 +399,15 @@ pub async fn drain(state: &AppState) {
         window = ?state.config.drain_timeout,
         "draining: closing sockets with 1012"
     );
-    state.drain.cancel();
     state.sessions.close();
+    // Spread the 1012s over 90 % of the window; the rest is for the last closes to go out.
+    let spread = state.config.drain_timeout.mul_f64(0.9);
     let grace = state.config.drain_timeout + Duration::from_secs(3);
-    if tokio::time::timeout(grace, state.sessions.wait())
-        .await
-        .is_err()
-    {
+    let wait_all = async {
+        state.hub.drain(spread).await;
+        state.sessions.wait().await;
+    };
+    if tokio::time::timeout(grace, wait_all).await.is_err() {
         tracing::warn!(
             remaining = state.sessions.len(),
             "drain window over, dropping remaining sockets"

@@ -11,8 +11,6 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::SinkExt;
-use tokio::time::{sleep_until, Instant};
-use tokio_util::sync::CancellationToken;
 
 use crate::disconnect::CloseReason;
 use crate::hub::{Outgoing, Registration};
@@ -29,35 +27,53 @@ pub struct Session {
     pub api_key: String,
 }
 
-/// Runs a connection until it closes. `drain` is cancelled when the node starts draining.
-pub async fn run(
-    mut socket: WebSocket,
-    session: Session,
-    state: Arc<AppState>,
-    drain: CancellationToken,
-) {
+/// Runs a connection until it closes. Pings, ping timeouts and the drain come from the hub
+/// (one sweep per node, not a timer per connection) through the outbound queue.
+pub async fn run(mut socket: WebSocket, session: Session, state: Arc<AppState>) {
     let conn = session.registration.conn.clone();
     let endpoint = conn.endpoint;
     let m = state.metrics.endpoint(endpoint);
     m.connections.inc();
     m.opened.inc();
-
-    let ping_interval = state.config.ping_interval;
-    let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_seen = Instant::now();
-    let mut drain_at: Option<Instant> = None;
     let mut batch: VecDeque<Outgoing> = VecDeque::new();
 
     let reason = loop {
         tokio::select! {
+            // Output first: a wake for output should not also poll the socket for input.
+            // Input cannot starve: a queue that never empties overflows and closes.
+            biased;
+            _ = conn.outbound.ready.notified() => {
+                let wake = conn.outbound.take(&mut batch);
+                if !batch.is_empty() {
+                    let result = tokio::select! {
+                        r = write_batch(&mut socket, &mut batch, &state) => r,
+                        _ = conn.outbound.killed.notified() => Err(()),
+                    };
+                    if result.is_err() {
+                        // Either the socket failed, or the queue overflowed while we were
+                        // stuck writing; the queue knows which.
+                        let mut scratch = VecDeque::new();
+                        break conn.outbound.take(&mut scratch).close.unwrap_or(CloseReason::Error);
+                    }
+                    if batch.capacity() > 64 {
+                        // A burst grew the buffer: give the memory back to idle connections.
+                        batch = VecDeque::new();
+                    }
+                }
+                if let Some(reason) = wake.close {
+                    break reason;
+                }
+                if wake.ping && socket.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
+                    break CloseReason::Error;
+                }
+            }
             incoming = socket.recv() => {
                 let msg = match incoming {
                     None => break CloseReason::Client,
                     Some(Ok(msg)) => msg,
                     Some(Err(e)) => break read_error(e),
                 };
-                last_seen = Instant::now();
+                conn.touch();
                 match msg {
                     // Boxed: the chat path (back-end call, cache) is a large future, and an
                     // inline await would make every idle connection's task carry its size.
@@ -68,45 +84,6 @@ pub async fn run(
                     Message::Close(_) => break CloseReason::Client,
                     Message::Ping(_) | Message::Pong(_) => {}
                 }
-            }
-            _ = conn.outbound.ready.notified() => {
-                if let Some(reason) = conn.outbound.take(&mut batch) {
-                    break reason;
-                }
-                if batch.is_empty() {
-                    continue;
-                }
-                let result = tokio::select! {
-                    r = write_batch(&mut socket, &mut batch, &state) => r,
-                    _ = conn.outbound.killed.notified() => Err(()),
-                };
-                if result.is_err() {
-                    // Either the socket failed, or the queue overflowed while we were stuck
-                    // writing; the queue knows which.
-                    let mut scratch = VecDeque::new();
-                    break conn.outbound.take(&mut scratch).unwrap_or(CloseReason::Error);
-                }
-                if batch.capacity() > 64 {
-                    // A burst grew the buffer: give the memory back to idle connections.
-                    batch = VecDeque::new();
-                }
-            }
-            _ = ping.tick() => {
-                if last_seen.elapsed() > ping_interval * 2 {
-                    break CloseReason::PingTimeout;
-                }
-                if socket.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
-                    break CloseReason::Error;
-                }
-            }
-            _ = drain.cancelled(), if drain_at.is_none() => {
-                // Spread the 1012s over the window so clients do not all reconnect at once.
-                let window = state.config.drain_timeout.mul_f64(0.9);
-                let jitter = window.mul_f64(rand::random::<f64>());
-                drain_at = Some(Instant::now() + jitter);
-            }
-            _ = sleep_until(drain_at.unwrap_or_else(Instant::now)), if drain_at.is_some() => {
-                break CloseReason::Drain;
             }
         }
     };

@@ -49,16 +49,18 @@ impl Broker for MemoryBroker {
     }
 
     fn publish(&self, channels: Vec<String>, payload: Bytes) -> BrokerFuture<()> {
-        let targets: Vec<String> = {
+        let targets: Vec<&str> = {
             let state = self.state.lock();
             channels
-                .into_iter()
-                .filter(|c| state.channels.contains(c))
+                .iter()
+                .filter(|c| state.channels.contains(*c))
+                .map(String::as_str)
                 .collect()
         };
-        // Delivered outside the broker's lock: the sink takes its own.
-        for c in &targets {
-            self.sink.deliver(c, payload.clone());
+        // Delivered outside the broker's lock (the sink takes its own), in one call: one decode
+        // and one registry lock for a publish to many users.
+        if !targets.is_empty() {
+            self.sink.deliver(&targets, payload);
         }
         ready(Ok(()))
     }

@@ -18,8 +18,10 @@ pub mod redis;
 
 /// Where a broker hands the messages that arrive on subscribed channels.
 pub trait MessageSink: Send + Sync + 'static {
-    /// Called once per message per node, in arrival order for one channel.
-    fn deliver(&self, channel: &str, payload: Bytes);
+    /// Called once per message per node, in arrival order for one channel. A broker that sees
+    /// one payload published on several channels at once (the in-process broker) passes them
+    /// all in one call, so the payload is decoded once; Redis hands one channel at a time.
+    fn deliver(&self, channels: &[&str], payload: Bytes);
 }
 
 #[derive(Debug, Clone, thiserror::Error)]

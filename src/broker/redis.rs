@@ -347,7 +347,7 @@ impl Actor {
                             .store(shared.since_epoch(), Ordering::Relaxed);
                         continue;
                     }
-                    deliver.deliver(channel, Bytes::copy_from_slice(msg.get_payload_bytes()));
+                    deliver.deliver(&[channel], Bytes::copy_from_slice(msg.get_payload_bytes()));
                 }
                 let _ = lost_tx.send(());
             })
