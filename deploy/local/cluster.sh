@@ -57,12 +57,19 @@ find_tool() { # name package override-path
   echo "$path"
 }
 
-# A free TCP port on 127.0.0.1 (nothing answers on it; not handed out twice in one run).
+# A free TCP port on 127.0.0.1 (nothing answers on it; not handed out twice in one run), below
+# the kernel's ephemeral range, so that an outgoing connection of an earlier process (a node's
+# Redis client, say) cannot already hold it as its local port.
 declare -A used_ports=()
+ephemeral_low=32768
+if [[ -r /proc/sys/net/ipv4/ip_local_port_range ]]; then
+  read -r ephemeral_low _ </proc/sys/net/ipv4/ip_local_port_range || ephemeral_low=32768
+fi
+(( ephemeral_low > 12000 )) || ephemeral_low=32768
 free_port() {
   local port tries=0
   while (( tries++ < 200 )); do
-    port=$(( 20000 + RANDOM % 40000 ))
+    port=$(( 10000 + RANDOM % (ephemeral_low - 10000) ))
     [[ -n "${used_ports[$port]:-}" ]] && continue
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
       used_ports[$port]=1
@@ -300,13 +307,16 @@ stop_pid() { # name
 cmd_stop() {
   [[ -d "$state" ]] || { echo "no cluster state in $state"; return 0; }
   stop_pid nginx
-  local f name
+  local f name jobs=()
   for f in "$state"/node*.pid; do
     [[ -e "$f" ]] || continue
     name="$(basename "$f" .pid)"
     stop_pid "$name" &
+    jobs+=("$!")
   done
-  wait
+  # Only these jobs: when start fails, this shell's other children (redis, the back-end) are
+  # still running and a bare `wait` would wait for them forever.
+  (( ${#jobs[@]} == 0 )) || wait "${jobs[@]}"
   stop_pid backend
   stop_pid redis
   rm -f "$state/cluster.env"
