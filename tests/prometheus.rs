@@ -1141,12 +1141,13 @@ async fn two_nodes_scraped_by_prometheus() {
                     delivered,
                 ),
                 exp("wsgate_deliveries_total", &[("endpoint", "chat")], 0.0),
-                // One broker message per recipient channel; frank's adds 0 recipients.
-                exp("wsgate_fanout_recipients_count", &[], channels),
+                // The in-process broker hands a publish to all its channels in one message:
+                // one observation (and one received message) per publish.
+                exp("wsgate_fanout_recipients_count", &[], N as f64),
                 exp("wsgate_fanout_recipients_sum", &[], delivered),
                 exp("wsgate_delivery_latency_seconds_count", &[], delivered),
                 exp("wsgate_broker_messages_published_total", &[], channels),
-                exp("wsgate_broker_messages_received_total", &[], channels),
+                exp("wsgate_broker_messages_received_total", &[], N as f64),
                 exp(
                     "wsgate_api_requests_total",
                     &[("route", "notifications"), ("status", "202")],
@@ -1252,8 +1253,9 @@ async fn two_nodes_scraped_by_prometheus() {
             &[
                 exp("wsgate_deliveries_total", &[("endpoint", "chat")], 6.0),
                 exp("wsgate_deliveries_total", &[("endpoint", "notws")], 0.0),
-                // 3 messages, each to the 2 other members' channels, one connection each.
-                exp("wsgate_fanout_recipients_count", &[], 6.0),
+                // 3 messages, each to the 2 other members (one connection each): one
+                // observation per message with the in-process broker.
+                exp("wsgate_fanout_recipients_count", &[], 3.0),
                 exp("wsgate_fanout_recipients_sum", &[], 6.0),
                 exp("wsgate_delivery_latency_seconds_count", &[], 6.0),
             ],
