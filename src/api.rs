@@ -203,14 +203,8 @@ async fn notifications(
     };
     let n = channels.len();
     let payload = protocol::encode(Kind::Notification, &topic, notification.get().as_bytes());
-    match state.hub.publish(channels, payload).await {
-        Ok(()) => (
-            StatusCode::ACCEPTED,
-            Json(json!({"topic": topic, "target": target, "channels": n})),
-        )
-            .into_response(),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-    }
+    let answer = json!({"topic": topic, "target": target, "channels": n});
+    publish(&state, channels, payload, answer).await
 }
 
 #[derive(Deserialize)]
@@ -248,12 +242,19 @@ async fn chat(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejec
     let channels: Vec<String> = ids.iter().map(|u| registry.user_channel(u)).collect();
     let n = channels.len();
     let payload = protocol::encode(Kind::Chat, "", message.get().as_bytes());
+    let answer = json!({"target": "users", "channels": n});
+    publish(&state, channels, payload, answer).await
+}
+
+/// Publishes one envelope; 202 with `answer` once the broker took it, 503 when it cannot.
+async fn publish(
+    state: &AppState,
+    channels: Vec<String>,
+    payload: bytes::Bytes,
+    answer: Value,
+) -> Response {
     match state.hub.publish(channels, payload).await {
-        Ok(()) => (
-            StatusCode::ACCEPTED,
-            Json(json!({"target": "users", "channels": n})),
-        )
-            .into_response(),
+        Ok(()) => (StatusCode::ACCEPTED, Json(answer)).into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
