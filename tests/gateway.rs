@@ -357,16 +357,37 @@ async fn frame_too_large_closes_with_1009() {
 }
 
 #[tokio::test]
-async fn a_client_that_never_reads_is_disconnected_and_others_get_everything() {
+async fn a_client_that_stops_reading_is_closed_with_4008_and_others_get_everything() {
     let backend = Backend::start().await;
     let mut cfg = config(&backend);
     cfg.outbound_queue = 64;
     cfg.outbound_queue_bytes = 1024 * 1024;
     let node = Node::start(cfg).await;
 
-    // The stalled client subscribes, then never reads again: its socket buffers fill up.
+    // The stalled client subscribes, then stops reading: its socket buffers fill up and its
+    // outbound queue overflows. Only once the node has given up on it (the overflow is counted)
+    // does it read again, draining what the kernel buffered, so that the close frame the node
+    // is still trying to write reaches it. A client that never read again would never see it.
     let mut stalled = Client::subscribed(&node.notws("bob")).await;
     let mut reader = Client::subscribed(&node.notws("alice")).await;
+    let stalled = {
+        let scrape = node.admin_url("/metrics");
+        tokio::spawn(async move {
+            eventually(
+                Duration::from_secs(30),
+                "the node to count the slow consumer",
+                || async {
+                    let Ok(resp) = http().get(&scrape).send().await else {
+                        return false;
+                    };
+                    let m = resp.text().await.unwrap_or_default();
+                    metric(&m, "wsgate_slow_consumer_disconnects_total") >= 1.0
+                },
+            )
+            .await;
+            stalled.close_code(Duration::from_secs(10)).await
+        })
+    };
 
     // More than the kernel's socket buffers can absorb for the stalled client (~10 MB).
     let n = 300;
@@ -396,6 +417,11 @@ async fn a_client_that_never_reads_is_disconnected_and_others_get_everything() {
         );
     }
     publisher.await.expect("publisher");
+    assert_eq!(
+        stalled.await.expect("stalled client"),
+        Some(4008),
+        "the client that stopped reading is closed with 4008 (slow consumer)"
+    );
     let m = node.metrics().await;
     assert_eq!(metric(&m, "wsgate_slow_consumer_disconnects_total"), 1.0);
     assert!(metric(&m, "wsgate_outbound_dropped_total") >= 1.0);
@@ -407,7 +433,6 @@ async fn a_client_that_never_reads_is_disconnected_and_others_get_everything() {
         ) == 1.0
     })
     .await;
-    drop(stalled.ws.close(None).await);
 }
 
 #[tokio::test]
