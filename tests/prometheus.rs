@@ -494,7 +494,9 @@ async fn wait_frames(clients: &[(&Client, usize)], what: &str) {
         }
     })
     .await;
-    // Anything still in flight would arrive now: the counts must then be exact.
+    // Anything still in flight would arrive now: the counts must then be exact. A look for
+    // extras, not a wait for something expected: load can only make it miss an extra frame,
+    // never fail a correct run.
     tokio::time::sleep(Duration::from_millis(300)).await;
 }
 
@@ -729,8 +731,104 @@ fn dashboard_is_importable_and_parameterised() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_nodes_scraped_by_prometheus() {
+// ---------------------------------------------------------------------------------------------
+// Two nodes scraped by Prometheus: the shared stack and the scenarios run against it
+// ---------------------------------------------------------------------------------------------
+
+/// Notifications sent to node A's users in [`notifications_to_users_on_node_a`].
+const NOTIFICATIONS: usize = 4;
+
+/// What every scenario runs against: the demo back-end and two nodes started from the real
+/// binary (each on its own in-process broker), and a real Prometheus scraping both every second.
+/// Starting Prometheus and waiting for its first scrapes takes seconds, and the dashboard
+/// scenario needs the history the earlier scenarios leave in its TSDB, so the scenarios run in
+/// order against one stack.
+struct Stack {
+    http: reqwest::Client,
+    promtool: PathBuf,
+    prom_url: String,
+    backend: Proc,
+    nodes: Vec<Node>,
+    _prometheus: Proc,
+    // Last: the processes above write their logs into it.
+    _dir: TempDir,
+}
+
+impl Stack {
+    fn a(&self) -> &Node {
+        &self.nodes[0]
+    }
+
+    fn b(&self) -> &Node {
+        &self.nodes[1]
+    }
+
+    fn targets(&self) -> [String; 2] {
+        [self.a().target(), self.b().target()]
+    }
+
+    /// An instant query against Prometheus: its `data`, or the error it answered.
+    async fn query(&self, expr: &str) -> Result<Value, String> {
+        let resp = self
+            .http
+            .post(format!("{}/api/v1/query", self.prom_url))
+            .form(&[("query", expr)])
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let body: Value = resp.json().await.map_err(|e| e.to_string())?;
+        if body["status"] == "success" {
+            Ok(body["data"].clone())
+        } else {
+            Err(format!("{}: {}", body["errorType"], body["error"]))
+        }
+    }
+
+    /// Waits until Prometheus has scraped every target at least `scrapes` times since
+    /// `since` (seconds since the epoch), so that the state at `since` is in the TSDB.
+    async fn scraped_since(&self, since: f64, scrapes: f64) {
+        let targets = self.targets();
+        eventually(
+            &format!("{scrapes} scrapes of each node after the workload"),
+            Duration::from_secs(30),
+            || async {
+                let data = self.query(r#"timestamp(up{job="wsgate"})"#).await?;
+                let rows = data["result"].as_array().cloned().unwrap_or_default();
+                let last: Vec<f64> = targets
+                    .iter()
+                    .map(|t| {
+                        rows.iter()
+                            .find(|r| r["metric"]["instance"] == t.as_str())
+                            .and_then(|r| r["value"][1].as_str())
+                            .and_then(|v| v.parse::<f64>().ok())
+                            .unwrap_or(0.0)
+                    })
+                    .collect();
+                // One scrape a second: a last scrape more than (scrapes - 1) s after `since`
+                // means `scrapes` scrapes after it.
+                if last.iter().all(|ts| *ts > since + scrapes - 1.0) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "last scrapes at {last:?}, workload ended at {since}"
+                    ))
+                }
+            },
+        )
+        .await;
+    }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Starts the demo back-end, two nodes and Prometheus, and waits until Prometheus has scraped
+/// both nodes at least three times.
+async fn start_stack() -> Stack {
     let promtool = tool("promtool");
     let prometheus_bin = tool("prometheus");
     let wsgate = Path::new(env!("CARGO_BIN_EXE_wsgate"));
@@ -739,7 +837,6 @@ async fn two_nodes_scraped_by_prometheus() {
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
-    let mut problems: Vec<String> = Vec::new();
 
     // --- the demo back-end and two nodes, each on its own in-process broker ------------------
     let backend_port = free_port();
@@ -824,7 +921,6 @@ async fn two_nodes_scraped_by_prometheus() {
             }
         }
     }
-    let (a, b) = (&nodes[0], &nodes[1]);
 
     // --- Prometheus, scraping both admin ports every second -------------------------------------
     let prom_port = free_port();
@@ -837,8 +933,8 @@ async fn two_nodes_scraped_by_prometheus() {
              rule_files:\n  - {rules}\n\
              scrape_configs:\n  - job_name: wsgate\n    static_configs:\n      - targets: ['{ta}', '{tb}']\n",
             rules = repo_file("deploy/prometheus/wsgate.rules.yml").display(),
-            ta = a.target(),
-            tb = b.target(),
+            ta = nodes[0].target(),
+            tb = nodes[1].target(),
         ),
     )
     .unwrap();
@@ -859,8 +955,6 @@ async fn two_nodes_scraped_by_prometheus() {
         ],
         &dir,
     );
-
-    // --- Prometheus ---------------------------------------------------------------------------------
     prometheus.assert_running();
     {
         let http = &http;
@@ -879,36 +973,26 @@ async fn two_nodes_scraped_by_prometheus() {
         )
         .await;
     }
-    let query = |expr: String| {
-        let http = http.clone();
-        let url = format!("{prom_url}/api/v1/query");
-        async move {
-            let resp = http
-                .post(&url)
-                .form(&[("query", expr.as_str())])
-                .send()
-                .await
-                .map_err(|e| e.to_string())?;
-            let body: Value = resp.json().await.map_err(|e| e.to_string())?;
-            if body["status"] == "success" {
-                Ok(body["data"].clone())
-            } else {
-                Err(format!("{}: {}", body["errorType"], body["error"]))
-            }
-        }
+    let stack = Stack {
+        http,
+        promtool,
+        prom_url,
+        backend,
+        nodes,
+        _prometheus: prometheus,
+        _dir: dir,
     };
-    let targets = [a.target(), b.target()];
+    let targets = stack.targets();
     {
-        let query = &query;
+        let stack = &stack;
         let targets = &targets;
         eventually(
             "both targets up with at least 3 scrapes each",
             Duration::from_secs(60),
             || async move {
-                let data = query(
-                    r#"count_over_time(up{job="wsgate"}[1m]) and up{job="wsgate"} == 1"#.into(),
-                )
-                .await?;
+                let data = stack
+                    .query(r#"count_over_time(up{job="wsgate"}[1m]) and up{job="wsgate"} == 1"#)
+                    .await?;
                 let rows = data["result"].as_array().cloned().unwrap_or_default();
                 let mut ok = 0;
                 for t in targets {
@@ -931,39 +1015,72 @@ async fn two_nodes_scraped_by_prometheus() {
         )
         .await;
     }
+    stack
+}
 
-    // --- clients ----------------------------------------------------------------------------------
-    // node A: alice with two tabs, carol and frank on /notws; john, jane, bob in demo-room on /chat.
-    // node B: dave and eve on /notws and on /chat (room pair-dave-eve).
-    let notws =
-        |node: &Node, user: &str| node.ws(&format!("/notws?api_key=demo-key-{user}&userId={user}"));
-    let chat = |node: &Node, user: &str| node.ws(&format!("/chat?api_key=demo-key-{user}"));
-    let mut alice1 = Client::connect("alice tab 1", &notws(a, "alice")).await;
-    let mut alice2 = Client::connect("alice tab 2", &notws(a, "alice")).await;
-    let mut carol = Client::connect("carol", &notws(a, "carol")).await;
-    let mut frank = Client::connect("frank", &notws(a, "frank")).await;
-    let mut john = Client::connect("john", &chat(a, "john")).await;
-    let mut jane = Client::connect("jane", &chat(a, "jane")).await;
-    let bob = Client::connect("bob", &chat(a, "bob")).await;
-    let mut dave = Client::connect("dave", &notws(b, "dave")).await;
-    let mut eve = Client::connect("eve", &notws(b, "eve")).await;
-    let mut dave_chat = Client::connect("dave chat", &chat(b, "dave")).await;
-    let eve_chat = Client::connect("eve chat", &chat(b, "eve")).await;
-    for c in [&mut alice1, &mut alice2, &mut carol, &mut dave, &mut eve] {
-        c.send("subscribe: ALL").await;
+/// The WebSocket clients the scenarios drive.
+/// Node A: alice with two tabs, carol and frank on /notws; john, jane, bob in demo-room on /chat.
+/// Node B: dave and eve on /notws and on /chat (room pair-dave-eve).
+struct Clients {
+    alice1: Client,
+    alice2: Client,
+    carol: Client,
+    frank: Client,
+    john: Client,
+    jane: Client,
+    bob: Client,
+    dave: Client,
+    eve: Client,
+    dave_chat: Client,
+    eve_chat: Client,
+}
+
+fn notws(node: &Node, user: &str) -> String {
+    node.ws(&format!("/notws?api_key=demo-key-{user}&userId={user}"))
+}
+
+fn chat(node: &Node, user: &str) -> String {
+    node.ws(&format!("/chat?api_key=demo-key-{user}"))
+}
+
+/// Connects the clients, subscribes the /notws ones, and waits until the nodes count the
+/// subscriptions.
+async fn connect_clients(s: &Stack) -> Clients {
+    let (a, b) = (s.a(), s.b());
+    let mut c = Clients {
+        alice1: Client::connect("alice tab 1", &notws(a, "alice")).await,
+        alice2: Client::connect("alice tab 2", &notws(a, "alice")).await,
+        carol: Client::connect("carol", &notws(a, "carol")).await,
+        frank: Client::connect("frank", &notws(a, "frank")).await,
+        john: Client::connect("john", &chat(a, "john")).await,
+        jane: Client::connect("jane", &chat(a, "jane")).await,
+        bob: Client::connect("bob", &chat(a, "bob")).await,
+        dave: Client::connect("dave", &notws(b, "dave")).await,
+        eve: Client::connect("eve", &notws(b, "eve")).await,
+        dave_chat: Client::connect("dave chat", &chat(b, "dave")).await,
+        eve_chat: Client::connect("eve chat", &chat(b, "eve")).await,
+    };
+    for client in [
+        &mut c.alice1,
+        &mut c.alice2,
+        &mut c.carol,
+        &mut c.dave,
+        &mut c.eve,
+    ] {
+        client.send("subscribe: ALL").await;
     }
     // Two topics (the empty item is skipped), neither of which the notifications below use.
-    frank.send("subscribe: Other, , Another").await;
+    c.frank.send("subscribe: Other, , Another").await;
 
     // The subscriptions are in place once the nodes count them.
     for (node, want) in [(a, 5.0), (b, 2.0)] {
-        let http = &http;
+        let http = &s.http;
         eventually(
             &format!("wsgate_topic_subscriptions on {}", node.name),
             Duration::from_secs(10),
             || async move {
-                let s = scrape(http, node).await;
-                let v = s.get("wsgate_topic_subscriptions", &[]);
+                let scraped = scrape(http, node).await;
+                let v = scraped.get("wsgate_topic_subscriptions", &[]);
                 if v == want {
                     Ok(())
                 } else {
@@ -973,7 +1090,14 @@ async fn two_nodes_scraped_by_prometheus() {
         )
         .await;
     }
+    c
+}
 
+/// Open connections, subscriptions, readiness and refused upgrades (one per reason) are
+/// counted exactly, per endpoint and reason, from a fresh start.
+async fn connections_and_refusals_are_counted(s: &Stack) -> Vec<String> {
+    let (http, a, b) = (&s.http, s.a(), s.b());
+    let mut problems = Vec::new();
     // Refused upgrades, so that the labelled series exist and are counted exactly.
     let refused = [
         (a.ws("/notws?api_key=not-a-demo-key"), 401, "bad key"),
@@ -998,7 +1122,7 @@ async fn two_nodes_scraped_by_prometheus() {
     let zero = Scrape::parse(String::new());
     problems.extend(
         check_deltas(
-            &http,
+            http,
             a,
             &zero,
             "connections",
@@ -1040,7 +1164,7 @@ async fn two_nodes_scraped_by_prometheus() {
     );
     problems.extend(
         check_deltas(
-            &http,
+            http,
             b,
             &zero,
             "connections",
@@ -1073,12 +1197,18 @@ async fn two_nodes_scraped_by_prometheus() {
         )
         .await,
     );
+    problems
+}
 
-    // --- phase 1: notifications to users on node A ------------------------------------------------
-    // alice (2 tabs), carol and frank are recipients; frank did not subscribe the topic.
-    let base_a = scrape(&http, a).await;
-    let base_b = scrape(&http, b).await;
-    const N: usize = 4;
+/// Notifications to alice (2 tabs), carol and frank on node A: the subscribers get each one
+/// byte for byte, frank (other topics) gets none, and deliveries, fan-out, latency, broker and
+/// API counters move by exactly that; node B's do not move.
+async fn notifications_to_users_on_node_a(s: &Stack, c: &Clients) -> Vec<String> {
+    let (http, a, b) = (&s.http, s.a(), s.b());
+    let mut problems = Vec::new();
+    let base_a = scrape(http, a).await;
+    let base_b = scrape(http, b).await;
+    const N: usize = NOTIFICATIONS;
     let mut channels = 0.0;
     let mut sent = Vec::new();
     for i in 0..N {
@@ -1097,7 +1227,7 @@ async fn two_nodes_scraped_by_prometheus() {
             "alertNoAutoHide": false
         });
         let (status, body) = post(
-            &http,
+            http,
             &a.admin_url("/api/v1/notifications"),
             Some(API_TOKEN),
             &json!({"userIds": ["alice", "carol", "frank"], "notification": notification}),
@@ -1105,20 +1235,20 @@ async fn two_nodes_scraped_by_prometheus() {
         .await;
         assert_eq!(status, 202, "POST /api/v1/notifications: {body}");
         match body["channels"].as_f64() {
-            Some(c) => {
-                channels += c;
-                if c != 3.0 {
-                    problems.push(format!("notification to 3 users answered channels={c}"));
+            Some(ch) => {
+                channels += ch;
+                if ch != 3.0 {
+                    problems.push(format!("notification to 3 users answered channels={ch}"));
                 }
             }
             None => problems.push(format!("202 answer has no `channels`: {body}")),
         }
         sent.push(notification);
     }
-    let expected = [(&alice1, N), (&alice2, N), (&carol, N), (&frank, 0)];
+    let expected = [(&c.alice1, N), (&c.alice2, N), (&c.carol, N), (&c.frank, 0)];
     wait_frames(&expected, "phase 1 notifications").await;
     exact_frames(&expected, "phase 1", &mut problems);
-    for (i, frame) in alice1.frames().iter().enumerate() {
+    for (i, frame) in c.alice1.frames().iter().enumerate() {
         let got: Value = serde_json::from_str(frame).unwrap_or(Value::Null);
         if sent.get(i) != Some(&got) {
             problems.push(format!(
@@ -1130,7 +1260,7 @@ async fn two_nodes_scraped_by_prometheus() {
     let delivered = (3 * N) as f64;
     problems.extend(
         check_deltas(
-            &http,
+            http,
             a,
             &base_a,
             "phase 1 (notifications on node A)",
@@ -1161,7 +1291,7 @@ async fn two_nodes_scraped_by_prometheus() {
     );
     problems.extend(
         check_deltas(
-            &http,
+            http,
             b,
             &base_b,
             "phase 1 (node B untouched)",
@@ -1172,9 +1302,15 @@ async fn two_nodes_scraped_by_prometheus() {
         )
         .await,
     );
+    problems
+}
 
-    // --- phase 2: a broadcast and a tenant notification on node B --------------------------------
-    let base_b = scrape(&http, b).await;
+/// A broadcast and a tenant notification on node B reach dave and eve on /notws (not their
+/// /chat sockets), counted once per recipient.
+async fn broadcast_and_tenant_on_node_b(s: &Stack, c: &Clients) -> Vec<String> {
+    let (http, b) = (&s.http, s.b());
+    let mut problems = Vec::new();
+    let base_b = scrape(http, b).await;
     let mut channels_b = 0.0;
     for target in [
         json!({"broadcast": true}),
@@ -1184,7 +1320,7 @@ async fn two_nodes_scraped_by_prometheus() {
         body["notification"] =
             json!({"topic": "ObservabilityTest", "title": "to many", "message": {}});
         let (status, answer) = post(
-            &http,
+            http,
             &b.admin_url("/api/v1/notifications"),
             Some(API_TOKEN),
             &body,
@@ -1193,12 +1329,17 @@ async fn two_nodes_scraped_by_prometheus() {
         assert_eq!(status, 202, "POST {body}: {answer}");
         channels_b += answer["channels"].as_f64().unwrap_or(f64::NAN);
     }
-    let expected = [(&dave, 2), (&eve, 2), (&dave_chat, 0), (&eve_chat, 0)];
+    let expected = [
+        (&c.dave, 2),
+        (&c.eve, 2),
+        (&c.dave_chat, 0),
+        (&c.eve_chat, 0),
+    ];
     wait_frames(&expected, "phase 2 notifications").await;
     exact_frames(&expected, "phase 2", &mut problems);
     problems.extend(
         check_deltas(
-            &http,
+            http,
             b,
             &base_b,
             "phase 2 (broadcast and tenant on node B)",
@@ -1212,28 +1353,36 @@ async fn two_nodes_scraped_by_prometheus() {
         )
         .await,
     );
+    problems
+}
 
-    // --- phase 3: chat ------------------------------------------------------------------------------
-    let base_a = scrape(&http, a).await;
-    let base_b = scrape(&http, b).await;
-    let line = |room: &str, text: &str| {
-        json!({"chatRoom": {"chatRoomId": room}, "content": text, "fromUserId": "spoofed"})
-            .to_string()
-    };
-    john.send(&line("demo-room", "hi")).await;
-    john.send(&line("demo-room", "hi again")).await;
-    jane.send(&line("demo-room", "hi john")).await;
-    dave_chat.send(&line("pair-dave-eve", "hi eve")).await;
+/// A chat line as the GrowERP client sends it (with a `fromUserId` the gateway must replace).
+fn line(room: &str, text: &str) -> String {
+    json!({"chatRoom": {"chatRoomId": room}, "content": text, "fromUserId": "spoofed"}).to_string()
+}
+
+/// Chat in demo-room (node A) and pair-dave-eve (node B): every other member gets each line,
+/// the sender none, `fromUserId` is the real sender, and chat deliveries, fan-out, back-end
+/// calls and the room cache are counted.
+async fn chat_on_both_nodes(s: &Stack, c: &mut Clients) -> Vec<String> {
+    let (http, a, b) = (&s.http, s.a(), s.b());
+    let mut problems = Vec::new();
+    let base_a = scrape(http, a).await;
+    let base_b = scrape(http, b).await;
+    c.john.send(&line("demo-room", "hi")).await;
+    c.john.send(&line("demo-room", "hi again")).await;
+    c.jane.send(&line("demo-room", "hi john")).await;
+    c.dave_chat.send(&line("pair-dave-eve", "hi eve")).await;
     let expected = [
-        (&john, 1),
-        (&jane, 2),
-        (&bob, 3),
-        (&eve_chat, 1),
-        (&dave_chat, 0),
+        (&c.john, 1),
+        (&c.jane, 2),
+        (&c.bob, 3),
+        (&c.eve_chat, 1),
+        (&c.dave_chat, 0),
     ];
     wait_frames(&expected, "phase 3 chat").await;
     exact_frames(&expected, "phase 3", &mut problems);
-    for frame in bob.frames() {
+    for frame in c.bob.frames() {
         let v: Value = serde_json::from_str(&frame).unwrap_or(Value::Null);
         let from = v["fromUserId"]
             .as_str()
@@ -1246,7 +1395,7 @@ async fn two_nodes_scraped_by_prometheus() {
     }
     problems.extend(
         check_deltas(
-            &http,
+            http,
             a,
             &base_a,
             "phase 3 (chat in demo-room on node A)",
@@ -1264,7 +1413,7 @@ async fn two_nodes_scraped_by_prometheus() {
     );
     problems.extend(
         check_deltas(
-            &http,
+            http,
             b,
             &base_b,
             "phase 3 (chat in pair-dave-eve on node B)",
@@ -1276,69 +1425,77 @@ async fn two_nodes_scraped_by_prometheus() {
         )
         .await,
     );
-    let s = scrape(&http, a).await;
-    if s.get(
+    let scraped = scrape(http, a).await;
+    if scraped.get(
         "wsgate_backend_request_duration_seconds_count",
         &[("call", "chat_room")],
     ) < 1.0
     {
         problems.push("no chat_room back-end call was observed on node A".into());
     }
-    if s.get("wsgate_chat_room_cache_requests_total", &[]) < 3.0 {
+    if scraped.get("wsgate_chat_room_cache_requests_total", &[]) < 3.0 {
         problems.push("chat room cache requests were not counted on node A".into());
     }
+    problems
+}
 
-    // --- phase 4: frames that are ignored ----------------------------------------------------------
-    let base_a = scrape(&http, a).await;
-    alice1.send("hello there").await;
-    john.send("not json").await;
-    john.send(r#"{"content": "no room"}"#).await;
-    john.send(&line("pair-x-y", "not a member")).await;
-    john.send(&line("no-such-room", "unknown room")).await;
-    problems.extend(
-        check_deltas(
-            &http,
-            a,
-            &base_a,
-            "phase 4 (ignored frames)",
-            &[
-                exp(
-                    "wsgate_client_frames_ignored_total",
-                    &[("endpoint", "notws"), ("kind", "unknown_command")],
-                    1.0,
-                ),
-                exp(
-                    "wsgate_client_frames_ignored_total",
-                    &[("endpoint", "chat"), ("kind", "invalid_json")],
-                    1.0,
-                ),
-                exp(
-                    "wsgate_client_frames_ignored_total",
-                    &[("endpoint", "chat"), ("kind", "no_room")],
-                    1.0,
-                ),
-                exp(
-                    "wsgate_client_frames_ignored_total",
-                    &[("endpoint", "chat"), ("kind", "not_member")],
-                    1.0,
-                ),
-                exp(
-                    "wsgate_client_frames_ignored_total",
-                    &[("endpoint", "chat"), ("kind", "unknown_room")],
-                    1.0,
-                ),
-                exp("wsgate_client_frames_ignored_total", &[], 5.0),
-                exp("wsgate_deliveries_total", &[], 0.0),
-                // The connections stay open.
-                exp("wsgate_connections", &[], 0.0),
-                exp("wsgate_connections_closed_total", &[], 0.0),
-            ],
-        )
-        .await,
-    );
+/// Frames the gateway ignores are counted by endpoint and kind; nothing is delivered and the
+/// connections stay open.
+async fn ignored_frames_are_counted(s: &Stack, c: &mut Clients) -> Vec<String> {
+    let (http, a) = (&s.http, s.a());
+    let base_a = scrape(http, a).await;
+    c.alice1.send("hello there").await;
+    c.john.send("not json").await;
+    c.john.send(r#"{"content": "no room"}"#).await;
+    c.john.send(&line("pair-x-y", "not a member")).await;
+    c.john.send(&line("no-such-room", "unknown room")).await;
+    check_deltas(
+        http,
+        a,
+        &base_a,
+        "phase 4 (ignored frames)",
+        &[
+            exp(
+                "wsgate_client_frames_ignored_total",
+                &[("endpoint", "notws"), ("kind", "unknown_command")],
+                1.0,
+            ),
+            exp(
+                "wsgate_client_frames_ignored_total",
+                &[("endpoint", "chat"), ("kind", "invalid_json")],
+                1.0,
+            ),
+            exp(
+                "wsgate_client_frames_ignored_total",
+                &[("endpoint", "chat"), ("kind", "no_room")],
+                1.0,
+            ),
+            exp(
+                "wsgate_client_frames_ignored_total",
+                &[("endpoint", "chat"), ("kind", "not_member")],
+                1.0,
+            ),
+            exp(
+                "wsgate_client_frames_ignored_total",
+                &[("endpoint", "chat"), ("kind", "unknown_room")],
+                1.0,
+            ),
+            exp("wsgate_client_frames_ignored_total", &[], 5.0),
+            exp("wsgate_deliveries_total", &[], 0.0),
+            // The connections stay open.
+            exp("wsgate_connections", &[], 0.0),
+            exp("wsgate_connections_closed_total", &[], 0.0),
+        ],
+    )
+    .await
+}
 
-    // --- phase 5: the internal API's other answers ------------------------------------------------
-    let base_b = scrape(&http, b).await;
+/// The internal API's other answers: presence (200), a wrong token (401), a notification
+/// without topic (400), each counted by route and status.
+async fn api_answers_are_counted(s: &Stack) -> Vec<String> {
+    let (http, b) = (&s.http, s.b());
+    let mut problems = Vec::new();
+    let base_b = scrape(http, b).await;
     let resp = http
         .get(b.admin_url("/api/v1/presence?userId=dave&userId=nobody"))
         .bearer_auth(API_TOKEN)
@@ -1351,7 +1508,7 @@ async fn two_nodes_scraped_by_prometheus() {
         problems.push(format!("presence answered {status} {presence}"));
     }
     let (status, _) = post(
-        &http,
+        http,
         &b.admin_url("/api/v1/notifications"),
         Some("wrong-token"),
         &json!({"broadcast": true, "notification": {"topic": "T"}}),
@@ -1363,7 +1520,7 @@ async fn two_nodes_scraped_by_prometheus() {
         ));
     }
     let (status, _) = post(
-        &http,
+        http,
         &b.admin_url("/api/v1/notifications"),
         Some(API_TOKEN),
         &json!({"broadcast": true, "notification": {"title": "no topic"}}),
@@ -1376,7 +1533,7 @@ async fn two_nodes_scraped_by_prometheus() {
     }
     problems.extend(
         check_deltas(
-            &http,
+            http,
             b,
             &base_b,
             "phase 5 (API)",
@@ -1401,35 +1558,43 @@ async fn two_nodes_scraped_by_prometheus() {
         )
         .await,
     );
+    problems
+}
 
-    // --- phase 6: a client closes ------------------------------------------------------------------
-    let base_a = scrape(&http, a).await;
-    carol.close().await;
-    problems.extend(
-        check_deltas(
-            &http,
-            a,
-            &base_a,
-            "phase 6 (carol closes)",
-            &[
-                exp("wsgate_connections", &[("endpoint", "notws")], -1.0),
-                exp("wsgate_connections", &[("endpoint", "chat")], 0.0),
-                exp(
-                    "wsgate_connections_closed_total",
-                    &[("endpoint", "notws"), ("reason", "client")],
-                    1.0,
-                ),
-                exp("wsgate_connections_closed_total", &[], 1.0),
-                exp("wsgate_topic_subscriptions", &[], -1.0),
-            ],
-        )
-        .await,
-    );
+/// A client that closes normally is counted as closed by the client, and its connection and
+/// subscription are released.
+async fn a_client_close_is_counted(s: &Stack, c: &mut Clients) -> Vec<String> {
+    let (http, a) = (&s.http, s.a());
+    let base_a = scrape(http, a).await;
+    c.carol.close().await;
+    check_deltas(
+        http,
+        a,
+        &base_a,
+        "phase 6 (carol closes)",
+        &[
+            exp("wsgate_connections", &[("endpoint", "notws")], -1.0),
+            exp("wsgate_connections", &[("endpoint", "chat")], 0.0),
+            exp(
+                "wsgate_connections_closed_total",
+                &[("endpoint", "notws"), ("reason", "client")],
+                1.0,
+            ),
+            exp("wsgate_connections_closed_total", &[], 1.0),
+            exp("wsgate_topic_subscriptions", &[], -1.0),
+        ],
+    )
+    .await
+}
 
-    // --- the exposition format: promtool check metrics on live scrapes -----------------------------
+/// `promtool check metrics` accepts live scrapes of both nodes, and every exported `wsgate_`
+/// and `process_` metric family is documented in docs/metrics.md.
+async fn exposition_is_valid_and_documented(s: &Stack) -> Vec<String> {
+    let (http, a, b) = (&s.http, s.a(), s.b());
+    let mut problems = Vec::new();
     for node in [a, b] {
-        let body = scrape(&http, node).await.text;
-        let mut child = Command::new(&promtool)
+        let body = scrape(http, node).await.text;
+        let mut child = Command::new(&s.promtool)
             .args(["check", "metrics"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -1458,13 +1623,13 @@ async fn two_nodes_scraped_by_prometheus() {
 
     // Every exported wsgate_ metric is documented.
     let docs = fs::read_to_string(repo_file("docs/metrics.md")).unwrap_or_default();
-    let s = scrape(&http, a).await;
-    for name in s.names() {
+    let scraped = scrape(http, a).await;
+    for name in scraped.names() {
         let base = name
             .trim_end_matches("_bucket")
             .trim_end_matches("_sum")
             .trim_end_matches("_count");
-        let family = if s.has(&format!("{base}_bucket")) {
+        let family = if scraped.has(&format!("{base}_bucket")) {
             base
         } else {
             name.as_str()
@@ -1479,7 +1644,7 @@ async fn two_nodes_scraped_by_prometheus() {
     }
 
     println!("---- node A /metrics (excerpt) ----");
-    for l in s.text.lines().filter(|l| {
+    for l in scraped.text.lines().filter(|l| {
         !l.starts_with('#')
             && (l.starts_with("wsgate_connections{")
                 || l.starts_with("wsgate_deliveries_total")
@@ -1491,10 +1656,16 @@ async fn two_nodes_scraped_by_prometheus() {
     }) {
         println!("{l}");
     }
+    problems
+}
 
-    // --- phase 7: the back-end goes away -----------------------------------------------------------
-    let base_a = scrape(&http, a).await;
-    backend.kill();
+/// With the back-end stopped, an uncached key is refused with 503, counted as
+/// `backend_unavailable`, and the failed Authenticate call is counted as a back-end error.
+async fn backend_outage_is_counted(s: &mut Stack) -> Vec<String> {
+    let mut problems = Vec::new();
+    let base_a = scrape(&s.http, s.a()).await;
+    s.backend.kill();
+    let (http, a) = (&s.http, s.a());
     let status = upgrade_status(&notws(a, "zed")).await;
     if status != 503 {
         problems.push(format!(
@@ -1503,7 +1674,7 @@ async fn two_nodes_scraped_by_prometheus() {
     }
     problems.extend(
         check_deltas(
-            &http,
+            http,
             a,
             &base_a,
             "phase 7 (back-end down)",
@@ -1518,22 +1689,29 @@ async fn two_nodes_scraped_by_prometheus() {
         )
         .await,
     );
-    let s = scrape(&http, a).await;
-    if s.get("wsgate_backend_errors_total", &[("call", "authenticate")])
+    let scraped = scrape(http, a).await;
+    if scraped.get("wsgate_backend_errors_total", &[("call", "authenticate")])
         <= base_a.get("wsgate_backend_errors_total", &[("call", "authenticate")])
     {
         problems.push(
             "the failed Authenticate call was not counted in wsgate_backend_errors_total".into(),
         );
     }
+    problems
+}
 
-    // --- steady traffic while Prometheus scrapes: the rate panels must show it -----------------
-    // Clients with cached keys still connect while the back-end is down (auth cache hits).
+/// Four seconds of steady traffic on both nodes while Prometheus scrapes (so that the rate
+/// panels have something to show); clients with cached keys still connect while the back-end
+/// is down (auth cache hits). Alice's tabs get every notification. Returns when Prometheus has
+/// scraped the end state twice.
+async fn steady_traffic_is_delivered(s: &Stack, c: &Clients) -> Vec<String> {
+    let (http, a, b) = (&s.http, s.a(), s.b());
+    let mut problems = Vec::new();
     let traffic_started = Instant::now();
     let mut sent_to_alice = 0;
     while traffic_started.elapsed() < Duration::from_secs(4) {
         let (status, body) = post(
-            &http,
+            http,
             &a.admin_url("/api/v1/notifications"),
             Some(API_TOKEN),
             &json!({"userIds": ["alice"], "notification": {"topic": "Traffic", "title": "t"}}),
@@ -1542,7 +1720,7 @@ async fn two_nodes_scraped_by_prometheus() {
         assert_eq!(status, 202, "{body}");
         sent_to_alice += 1;
         let (status, body) = post(
-            &http,
+            http,
             &b.admin_url("/api/v1/notifications"),
             Some(API_TOKEN),
             &json!({"broadcast": true, "notification": {"topic": "Traffic", "title": "t"}}),
@@ -1553,17 +1731,27 @@ async fn two_nodes_scraped_by_prometheus() {
             let mut extra = Client::connect("alice tab 3", &notws(a, "alice")).await;
             extra.close().await;
         }
+        // Pacing, not waiting: about ten publishes a second on each node.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let mut extra = Client::connect("alice tab 4", &notws(a, "alice")).await;
     extra.close().await;
-    let expected = [(&alice1, N + sent_to_alice), (&alice2, N + sent_to_alice)];
+    let n = NOTIFICATIONS + sent_to_alice;
+    let expected = [(&c.alice1, n), (&c.alice2, n)];
     wait_frames(&expected, "steady traffic").await;
     exact_frames(&expected, "steady traffic", &mut problems);
 
     // Two more scrapes, so that the last state of the workload is in the TSDB.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    s.scraped_since(unix_now(), 2.0).await;
+    problems
+}
 
+/// Every panel query of the dashboard answers with data from the two nodes; the headline
+/// panels show the traffic that just happened, and the connection count Prometheus holds
+/// matches what is open (10).
+async fn dashboard_panels_show_the_workload(s: &Stack) -> Vec<String> {
+    let mut problems = Vec::new();
+    let targets = s.targets();
     let instance_regex = format!("{}|{}", targets[0], targets[1]);
     let dash = dashboard();
     let queries = dashboard_queries(&dash);
@@ -1577,7 +1765,7 @@ async fn two_nodes_scraped_by_prometheus() {
     let mut first: std::collections::HashMap<String, Vec<f64>> = Default::default();
     for (title, expr) in &queries {
         let q = substitute(expr, &instance_regex);
-        match query(q.clone()).await {
+        match s.query(&q).await {
             Ok(data) => {
                 let rows = data["result"].as_array().cloned().unwrap_or_default();
                 if rows.is_empty() {
@@ -1637,10 +1825,11 @@ async fn two_nodes_scraped_by_prometheus() {
     }
 
     // Prometheus sees what the nodes report.
-    match query(format!(
-        r#"sum(wsgate_connections{{instance=~"{instance_regex}"}})"#
-    ))
-    .await
+    match s
+        .query(&format!(
+            r#"sum(wsgate_connections{{instance=~"{instance_regex}"}})"#
+        ))
+        .await
     {
         Ok(data) => {
             let v = data["result"][0]["value"][1]
@@ -1656,66 +1845,126 @@ async fn two_nodes_scraped_by_prometheus() {
         }
         Err(e) => problems.push(format!("sum(wsgate_connections): {e}")),
     }
+    problems
+}
 
-    // Every alert expression parses and evaluates; the rules file loaded into this server
-    // evaluates without errors.
+/// Every alert expression parses and evaluates against the live data, and the rules file
+/// loaded into this Prometheus evaluates without errors.
+async fn alert_rules_evaluate(s: &Stack) -> Vec<String> {
+    let mut problems = Vec::new();
     let rules = rule_expressions();
     for (alert, expr) in &rules {
-        if let Err(e) = query(expr.clone()).await {
+        if let Err(e) = s.query(expr).await {
             problems.push(format!("alert {alert}: {e}"));
         }
     }
-    {
-        let http = &http;
-        let url = format!("{prom_url}/api/v1/rules");
-        let url = &url;
-        let want = rules.len();
-        eventually(
-            "every rule evaluated without error",
-            Duration::from_secs(30),
-            || async move {
-                let body: Value = http
-                    .get(url)
-                    .send()
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .json()
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let all: Vec<Value> = body["data"]["groups"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
-                    .collect();
-                let bad: Vec<String> = all
-                    .iter()
-                    .filter(|r| r["health"] != "ok")
-                    .map(|r| format!("{} {} {}", r["name"], r["health"], r["lastError"]))
-                    .collect();
-                if all.len() == want && bad.is_empty() {
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "{} of {want} rules loaded; not ok: {bad:?}",
-                        all.len()
-                    ))
-                }
-            },
-        )
-        .await;
-    }
-    for node in nodes.iter_mut() {
+    let http = &s.http;
+    let url = format!("{}/api/v1/rules", s.prom_url);
+    let url = &url;
+    let want = rules.len();
+    eventually(
+        "every rule evaluated without error",
+        Duration::from_secs(30),
+        || async move {
+            let body: Value = http
+                .get(url)
+                .send()
+                .await
+                .map_err(|e| e.to_string())?
+                .json()
+                .await
+                .map_err(|e| e.to_string())?;
+            let all: Vec<Value> = body["data"]["groups"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+                .collect();
+            let bad: Vec<String> = all
+                .iter()
+                .filter(|r| r["health"] != "ok")
+                .map(|r| format!("{} {} {}", r["name"], r["health"], r["lastError"]))
+                .collect();
+            if all.len() == want && bad.is_empty() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} of {want} rules loaded; not ok: {bad:?}",
+                    all.len()
+                ))
+            }
+        },
+    )
+    .await;
+    problems
+}
+
+/// Two nodes and a real Prometheus; the scenarios above, in order. Each scenario returns the
+/// problems it found (so that one run reports all of them); the test fails if any did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_scraped_by_prometheus() {
+    let mut stack = start_stack().await;
+    let mut clients = connect_clients(&stack).await;
+    let mut problems: Vec<String> = Vec::new();
+    let mut record = |scenario: &str, found: Vec<String>| {
+        problems.extend(found.into_iter().map(|p| format!("[{scenario}] {p}")));
+    };
+
+    record(
+        "connections_and_refusals_are_counted",
+        connections_and_refusals_are_counted(&stack).await,
+    );
+    record(
+        "notifications_to_users_on_node_a",
+        notifications_to_users_on_node_a(&stack, &clients).await,
+    );
+    record(
+        "broadcast_and_tenant_on_node_b",
+        broadcast_and_tenant_on_node_b(&stack, &clients).await,
+    );
+    record(
+        "chat_on_both_nodes",
+        chat_on_both_nodes(&stack, &mut clients).await,
+    );
+    record(
+        "ignored_frames_are_counted",
+        ignored_frames_are_counted(&stack, &mut clients).await,
+    );
+    record(
+        "api_answers_are_counted",
+        api_answers_are_counted(&stack).await,
+    );
+    record(
+        "a_client_close_is_counted",
+        a_client_close_is_counted(&stack, &mut clients).await,
+    );
+    record(
+        "exposition_is_valid_and_documented",
+        exposition_is_valid_and_documented(&stack).await,
+    );
+    record(
+        "backend_outage_is_counted",
+        backend_outage_is_counted(&mut stack).await,
+    );
+    record(
+        "steady_traffic_is_delivered",
+        steady_traffic_is_delivered(&stack, &clients).await,
+    );
+    record(
+        "dashboard_panels_show_the_workload",
+        dashboard_panels_show_the_workload(&stack).await,
+    );
+    record("alert_rules_evaluate", alert_rules_evaluate(&stack).await);
+
+    for node in stack.nodes.iter_mut() {
         node.proc.assert_running();
     }
-
-    drop((
-        alice1, alice2, frank, john, jane, bob, dave, eve, dave_chat, eve_chat,
-    ));
+    drop(clients);
     assert!(
         problems.is_empty(),
         "{} problem(s):\n- {}",
         problems.len(),
         problems.join("\n- ")
     );
+    drop(stack);
 }
