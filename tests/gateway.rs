@@ -367,7 +367,8 @@ async fn a_client_that_stops_reading_is_closed_with_4008_and_others_get_everythi
     // The stalled client subscribes, then stops reading: its socket buffers fill up and its
     // outbound queue overflows. Only once the node has given up on it (the overflow is counted)
     // does it read again, draining what the kernel buffered, so that the close frame the node
-    // is still trying to write reaches it. A client that never read again would never see it.
+    // is still trying to write reaches it (the node gives it 2 s before dropping the socket). A
+    // client that never read again would never see it.
     let mut stalled = Client::subscribed(&node.notws("bob")).await;
     let mut reader = Client::subscribed(&node.notws("alice")).await;
     let stalled = {
