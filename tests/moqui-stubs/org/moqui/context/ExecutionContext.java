@@ -1,0 +1,13 @@
+package org.moqui.context;
+
+import org.moqui.entity.EntityFacade;
+
+/** Subset of org.moqui.context.ExecutionContext. */
+public interface ExecutionContext {
+    ExecutionContextFactory getFactory();
+    <V> V getTool(String toolName, Class<V> instanceClass, Object... parameters);
+    UserFacade getUser();
+    L10nFacade getL10n();
+    EntityFacade getEntity();
+    TransactionFacade getTransaction();
+}
