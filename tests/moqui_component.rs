@@ -3,7 +3,7 @@
 //! are well-formed and name methods that exist, and the requests it makes are the ones a real
 //! gateway accepts: a notification, a GrowERP chat push and a presence query reach real
 //! WebSocket clients of an in-process node, the presence SECA marks exactly the online members,
-//! and the revocation EECA waits for the commit.
+//! the revocation EECA waits for the commit, and whoami answers `{"userId", "ownerPartyId"}`.
 //!
 //! Needs `groovyc` and `groovy` (Debian: `apt-get install groovy default-jre-headless`).
 
@@ -232,6 +232,7 @@ async fn component_requests_are_accepted_by_a_real_gateway() {
         !stderr.contains(TOKEN),
         "the component logged the API token:\n{stderr}"
     );
+    eprintln!("client_check.groovy:\n{stdout}{stderr}");
     let results: HashMap<&str, &str> = stdout.lines().filter_map(|l| l.split_once(' ')).collect();
     let result = |k: &str| -> &str {
         results
@@ -273,6 +274,13 @@ async fn component_requests_are_accepted_by_a_real_gateway() {
     // Revocation: deferred to the commit, then posted.
     assert_eq!(result("revoke-deferred"), "true");
     check_revocation_answer(result("revoke"));
+
+    // whoami: the shape the gateway's default session pointers read (/userId, /ownerPartyId).
+    let whoami: Value = serde_json::from_str(result("whoami")).expect("whoami JSON");
+    assert_eq!(whoami.pointer("/userId"), Some(&json!("alice")));
+    assert_eq!(whoami.pointer("/ownerPartyId"), Some(&json!("ACME")));
+    let plain: Value = serde_json::from_str(result("whoami-no-party")).expect("whoami JSON");
+    assert_eq!(plain, json!({"userId": "alice"}), "no tenant: omitted");
 
     node.stop().await;
 }

@@ -11,6 +11,8 @@
  *   marked <userId,...>        members the presence SECA marked as seen
  *   revoke-deferred <bool>     the EECA waited for the commit instead of posting at once
  *   revoke <status>            POST /api/v1/revocations
+ *   whoami <json>              what GET /rest/s1/wsgate/whoami answers for alice (party P1 of ACME)
+ *   whoami-no-party <json>     ... for a user without a party (plain Moqui)
  *
  * Configuration: WSGATE_ADMIN_URL, WSGATE_API_TOKEN (as in Moqui), WSGATE_CHECK_PRESENCE (a
  * comma-separated list of users).
@@ -67,6 +69,7 @@ Map<String, List<Row>> tables = [
         new Row([chatRoomId: "room1", userId: "carol", hasRead: "N"], updated),
         new Row([chatRoomId: "room2", userId: "dave", hasRead: "N"], updated),
     ],
+    "mantle.party.Party": [new Row([partyId: "P1", ownerPartyId: "ACME"], updated)],
     "growerp.general.ChatRoomAndMessages": [
         new Row([chatRoomId: "room1", chatMessageId: "CM100", fromUserId: "alice", fromUserFullName: "alice@example.com",
                  content: "Order shipped", lastUpdatedStamp: sent], updated),
@@ -75,8 +78,9 @@ Map<String, List<Row>> tables = [
 List<Synchronization> syncs = []
 boolean inTx = true
 
-def user = [getNowTimestamp: { new Timestamp(System.currentTimeMillis()) }, getUserId: { "alice" },
-            getUsername: { "alice@example.com" }, getUserAccount: { null }] as UserFacade
+Row account = new Row([userId: "alice", username: "alice@example.com", partyId: "P1"], updated)
+def user = [getNowTimestamp: { new Timestamp(System.currentTimeMillis()) }, getUserId: { account.userId },
+            getUsername: { account.username }, getUserAccount: { account }] as UserFacade
 def l10n = [format: { Object v, String f ->
     SimpleDateFormat df = new SimpleDateFormat(f); df.setTimeZone(TimeZone.getTimeZone("UTC")); df.format(v) }] as L10nFacade
 def entity = [find: { String name -> new Find(tables[name] ?: []) }] as EntityFacade
@@ -113,5 +117,10 @@ WsgateHooks.revokeUser(ec, "alice")
 println "revoke-deferred " + (syncs.size() == 1)
 syncs.each { it.afterCompletion(Status.STATUS_COMMITTED) }
 println "revoke " + client.revokeUser("alice").get()
+
+// 5. whoami, with and without a GrowERP owner party.
+println "whoami " + JsonOutput.toJson(WsgateHooks.whoAmI(ec))
+account.remove("partyId")
+println "whoami-no-party " + JsonOutput.toJson(WsgateHooks.whoAmI(ec))
 
 client.close()
