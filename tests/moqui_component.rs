@@ -271,8 +271,8 @@ async fn component_requests_are_accepted_by_a_real_gateway() {
     assert_eq!(presence, json!({"alice": true, "bob": true, "dave": false}));
     assert_eq!(result("marked"), "bob,carol");
 
-    // Revocation: deferred to the commit, then posted.
-    assert_eq!(result("revoke-deferred"), "true");
+    // Revocation: deferred to the commit in one synchronization per transaction, each user once.
+    assert_eq!(result("revoke-deferred"), "wsgate.revokeUsers alice,bob");
     check_revocation_answer(result("revoke"));
 
     // whoami: the shape the gateway's default session pointers read (/userId, /ownerPartyId).

@@ -9,7 +9,7 @@
  *   chat <status>              the chat SECA's push (POST /api/v1/chat)
  *   presence <json>            WsgateClient.presence of the users named in WSGATE_CHECK_PRESENCE
  *   marked <userId,...>        members the presence SECA marked as seen
- *   revoke-deferred <bool>     the EECA waited for the commit instead of posting at once
+ *   revoke-deferred <name> <users>  the EECA's pending synchronization and its users
  *   revoke <status>            POST /api/v1/revocations
  *   whoami <json>              what GET /rest/s1/wsgate/whoami answers for alice (party P1 of ACME)
  *   whoami-no-party <json>     ... for a user without a party (plain Moqui)
@@ -75,7 +75,7 @@ Map<String, List<Row>> tables = [
                  content: "Order shipped", lastUpdatedStamp: sent], updated),
     ],
 ]
-List<Synchronization> syncs = []
+Map<String, Synchronization> syncs = [:]
 boolean inTx = true
 
 Row account = new Row([userId: "alice", username: "alice@example.com", partyId: "P1"], updated)
@@ -84,7 +84,8 @@ def user = [getNowTimestamp: { new Timestamp(System.currentTimeMillis()) }, getU
 def l10n = [format: { Object v, String f ->
     SimpleDateFormat df = new SimpleDateFormat(f); df.setTimeZone(TimeZone.getTimeZone("UTC")); df.format(v) }] as L10nFacade
 def entity = [find: { String name -> new Find(tables[name] ?: []) }] as EntityFacade
-def tx = [isTransactionInPlace: { inTx }, registerSynchronization: { Synchronization s -> syncs.add(s) },
+def tx = [isTransactionInPlace: { inTx }, getActiveSynchronization: { String n -> syncs[n] },
+          putAndEnlistActiveSynchronization: { String n, Synchronization s -> syncs[n] = s },
           runRequireNew: { Integer t, String m, Closure c -> c.call() }] as TransactionFacade
 def ecf = [getTool: { String n, Class c, Object[] p -> client }, getExecutionContext: { null },
            registerNotificationMessageListener: { NotificationMessageListener l -> }] as ExecutionContextFactory
@@ -112,10 +113,13 @@ println "presence " + JsonOutput.toJson(client.presence(ask))
 WsgateHooks.refreshChatPresence(ec)
 println "marked " + updated.findAll { it.lastSeenDate != null }.collect { it.userId }.sort().join(",")
 
-// 4. The revocation EECA inside a transaction: nothing is posted before the commit.
+// 4. The revocation EECA inside a transaction (two of alice's keys deleted, bob disabled): one
+//    synchronization, nothing posted before the commit, each user once after it.
 WsgateHooks.revokeUser(ec, "alice")
-println "revoke-deferred " + (syncs.size() == 1)
-syncs.each { it.afterCompletion(Status.STATUS_COMMITTED) }
+WsgateHooks.revokeUser(ec, "alice")
+WsgateHooks.revokeUser(ec, "bob")
+println "revoke-deferred " + syncs.keySet().join(",") + " " + syncs.values()*.userIds.flatten().join(",")
+syncs.values().each { it.afterCompletion(Status.STATUS_COMMITTED) }
 println "revoke " + client.revokeUser("alice").get()
 
 // 5. whoami, with and without a GrowERP owner party.

@@ -7,5 +7,6 @@ import jakarta.transaction.Synchronization;
 public interface TransactionFacade {
     Object runRequireNew(Integer timeout, String rollbackMessage, Closure closure);
     boolean isTransactionInPlace();
-    void registerSynchronization(Synchronization sync);
+    Synchronization getActiveSynchronization(String syncName);
+    void putAndEnlistActiveSynchronization(String syncName, Synchronization sync);
 }

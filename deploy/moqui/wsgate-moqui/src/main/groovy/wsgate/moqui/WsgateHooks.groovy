@@ -18,6 +18,7 @@ import groovy.transform.CompileStatic
 import jakarta.transaction.Status
 import jakarta.transaction.Synchronization
 import org.moqui.context.ExecutionContext
+import org.moqui.context.TransactionFacade
 import org.moqui.entity.EntityList
 import org.moqui.entity.EntityValue
 import org.slf4j.Logger
@@ -161,18 +162,28 @@ class WsgateHooks {
         return marked
     }
 
+    /** Name of the per-transaction synchronization that collects the users to revoke. */
+    static final String REVOKE_SYNC = "wsgate.revokeUsers"
+
     /**
      * Asks every wsgate node to forget the user's cached identities and close their sockets,
      * after the current transaction commits (before it, a reconnect could still authenticate
-     * with the old state and be cached again); at once when there is no transaction.
+     * with the old state and be cached again); at once when there is no transaction. Users
+     * revoked several times in one transaction (several keys deleted) are posted once.
      */
     static void revokeUser(ExecutionContext ec, String userId) {
         if (!userId) return
         WsgateClient wsgate = client(ec)
         if (wsgate == null) return
         try {
-            if (ec.getTransaction().isTransactionInPlace()) {
-                ec.getTransaction().registerSynchronization(new RevokeAfterCommit(wsgate, userId))
+            TransactionFacade tf = ec.getTransaction()
+            if (tf.isTransactionInPlace()) {
+                RevokeAfterCommit pending = (RevokeAfterCommit) tf.getActiveSynchronization(REVOKE_SYNC)
+                if (pending == null) {
+                    pending = new RevokeAfterCommit(wsgate)
+                    tf.putAndEnlistActiveSynchronization(REVOKE_SYNC, pending)
+                }
+                pending.add(userId)
                 return
             }
         } catch (Throwable t) {
@@ -181,20 +192,23 @@ class WsgateHooks {
         wsgate.revokeUser(userId)
     }
 
+    /** Posts the collected users once the transaction has committed; nothing on a rollback. */
     static class RevokeAfterCommit implements Synchronization {
         private final WsgateClient wsgate
-        private final String userId
+        private final Set<String> userIds = Collections.synchronizedSet(new LinkedHashSet<String>())
 
-        RevokeAfterCommit(WsgateClient wsgate, String userId) {
-            this.wsgate = wsgate
-            this.userId = userId
-        }
+        RevokeAfterCommit(WsgateClient wsgate) { this.wsgate = wsgate }
+
+        void add(String userId) { userIds.add(userId) }
 
         @Override void beforeCompletion() { }
 
         @Override
         void afterCompletion(int status) {
-            if (status == Status.STATUS_COMMITTED) wsgate.revokeUser(userId)
+            if (status != Status.STATUS_COMMITTED) return
+            List<String> users
+            synchronized (userIds) { users = new ArrayList<String>(userIds) }
+            for (String userId : users) wsgate.revokeUser(userId)
         }
     }
 }
