@@ -80,16 +80,16 @@ boolean inTx = true
 
 Row account = new Row([userId: "alice", username: "alice@example.com", partyId: "P1"], updated)
 def user = [getNowTimestamp: { new Timestamp(System.currentTimeMillis()) }, getUserId: { account.userId },
-            getUsername: { account.username }, getUserAccount: { account }] as UserFacade
+            getUserAccount: { account }] as UserFacade
 def l10n = [format: { Object v, String f ->
     SimpleDateFormat df = new SimpleDateFormat(f); df.setTimeZone(TimeZone.getTimeZone("UTC")); df.format(v) }] as L10nFacade
 def entity = [find: { String name -> new Find(tables[name] ?: []) }] as EntityFacade
 def tx = [isTransactionInPlace: { inTx }, getActiveSynchronization: { String n -> syncs[n] },
           putAndEnlistActiveSynchronization: { String n, Synchronization s -> syncs[n] = s },
           runRequireNew: { Integer t, String m, Closure c -> c.call() }] as TransactionFacade
-def ecf = [getTool: { String n, Class c, Object[] p -> client }, getExecutionContext: { null },
+def ecf = [getTool: { String n, Class c, Object[] p -> client },
            registerNotificationMessageListener: { NotificationMessageListener l -> }] as ExecutionContextFactory
-def ec = [getFactory: { ecf }, getTool: { String n, Class c, Object[] p -> client }, getUser: { user },
+def ec = [getFactory: { ecf }, getUser: { user },
           getL10n: { l10n }, getEntity: { entity }, getTransaction: { tx }] as ExecutionContext
 
 // 1. A Moqui notification, wrapped the way NotificationMessageImpl does (JsonOutput of a map whose

@@ -2,9 +2,7 @@ package org.slf4j;
 
 /** Subset of org.slf4j.Logger. */
 public interface Logger {
-    boolean isDebugEnabled();
     void debug(String msg);
     void info(String msg);
     void warn(String msg);
-    void error(String msg);
 }

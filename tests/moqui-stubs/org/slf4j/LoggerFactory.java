@@ -7,11 +7,9 @@ public final class LoggerFactory {
     public static Logger getLogger(Class<?> clazz) {
         final String name = clazz.getSimpleName();
         return new Logger() {
-            public boolean isDebugEnabled() { return false; }
             public void debug(String msg) { }
             public void info(String msg) { System.err.println("INFO  " + name + " " + msg); }
             public void warn(String msg) { System.err.println("WARN  " + name + " " + msg); }
-            public void error(String msg) { System.err.println("ERROR " + name + " " + msg); }
         };
     }
 }

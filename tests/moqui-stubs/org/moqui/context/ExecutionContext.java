@@ -5,7 +5,6 @@ import org.moqui.entity.EntityFacade;
 /** Subset of org.moqui.context.ExecutionContext. */
 public interface ExecutionContext {
     ExecutionContextFactory getFactory();
-    <V> V getTool(String toolName, Class<V> instanceClass, Object... parameters);
     UserFacade getUser();
     L10nFacade getL10n();
     EntityFacade getEntity();

@@ -2,7 +2,6 @@ package org.moqui.context;
 
 /** Subset of org.moqui.context.ExecutionContextFactory. */
 public interface ExecutionContextFactory {
-    ExecutionContext getExecutionContext();
     <V> V getTool(String toolName, Class<V> instanceClass, Object... parameters);
     void registerNotificationMessageListener(NotificationMessageListener nml);
 }

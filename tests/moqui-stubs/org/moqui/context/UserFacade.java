@@ -7,6 +7,5 @@ import org.moqui.entity.EntityValue;
 public interface UserFacade {
     Timestamp getNowTimestamp();
     String getUserId();
-    String getUsername();
     EntityValue getUserAccount();
 }
