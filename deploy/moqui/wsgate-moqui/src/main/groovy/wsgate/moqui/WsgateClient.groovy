@@ -1,6 +1,6 @@
 /*
  * wsgate client for Moqui: publishes notifications and chat messages to the wsgate
- * internal API and asks it for presence. Thread-safe; one instance per Moqui node.
+ * internal API, asks it for presence and revokes users. Thread-safe; one instance per Moqui node.
  *
  * Configuration (system property first, then environment variable):
  *   WSGATE_ADMIN_URL         base URL of the wsgate admin Service, e.g. http://wsgate-admin.erp.svc:8082
@@ -91,25 +91,44 @@ class WsgateClient {
         return postAsync("/api/v1/chat", body)
     }
 
-    /** GET /api/v1/presence: which of the users have an open WebSocket on any wsgate node. */
+    /** Users per presence request, so that the query string stays well below header limits. */
+    static final int PRESENCE_BATCH = 100
+
+    /**
+     * GET /api/v1/presence?userId=a&userId=b: which of the users have an open WebSocket on any
+     * wsgate node ({"online": {"a": true, "b": false}}). Synchronous, bounded by the timeout;
+     * throws when wsgate does not answer 200.
+     */
     Map<String, Boolean> presence(Collection<String> userIds) {
-        if (!userIds) return [:]
-        String query = userIds.collect { String u -> "userId=" + URLEncoder.encode(u, "UTF-8") }.join("&")
-        HttpRequest request = HttpRequest.newBuilder(URI.create(adminUrl + "/api/v1/presence?" + query))
-                .timeout(timeout)
-                .header("Authorization", "Bearer " + apiToken)
-                .GET().build()
-        HttpResponse<String> response = http.send(request, HttpResponse.BodyHandlers.ofString())
-        if (response.statusCode() != 200)
-            throw new IllegalStateException("wsgate presence answered HTTP ${response.statusCode()}: ${response.body()}")
-        Map parsed = (Map) new JsonSlurper().parseText(response.body())
-        Map<String, Boolean> result = [:]
-        ((Map) parsed.online).each { k, v -> result.put((String) k, Boolean.TRUE == v) }
+        Map<String, Boolean> result = new LinkedHashMap<String, Boolean>()
+        if (!userIds) return result
+        List<String> all = new ArrayList<String>(new LinkedHashSet<String>(userIds))
+        for (int from = 0; from < all.size(); from += PRESENCE_BATCH) {
+            List<String> batch = all.subList(from, Math.min(from + PRESENCE_BATCH, all.size()))
+            String query = batch.collect { String u -> "userId=" + URLEncoder.encode(u, "UTF-8") }.join("&")
+            HttpRequest request = HttpRequest.newBuilder(URI.create(adminUrl + "/api/v1/presence?" + query))
+                    .timeout(timeout)
+                    .header("Authorization", "Bearer " + apiToken)
+                    .GET().build()
+            HttpResponse<String> response = http.send(request, HttpResponse.BodyHandlers.ofString())
+            if (response.statusCode() != 200)
+                throw new IllegalStateException("wsgate presence answered HTTP ${response.statusCode()}: ${truncate(response.body())}")
+            Map parsed = (Map) new JsonSlurper().parseText(response.body())
+            ((Map) parsed.online).each { k, v -> result.put((String) k, Boolean.TRUE == v) }
+        }
         return result
     }
 
     /** GrowERP ChatEndpoint.isUserOnline replacement. */
     boolean isUserOnline(String userId) { return presence([userId]).get(userId) ?: false }
+
+    /**
+     * POST /api/v1/revocations {"userId": ...}: every wsgate node forgets the user's cached
+     * identities and closes the user's sockets (1008). Answers 202.
+     */
+    CompletableFuture<Integer> revokeUser(String userId) {
+        return postAsync("/api/v1/revocations", JsonOutput.toJson([userId: userId]))
+    }
 
     CompletableFuture<Integer> postAsync(String path, String body) {
         HttpRequest request = HttpRequest.newBuilder(URI.create(adminUrl + path))

@@ -1,0 +1,7 @@
+package jakarta.transaction;
+
+/** jakarta.transaction.Synchronization. */
+public interface Synchronization {
+    void beforeCompletion();
+    void afterCompletion(int status);
+}
