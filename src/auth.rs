@@ -14,8 +14,9 @@ use moka::future::Cache;
 use moka::Expiry;
 use sha2::{Digest, Sha256};
 
-use crate::backend::{Backend, BackendError, Identity};
+use crate::backend::{Backend, BackendError};
 use crate::config::Config;
+use crate::identity::Identity;
 use crate::metrics::Metrics;
 
 type KeyHash = [u8; 32];
@@ -144,10 +145,40 @@ impl Auth {
 
 #[cfg(test)]
 mod tests {
+    use super::hash;
+
+    fn hex(h: &[u8]) -> String {
+        h.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     #[test]
-    fn hash_is_not_the_key() {
-        let h = super::hash("secret-key");
-        assert_ne!(&h[..10], b"secret-key");
-        assert_eq!(h, super::hash("secret-key"));
+    fn the_cache_key_is_the_sha256_of_the_api_key() {
+        // FIPS 180-2 test vector: a different digest (or no digest) fails here.
+        assert_eq!(
+            hex(&hash("abc")),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(
+            hash("secret-key"),
+            hash("secret-key"),
+            "equal keys share an entry"
+        );
+        assert_ne!(
+            hash("secret-key"),
+            hash("secret-kez"),
+            "different keys never do"
+        );
+    }
+
+    #[test]
+    fn the_cache_key_does_not_reveal_the_api_key() {
+        let key = "secret-key";
+        let h = hash(key);
+        let shown = format!("{h:?} {}", hex(&h));
+        assert!(!shown.contains(key), "{shown}");
+        assert!(
+            !h.windows(key.len()).any(|w| w == key.as_bytes()),
+            "the digest holds the key's bytes"
+        );
     }
 }

@@ -19,9 +19,9 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use crate::backend::Identity;
 use crate::broker::{Broker, BrokerError, BrokerFuture, MessageSink};
 use crate::disconnect::CloseReason;
+use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::protocol::{self, Endpoint, Kind, ALL_TOPICS};
 

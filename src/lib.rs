@@ -30,6 +30,7 @@ pub mod config;
 pub mod demo;
 pub mod disconnect;
 pub mod hub;
+pub mod identity;
 pub mod metrics;
 pub mod protocol;
 pub mod server;

@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{Auth, AuthError};
 use crate::backend::Backend;
 use crate::broker::memory::MemoryBroker;
-use crate::broker::redis::RedisBroker;
+use crate::broker::redis::{RedisBroker, RedisSettings};
 use crate::broker::Broker;
 use crate::chat::Chat;
 use crate::config::Config;
@@ -88,7 +88,17 @@ impl AppState {
             |sink| -> Arc<dyn Broker> {
                 match &config.redis_url {
                     None => Arc::new(MemoryBroker::new(sink)),
-                    Some(url) => match RedisBroker::start(&config, url, sink, metrics.clone()) {
+                    Some(url) => match RedisBroker::start(
+                        &RedisSettings {
+                            url: url.clone(),
+                            prefix: config.redis_prefix.clone(),
+                            node_id: config.node_id.clone(),
+                            pool_size: config.redis_pool_size,
+                            presence_ttl: config.presence_ttl,
+                        },
+                        sink,
+                        metrics.clone(),
+                    ) {
                         Ok(b) => Arc::new(b),
                         Err(e) => {
                             broker_error = Some(e);

@@ -25,9 +25,9 @@ use futures_util::StreamExt;
 use redis::AsyncCommands;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::{Broker, BrokerError, BrokerFuture, MessageSink};
-use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::protocol::{self, Kind};
 
@@ -100,28 +100,55 @@ fn now_ms() -> u64 {
     protocol::now_micros() / 1000
 }
 
+/// What the Redis broker needs to know, and nothing else (no API token, no back-end).
+#[derive(Clone)]
+pub struct RedisSettings {
+    /// May carry credentials: never logged, never in Debug output.
+    pub url: String,
+    /// Installation prefix of every key and channel.
+    pub prefix: String,
+    /// This node's id, in its presence keys and canary channel.
+    pub node_id: String,
+    /// Connections of the publish pool.
+    pub pool_size: usize,
+    /// How long a node's presence set outlives its last heartbeat.
+    pub presence_ttl: Duration,
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &"<redacted>")
+            .field("prefix", &self.prefix)
+            .field("node_id", &self.node_id)
+            .field("pool_size", &self.pool_size)
+            .field("presence_ttl", &self.presence_ttl)
+            .finish()
+    }
+}
+
 impl RedisBroker {
     /// Starts the broker's tasks; the connection is made in the background, so a node can start
     /// while Redis is still coming up (it reports unready meanwhile).
     pub fn start(
-        cfg: &Config,
-        url: &str,
+        cfg: &RedisSettings,
         sink: Arc<dyn MessageSink>,
         metrics: Arc<Metrics>,
     ) -> Result<RedisBroker, BrokerError> {
+        let url = cfg.url.as_str();
         let client =
             redis::Client::open(url).map_err(|_| unavailable("the Redis URL cannot be used"))?;
         let pool = deadpool_redis::Config::from_url(url)
             .builder()
             .map_err(|_| unavailable("the Redis URL cannot be used"))?
-            .max_size(cfg.redis_pool_size)
+            .max_size(cfg.pool_size)
             .wait_timeout(Some(COMMAND_TIMEOUT))
             .create_timeout(Some(COMMAND_TIMEOUT))
             .recycle_timeout(Some(COMMAND_TIMEOUT))
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(unavailable)?;
-        let prefix = cfg.redis_prefix.clone();
+        let prefix = cfg.prefix.clone();
         let keys = Keys {
             node_id: cfg.node_id.clone(),
             nodes: format!("{prefix}:nodes"),
@@ -352,7 +379,7 @@ impl Actor {
                 let _ = lost_tx.send(());
             })
         };
-        let _abort_reader = AbortOnDrop(reader);
+        let _abort_reader = AbortOnDropHandle::new(reader);
 
         // Restore the whole set, then presence, before reporting ready.
         let mut all: Vec<String> = self.channels.iter().cloned().collect();
@@ -535,12 +562,5 @@ impl Actor {
             }
         }
         Ok(())
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
