@@ -20,20 +20,35 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
+use crate::hub::Hub;
+use crate::metrics::Metrics;
 use crate::protocol::{self, Kind};
-use crate::server::AppState;
 
 /// Most user ids one request may name.
 const MAX_USERS: usize = 10_000;
 
-pub fn router(state: Arc<AppState>) -> Router<Arc<AppState>> {
-    let limit = state.config.max_api_body;
+/// What the API uses of its node: the hub to publish into, the metrics, its token and body limit.
+pub struct Api {
+    pub hub: Arc<Hub>,
+    pub metrics: Arc<Metrics>,
+    /// `--api-token`; `None` disables the API. Never logged.
+    pub token: Option<String>,
+    /// `--max-api-body`, in bytes.
+    pub max_body: usize,
+}
+
+type ApiState = State<Arc<Api>>;
+
+/// The API's routes, with their own state: nest them into any router.
+pub fn router<S: Clone + Send + Sync + 'static>(api: Arc<Api>) -> Router<S> {
+    let limit = api.max_body;
     Router::new()
         .route("/notifications", post(notifications))
         .route("/chat", post(chat))
         .route("/presence", get(presence))
         .layer(DefaultBodyLimit::max(limit))
-        .layer(middleware::from_fn_with_state(state, require_token))
+        .layer(middleware::from_fn_with_state(api.clone(), require_token))
+        .with_state(api)
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -70,9 +85,9 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn require_token(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+async fn require_token(State(state): ApiState, req: Request, next: Next) -> Response {
     let route = route_of(req.uri().path());
-    let resp = match &state.config.api_token {
+    let resp = match &state.token {
         None => error(
             StatusCode::FORBIDDEN,
             "the publish API is disabled: start wsgate with --api-token (WSGATE_API_TOKEN)",
@@ -152,10 +167,7 @@ struct NotificationRequest<'a> {
     notification: Option<&'a RawValue>,
 }
 
-async fn notifications(
-    State(state): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+async fn notifications(State(state): ApiState, body: Result<Bytes, BytesRejection>) -> Response {
     let body = match body {
         Ok(b) => b,
         Err(e) => return body_error(e),
@@ -216,7 +228,7 @@ struct ChatRequest<'a> {
     chat_message: Option<&'a RawValue>,
 }
 
-async fn chat(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn chat(State(state): ApiState, body: Result<Bytes, BytesRejection>) -> Response {
     let body = match body {
         Ok(b) => b,
         Err(e) => return body_error(e),
@@ -248,7 +260,7 @@ async fn chat(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejec
 
 /// Publishes one envelope; 202 with `answer` once the broker took it, 503 when it cannot.
 async fn publish(
-    state: &AppState,
+    state: &Api,
     channels: Vec<String>,
     payload: bytes::Bytes,
     answer: Value,
@@ -259,7 +271,7 @@ async fn publish(
     }
 }
 
-async fn presence(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Response {
+async fn presence(State(state): ApiState, RawQuery(query): RawQuery) -> Response {
     let mut ids: Vec<String> = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
         .filter(|(k, _)| k == "userId")
         .map(|(_, v)| v.into_owned())

@@ -25,6 +25,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::api::Api;
 use crate::auth::{Auth, AuthError};
 use crate::backend::Backend;
 use crate::broker::memory::MemoryBroker;
@@ -50,8 +51,9 @@ pub struct AppState {
     pub config: Config,
     pub metrics: Arc<Metrics>,
     pub auth: Auth,
-    pub chat: Chat,
     pub hub: Arc<Hub>,
+    /// What each session uses of the node (chat routing, metrics).
+    pub sessions_node: Arc<session::Node>,
     draining: AtomicBool,
     sessions: TaskTracker,
 }
@@ -116,9 +118,12 @@ impl AppState {
             .map_err(|e| StartError::Broker(e.to_string()))?;
         Ok(Arc::new(AppState {
             config,
-            metrics,
+            metrics: metrics.clone(),
             auth,
-            chat,
+            sessions_node: Arc::new(session::Node {
+                chat,
+                metrics: metrics.clone(),
+            }),
             hub,
             draining: AtomicBool::new(false),
             sessions: TaskTracker::new(),
@@ -154,7 +159,15 @@ pub fn admin_app(state: Arc<AppState>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .nest("/api/v1", crate::api::router(state.clone()))
+        .nest(
+            "/api/v1",
+            crate::api::router(Arc::new(Api {
+                hub: state.hub.clone(),
+                metrics: state.metrics.clone(),
+                token: state.config.api_token.clone(),
+                max_body: state.config.max_api_body,
+            })),
+        )
         .with_state(state)
 }
 
@@ -329,12 +342,13 @@ async fn upgrade(
         api_key: key,
     };
     let max = state.config.max_frame_size;
+    let node = state.sessions_node.clone();
     ws.read_buffer_size(READ_BUFFER_SIZE)
         .write_buffer_size(WRITE_BUFFER_SIZE)
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
-            session::run(socket, session, state).await;
+            session::run(socket, session, &node).await;
             drop(token);
         })
 }
