@@ -14,7 +14,7 @@ use futures_util::SinkExt;
 
 use crate::chat::Chat;
 use crate::disconnect::CloseReason;
-use crate::hub::{Outgoing, Registration};
+use crate::hub::{Outgoing, Registration, TopicChange};
 use crate::metrics::IgnoredFrame;
 use crate::metrics::Metrics;
 use crate::protocol::{self, Endpoint, NotwsCommand};
@@ -52,11 +52,14 @@ pub async fn run(mut socket: WebSocket, session: Session, node: &Node) {
             _ = conn.outbound.ready.notified() => {
                 let wake = conn.outbound.take(&mut batch);
                 if !batch.is_empty() {
-                    let result = tokio::select! {
-                        r = write_batch(&mut socket, &mut batch, node) => r,
-                        _ = conn.outbound.killed.notified() => Err(()),
+                    let written = tokio::select! {
+                        r = write_batch(&mut socket, &mut batch, node) => match r {
+                            Ok(()) => Written::All,
+                            Err(_) => Written::Failed,
+                        },
+                        _ = conn.outbound.killed.notified() => Written::Killed,
                     };
-                    if result.is_err() {
+                    if written != Written::All {
                         // Either the socket failed, or the queue overflowed while we were
                         // stuck writing; the queue knows which.
                         let mut scratch = VecDeque::new();
@@ -120,20 +123,27 @@ pub async fn run(mut socket: WebSocket, session: Session, node: &Node) {
     drop(session);
 }
 
+/// How a batch write ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Written {
+    All,
+    /// The socket failed.
+    Failed,
+    /// The gateway closed the connection while the write was stuck (overflow, drain, ping).
+    Killed,
+}
+
 async fn write_batch(
     socket: &mut WebSocket,
     batch: &mut VecDeque<Outgoing>,
     node: &Node,
-) -> Result<(), ()> {
+) -> Result<(), axum::Error> {
     // feed() only appends to the socket's write buffer (it writes early only past
     // WRITE_BUFFER_SIZE); flush() then writes the whole batch with as few syscalls as possible.
     for msg in batch.iter() {
-        socket
-            .feed(Message::Text(msg.frame.clone()))
-            .await
-            .map_err(|_| ())?;
+        socket.feed(Message::Text(msg.frame.clone())).await?;
     }
-    socket.flush().await.map_err(|_| ())?;
+    socket.flush().await?;
     let now = protocol::now_micros();
     for msg in batch.drain(..) {
         let secs = now.saturating_sub(msg.published_at) as f64 / 1e6;
@@ -160,10 +170,16 @@ async fn handle_text(node: &Node, session: &Session, endpoint: Endpoint, text: U
     match endpoint {
         Endpoint::Notws => match protocol::parse_notws(text.as_str()) {
             NotwsCommand::Subscribe(topics) => {
-                session.registration.hub().set_topics(conn, &topics, true)
+                session
+                    .registration
+                    .hub()
+                    .set_topics(conn, &topics, TopicChange::Subscribe)
             }
             NotwsCommand::Unsubscribe(topics) => {
-                session.registration.hub().set_topics(conn, &topics, false)
+                session
+                    .registration
+                    .hub()
+                    .set_topics(conn, &topics, TopicChange::Unsubscribe)
             }
             NotwsCommand::Unknown => {
                 tracing::debug!(user = %conn.identity.user_id, "unknown command prefix");

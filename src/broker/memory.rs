@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use super::{ready, Broker, BrokerFuture, MessageSink};
+use super::{ready, Broker, BrokerFuture, MessageSink, Presence};
 
 #[derive(Default)]
 struct State {
@@ -65,13 +65,12 @@ impl Broker for MemoryBroker {
         ready(Ok(()))
     }
 
-    fn set_online(&self, user_id: Arc<str>, online: bool) -> BrokerFuture<()> {
+    fn set_online(&self, user_id: Arc<str>, presence: Presence) -> BrokerFuture<()> {
         let mut state = self.state.lock();
-        if online {
-            state.online.insert(user_id, ());
-        } else {
-            state.online.remove(&user_id);
-        }
+        match presence {
+            Presence::Online => state.online.insert(user_id, ()),
+            Presence::Offline => state.online.remove(&user_id),
+        };
         ready(Ok(()))
     }
 

@@ -32,6 +32,13 @@ pub enum BrokerError {
     Closed,
 }
 
+/// Whether a user has a connection on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    Online,
+    Offline,
+}
+
 pub type BrokerFuture<T> = Pin<Box<dyn Future<Output = Result<T, BrokerError>> + Send + 'static>>;
 
 pub trait Broker: Send + Sync + 'static {
@@ -42,7 +49,7 @@ pub trait Broker: Send + Sync + 'static {
     /// Publishes one payload on many channels in one round trip.
     fn publish(&self, channels: Vec<String>, payload: Bytes) -> BrokerFuture<()>;
     /// Marks a user as having (or no longer having) a connection on this node.
-    fn set_online(&self, user_id: Arc<str>, online: bool) -> BrokerFuture<()>;
+    fn set_online(&self, user_id: Arc<str>, presence: Presence) -> BrokerFuture<()>;
     /// Which of these users have a connection on any node.
     fn presence(&self, user_ids: Vec<String>) -> BrokerFuture<Vec<bool>>;
     /// True while the broker can deliver (connected, subscriptions restored, canary arriving).

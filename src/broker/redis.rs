@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
 
-use super::{Broker, BrokerError, BrokerFuture, MessageSink};
+use super::{Broker, BrokerError, BrokerFuture, MessageSink, Presence};
 use crate::metrics::Metrics;
 use crate::protocol::{self, Kind};
 
@@ -43,7 +43,7 @@ const RESTORE_CHUNK: usize = 1000;
 enum Cmd {
     Subscribe(Vec<String>, oneshot::Sender<Result<(), BrokerError>>),
     Unsubscribe(Vec<String>),
-    Online(Arc<str>, bool, oneshot::Sender<Result<(), BrokerError>>),
+    Online(Arc<str>, Presence, oneshot::Sender<Result<(), BrokerError>>),
 }
 
 struct Shared {
@@ -216,9 +216,9 @@ impl Broker for RedisBroker {
         })
     }
 
-    fn set_online(&self, user_id: Arc<str>, online: bool) -> BrokerFuture<()> {
+    fn set_online(&self, user_id: Arc<str>, presence: Presence) -> BrokerFuture<()> {
         let (tx, rx) = oneshot::channel();
-        if let Err(e) = self.send(Cmd::Online(user_id, online, tx)) {
+        if let Err(e) = self.send(Cmd::Online(user_id, presence, tx)) {
             return super::ready(Err(e));
         }
         wait(rx)
@@ -337,12 +337,11 @@ impl Actor {
                     self.channels.remove(&c);
                 }
             }
-            Cmd::Online(user, online, tx) => {
-                if online {
-                    self.online.insert(user);
-                } else {
-                    self.online.remove(&user);
-                }
+            Cmd::Online(user, presence, tx) => {
+                match presence {
+                    Presence::Online => self.online.insert(user),
+                    Presence::Offline => self.online.remove(&user),
+                };
                 let _ = tx.send(Ok(()));
             }
         }
@@ -528,21 +527,24 @@ impl Actor {
                     }
                     timed(sink.unsubscribe(&chs)).await?;
                 }
-                Cmd::Online(user, online, tx) => {
-                    let mut ops = vec![(user, online, tx)];
+                Cmd::Online(user, presence, tx) => {
+                    let mut ops = vec![(user, presence, tx)];
                     while let Some(Cmd::Online(..)) = cmds.peek() {
                         if let Some(Cmd::Online(u, o, t)) = cmds.next() {
                             ops.push((u, o, t));
                         }
                     }
                     let mut pipe = redis::pipe();
-                    for (u, o, _) in &ops {
-                        if *o {
-                            self.online.insert(u.clone());
-                            pipe.sadd(&self.keys.node_users, &**u).ignore();
-                        } else {
-                            self.online.remove(u);
-                            pipe.srem(&self.keys.node_users, &**u).ignore();
+                    for (u, presence, _) in &ops {
+                        match presence {
+                            Presence::Online => {
+                                self.online.insert(u.clone());
+                                pipe.sadd(&self.keys.node_users, &**u).ignore();
+                            }
+                            Presence::Offline => {
+                                self.online.remove(u);
+                                pipe.srem(&self.keys.node_users, &**u).ignore();
+                            }
                         }
                     }
                     pipe.cmd("PEXPIRE")

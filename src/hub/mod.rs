@@ -24,7 +24,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::broker::{Broker, BrokerError, BrokerFuture, MessageSink};
+use crate::broker::{Broker, BrokerError, BrokerFuture, MessageSink, Presence};
 use crate::disconnect::CloseReason;
 use crate::identity::Identity;
 use crate::metrics::Metrics;
@@ -41,6 +41,13 @@ mod tests;
 pub use outbound::{Outbound, Outgoing, Wake};
 use registry::{now_ms, ConnEntry, Inner, TopicFilter, UserEntry};
 pub use registry::{Connection, Registry};
+
+/// What a `subscribe:` / `unsubscribe:` command does to a connection's topics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicChange {
+    Subscribe,
+    Unsubscribe,
+}
 
 /// Why a connection could not be registered.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -190,7 +197,10 @@ impl Hub {
             }
             inner.connections += 1;
             let subscribed = self.acquire(&mut inner, &channels);
-            let online = first.then(|| self.broker.set_online(identity.user_id.clone(), true));
+            let online = first.then(|| {
+                self.broker
+                    .set_online(identity.user_id.clone(), Presence::Online)
+            });
             (subscribed, online)
         };
         let registration = Registration {
@@ -270,14 +280,14 @@ impl Hub {
                 }
             }
             // Presence is exact: the user leaves now, not after the unsubscribe delay.
-            drop(self.broker.set_online(user_id.clone(), false));
+            drop(self.broker.set_online(user_id.clone(), Presence::Offline));
         }
         self.release(&mut inner, channels);
         self.metrics.topic_subscriptions.sub(removed_topics as i64);
     }
 
     /// Applies `subscribe:` / `unsubscribe:` topics to a connection.
-    pub fn set_topics(&self, conn: &Connection, topics: &[&str], subscribe: bool) {
+    pub fn set_topics(&self, conn: &Connection, topics: &[&str], change: TopicChange) {
         let mut inner = self.registry.inner.lock();
         let Some(user) = inner.users.get_mut(&conn.identity.user_id) else {
             return;
@@ -287,11 +297,10 @@ impl Hub {
         };
         let before = entry.topics.topics.len() as i64;
         for t in topics {
-            if subscribe {
-                entry.topics.topics.insert(Box::from(*t));
-            } else {
-                entry.topics.topics.remove(*t);
-            }
+            match change {
+                TopicChange::Subscribe => entry.topics.topics.insert(Box::from(*t)),
+                TopicChange::Unsubscribe => entry.topics.topics.remove(*t),
+            };
         }
         if entry.topics.topics.is_empty() {
             // Give the memory back: an idle connection should cost as little as possible.

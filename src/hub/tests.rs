@@ -155,8 +155,8 @@ async fn topic_filter_and_shared_bytes() {
         .register(id("u", None), Endpoint::Notws)
         .await
         .expect("register");
-    hub.set_topics(&a.conn, &["A", "B"], true);
-    hub.set_topics(&b.conn, &["ALL"], true);
+    hub.set_topics(&a.conn, &["A", "B"], TopicChange::Subscribe);
+    hub.set_topics(&b.conn, &["ALL"], TopicChange::Subscribe);
     for topic in ["A", "C"] {
         let frame = format!(r#"{{"topic":"{topic}"}}"#);
         let env = protocol::encode(Kind::Notification, topic, frame.as_bytes());
@@ -183,7 +183,7 @@ async fn overflow_closes_as_slow_consumer() {
         .register(id("u", None), Endpoint::Notws)
         .await
         .expect("register");
-    hub.set_topics(&a.conn, &["ALL"], true);
+    hub.set_topics(&a.conn, &["ALL"], TopicChange::Subscribe);
     for _ in 0..10 {
         let env = protocol::encode(Kind::Notification, "X", b"{}");
         hub.publish(vec!["t:u:u".into()], env)
