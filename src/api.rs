@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
-use crate::hub::Hub;
+use crate::hub::{Channel, Hub};
 use crate::metrics::Metrics;
 use crate::protocol::{self, Kind};
 
@@ -188,7 +188,6 @@ async fn notifications(State(state): ApiState, body: Result<Bytes, BytesRejectio
             "notification.topic is required (a non-empty string)",
         );
     };
-    let registry = state.hub.registry();
     let broadcast = req.broadcast.unwrap_or(false);
     let targets = req.user_ids.is_some() as u8 + req.tenant_id.is_some() as u8 + broadcast as u8;
     if targets != 1 {
@@ -197,26 +196,24 @@ async fn notifications(State(state): ApiState, body: Result<Bytes, BytesRejectio
             "name exactly one of userIds, tenantId or \"broadcast\": true",
         );
     }
-    let (target, channels) = if let Some(ids) = req.user_ids {
-        match user_list(ids) {
-            Ok(ids) => (
-                "users",
-                ids.iter().map(|u| registry.user_channel(u)).collect(),
-            ),
-            Err(e) => return e.into_response(),
-        }
-    } else if let Some(t) = req.tenant_id {
+    let ids = match req.user_ids.map(user_list).transpose() {
+        Ok(ids) => ids,
+        Err(e) => return e.into_response(),
+    };
+    let (target, channels): (_, Vec<Channel>) = if let Some(ids) = &ids {
+        ("users", ids.iter().map(|u| Channel::User(u)).collect())
+    } else if let Some(t) = &req.tenant_id {
         if t.is_empty() {
             return error(StatusCode::BAD_REQUEST, "tenantId is empty");
         }
-        ("tenant", vec![registry.tenant_channel(&t)])
+        ("tenant", vec![Channel::Tenant(t)])
     } else {
-        ("broadcast", vec![registry.all_channel().to_owned()])
+        ("broadcast", vec![Channel::Everyone])
     };
     let n = channels.len();
     let payload = protocol::encode(Kind::Notification, &topic, notification.get().as_bytes());
     let answer = json!({"topic": topic, "target": target, "channels": n});
-    publish(&state, channels, payload, answer).await
+    publish(&state, &channels, payload, answer).await
 }
 
 #[derive(Deserialize)]
@@ -250,18 +247,17 @@ async fn chat(State(state): ApiState, body: Result<Bytes, BytesRejection>) -> Re
         Ok(ids) => ids,
         Err(e) => return e.into_response(),
     };
-    let registry = state.hub.registry();
-    let channels: Vec<String> = ids.iter().map(|u| registry.user_channel(u)).collect();
+    let channels: Vec<Channel> = ids.iter().map(|u| Channel::User(u)).collect();
     let n = channels.len();
     let payload = protocol::encode(Kind::Chat, "", message.get().as_bytes());
     let answer = json!({"target": "users", "channels": n});
-    publish(&state, channels, payload, answer).await
+    publish(&state, &channels, payload, answer).await
 }
 
 /// Publishes one envelope; 202 with `answer` once the broker took it, 503 when it cannot.
 async fn publish(
     state: &Api,
-    channels: Vec<String>,
+    channels: &[Channel<'_>],
     payload: bytes::Bytes,
     answer: Value,
 ) -> Response {

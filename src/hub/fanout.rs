@@ -3,8 +3,9 @@
 
 use bytes::Bytes;
 
+use super::channel::Channel;
 use super::outbound::{Outgoing, Push};
-use super::registry::{Registry, Target, UserEntry};
+use super::registry::{Registry, UserEntry};
 use crate::broker::MessageSink;
 use crate::protocol::{self, Endpoint, Kind};
 
@@ -50,13 +51,13 @@ impl MessageSink for Registry {
                 }
             };
             for channel in channels {
-                match self.target(channel) {
-                    Some(Target::User(u)) => {
+                match self.names.parse(channel) {
+                    Some(Channel::User(u)) => {
                         if let Some(user) = inner.users.get(u) {
                             to_user(user);
                         }
                     }
-                    Some(Target::Tenant(t)) => {
+                    Some(Channel::Tenant(t)) => {
                         if let Some(users) = inner.tenants.get(t) {
                             for u in users {
                                 if let Some(user) = inner.users.get(u) {
@@ -65,7 +66,7 @@ impl MessageSink for Registry {
                             }
                         }
                     }
-                    Some(Target::All) => {
+                    Some(Channel::Everyone) => {
                         for user in inner.users.values() {
                             to_user(user);
                         }

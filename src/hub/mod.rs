@@ -30,6 +30,7 @@ use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::protocol::{Endpoint, ALL_TOPICS};
 
+mod channel;
 mod channels;
 mod fanout;
 pub mod outbound;
@@ -38,6 +39,8 @@ mod sweep;
 #[cfg(test)]
 mod tests;
 
+pub use channel::Channel;
+use channel::ChannelNames;
 pub use outbound::{Outbound, Outgoing, Wake};
 use registry::{now_ms, ConnEntry, Inner, TopicFilter, UserEntry};
 pub use registry::{Connection, Registry};
@@ -94,10 +97,7 @@ impl Hub {
         let registry = Arc::new(Registry {
             inner: Mutex::new(Inner::default()),
             metrics: metrics.clone(),
-            prefix: prefix.to_owned(),
-            user_prefix: format!("{prefix}:u:"),
-            tenant_prefix: format!("{prefix}:t:"),
-            all_channel: format!("{prefix}:all"),
+            names: ChannelNames::new(prefix),
         });
         let broker = make_broker(registry.clone());
         Arc::new(Hub {
@@ -124,7 +124,7 @@ impl Hub {
 
     /// Subscribes the node-wide channel and starts the delayed-unsubscribe reaper.
     pub async fn start(self: &Arc<Self>) -> Result<(), BrokerError> {
-        let all = self.registry.all_channel.clone();
+        let all = self.registry.names.render(Channel::Everyone);
         let fut = {
             let mut inner = self.registry.inner.lock();
             inner.channels.pin(&all);
@@ -162,9 +162,10 @@ impl Hub {
             outbound: Outbound::new(self.queue_messages, self.queue_bytes),
             last_seen: AtomicU64::new(now_ms()),
         });
-        let mut channels = vec![self.registry.user_channel(&identity.user_id)];
+        let names = &self.registry.names;
+        let mut channels = vec![names.render(Channel::User(&identity.user_id))];
         if let Some(t) = &identity.tenant_id {
-            channels.push(self.registry.tenant_channel(t));
+            channels.push(names.render(Channel::Tenant(t)));
         }
         let (subscribed, online) = {
             let mut inner = self.registry.inner.lock();
@@ -312,8 +313,14 @@ impl Hub {
     }
 
     /// Publishes one envelope to many channels: encoded once, one broker round trip.
-    pub async fn publish(&self, channels: Vec<String>, payload: Bytes) -> Result<(), BrokerError> {
+    pub async fn publish(
+        &self,
+        channels: &[Channel<'_>],
+        payload: Bytes,
+    ) -> Result<(), BrokerError> {
         let n = channels.len() as u64;
+        let names = &self.registry.names;
+        let channels = channels.iter().map(|c| names.render(*c)).collect();
         let started = Instant::now();
         let result = self.broker.publish(channels, payload).await;
         self.metrics

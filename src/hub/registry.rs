@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use super::channel::ChannelNames;
 use super::channels::Channels;
 use super::outbound::Outbound;
 use crate::identity::Identity;
@@ -71,44 +72,5 @@ pub(super) struct Inner {
 pub struct Registry {
     pub(super) inner: Mutex<Inner>,
     pub(super) metrics: Arc<Metrics>,
-    pub(super) prefix: String,
-    pub(super) user_prefix: String,
-    pub(super) tenant_prefix: String,
-    pub(super) all_channel: String,
-}
-
-/// Channel names for one installation prefix.
-impl Registry {
-    pub fn user_channel(&self, user: &str) -> String {
-        format!("{}{user}", self.user_prefix)
-    }
-    pub fn tenant_channel(&self, tenant: &str) -> String {
-        format!("{}{tenant}", self.tenant_prefix)
-    }
-    pub fn all_channel(&self) -> &str {
-        &self.all_channel
-    }
-    pub fn prefix(&self) -> &str {
-        &self.prefix
-    }
-}
-
-pub(super) enum Target<'a> {
-    User(&'a str),
-    Tenant(&'a str),
-    All,
-}
-
-impl Registry {
-    pub(super) fn target<'a>(&self, channel: &'a str) -> Option<Target<'a>> {
-        if let Some(u) = channel.strip_prefix(self.user_prefix.as_str()) {
-            Some(Target::User(u))
-        } else if let Some(t) = channel.strip_prefix(self.tenant_prefix.as_str()) {
-            Some(Target::Tenant(t))
-        } else if channel == self.all_channel {
-            Some(Target::All)
-        } else {
-            None
-        }
-    }
+    pub(super) names: ChannelNames,
 }

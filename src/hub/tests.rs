@@ -160,7 +160,7 @@ async fn topic_filter_and_shared_bytes() {
     for topic in ["A", "C"] {
         let frame = format!(r#"{{"topic":"{topic}"}}"#);
         let env = protocol::encode(Kind::Notification, topic, frame.as_bytes());
-        hub.publish(vec!["t:u:u".into()], env)
+        hub.publish(&[Channel::User("u")], env)
             .await
             .expect("publish");
     }
@@ -186,7 +186,7 @@ async fn overflow_closes_as_slow_consumer() {
     hub.set_topics(&a.conn, &["ALL"], TopicChange::Subscribe);
     for _ in 0..10 {
         let env = protocol::encode(Kind::Notification, "X", b"{}");
-        hub.publish(vec!["t:u:u".into()], env)
+        hub.publish(&[Channel::User("u")], env)
             .await
             .expect("publish");
     }
