@@ -87,9 +87,9 @@ impl AppState {
             &config.redis_prefix,
             metrics.clone(),
             limits,
-            |sink| -> Arc<dyn Broker> {
+            |sink| -> Broker {
                 match &config.redis_url {
-                    None => Arc::new(MemoryBroker::new(sink)),
+                    None => Broker::Memory(MemoryBroker::new(sink)),
                     Some(url) => match RedisBroker::start(
                         &RedisSettings {
                             url: url.clone(),
@@ -101,10 +101,10 @@ impl AppState {
                         sink,
                         metrics.clone(),
                     ) {
-                        Ok(b) => Arc::new(b),
+                        Ok(b) => Broker::Redis(b),
                         Err(e) => {
                             broker_error = Some(e);
-                            Arc::new(MemoryBroker::new(Arc::new(NullSink)))
+                            Broker::Memory(MemoryBroker::new(Arc::new(NullSink)))
                         }
                     },
                 }

@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
 
-use super::{Broker, BrokerError, BrokerFuture, MessageSink, Presence};
+use super::{Ack, BrokerError, MessageSink, Outage, Presence};
 use crate::metrics::Metrics;
 use crate::protocol::{self, Kind};
 
@@ -82,8 +82,12 @@ impl Keys {
     }
 }
 
-fn unavailable(e: impl std::fmt::Display) -> BrokerError {
-    BrokerError::Unavailable(e.to_string())
+fn redis_down(e: redis::RedisError) -> BrokerError {
+    BrokerError::Unavailable(Outage::Redis(Arc::new(e)))
+}
+
+fn pool_down(e: deadpool_redis::PoolError) -> BrokerError {
+    BrokerError::Unavailable(Outage::Pool(Arc::new(e)))
 }
 
 async fn timed<T>(
@@ -91,8 +95,8 @@ async fn timed<T>(
 ) -> Result<T, BrokerError> {
     match tokio::time::timeout(COMMAND_TIMEOUT, fut).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(unavailable(e)),
-        Err(_) => Err(unavailable("Redis did not answer in time")),
+        Ok(Err(e)) => Err(redis_down(e)),
+        Err(_) => Err(Outage::Timeout.into()),
     }
 }
 
@@ -136,18 +140,17 @@ impl RedisBroker {
         metrics: Arc<Metrics>,
     ) -> Result<RedisBroker, BrokerError> {
         let url = cfg.url.as_str();
-        let client =
-            redis::Client::open(url).map_err(|_| unavailable("the Redis URL cannot be used"))?;
+        let client = redis::Client::open(url).map_err(|_| Outage::BadUrl)?;
         let pool = deadpool_redis::Config::from_url(url)
             .builder()
-            .map_err(|_| unavailable("the Redis URL cannot be used"))?
+            .map_err(|_| Outage::BadUrl)?
             .max_size(cfg.pool_size)
             .wait_timeout(Some(COMMAND_TIMEOUT))
             .create_timeout(Some(COMMAND_TIMEOUT))
             .recycle_timeout(Some(COMMAND_TIMEOUT))
             .runtime(Runtime::Tokio1)
             .build()
-            .map_err(unavailable)?;
+            .map_err(|e| Outage::PoolSetup(Arc::new(e)))?;
         let prefix = cfg.prefix.clone();
         let keys = Keys {
             node_id: cfg.node_id.clone(),
@@ -187,91 +190,77 @@ impl RedisBroker {
     }
 }
 
-fn wait(rx: oneshot::Receiver<Result<(), BrokerError>>) -> BrokerFuture<()> {
-    Box::pin(async move { rx.await.unwrap_or(Err(BrokerError::Closed)) })
-}
-
-impl Broker for RedisBroker {
-    fn subscribe(&self, channels: Vec<String>) -> BrokerFuture<()> {
+impl RedisBroker {
+    pub fn subscribe(&self, channels: Vec<String>) -> Ack {
         let (tx, rx) = oneshot::channel();
-        if let Err(e) = self.send(Cmd::Subscribe(channels, tx)) {
-            return super::ready(Err(e));
+        match self.send(Cmd::Subscribe(channels, tx)) {
+            Ok(()) => Ack::waiting(rx),
+            Err(e) => Ack::done(Err(e)),
         }
-        wait(rx)
     }
 
-    fn unsubscribe(&self, channels: Vec<String>) {
+    pub fn unsubscribe(&self, channels: Vec<String>) {
         let _ = self.send(Cmd::Unsubscribe(channels));
     }
 
-    fn publish(&self, channels: Vec<String>, payload: Bytes) -> BrokerFuture<()> {
-        let pool = self.pool.clone();
-        Box::pin(async move {
-            let mut conn = pool.get().await.map_err(unavailable)?;
-            let mut pipe = redis::pipe();
-            for ch in &channels {
-                pipe.publish(ch, payload.as_ref()).ignore();
-            }
-            timed(pipe.query_async::<()>(&mut conn)).await
-        })
-    }
-
-    fn set_online(&self, user_id: Arc<str>, presence: Presence) -> BrokerFuture<()> {
-        let (tx, rx) = oneshot::channel();
-        if let Err(e) = self.send(Cmd::Online(user_id, presence, tx)) {
-            return super::ready(Err(e));
+    pub async fn publish(&self, channels: Vec<String>, payload: Bytes) -> Result<(), BrokerError> {
+        let mut conn = self.pool.get().await.map_err(pool_down)?;
+        let mut pipe = redis::pipe();
+        for ch in &channels {
+            pipe.publish(ch, payload.as_ref()).ignore();
         }
-        wait(rx)
+        timed(pipe.query_async::<()>(&mut conn)).await
     }
 
-    fn presence(&self, user_ids: Vec<String>) -> BrokerFuture<Vec<bool>> {
-        let pool = self.pool.clone();
-        let nodes_key = self.keys.nodes.clone();
-        let keys = self.keys.clone();
+    pub fn set_online(&self, user_id: Arc<str>, presence: Presence) -> Ack {
+        let (tx, rx) = oneshot::channel();
+        match self.send(Cmd::Online(user_id, presence, tx)) {
+            Ok(()) => Ack::waiting(rx),
+            Err(e) => Ack::done(Err(e)),
+        }
+    }
+
+    pub async fn presence(&self, user_ids: Vec<String>) -> Result<Vec<bool>, BrokerError> {
+        let keys = &self.keys;
+        let nodes_key = &keys.nodes;
         let ttl_ms = self.presence_ttl.as_millis() as u64;
-        let prefix = nodes_key.trim_end_matches(":nodes").to_owned();
-        Box::pin(async move {
-            let mut conn = pool.get().await.map_err(unavailable)?;
-            let since = now_ms().saturating_sub(ttl_ms);
-            let nodes: Vec<String> = timed(conn.zrangebyscore(&nodes_key, since, "+inf")).await?;
-            let mut online = vec![false; user_ids.len()];
-            if nodes.is_empty() {
-                return Ok(online);
+        let prefix = nodes_key.trim_end_matches(":nodes");
+        let mut conn = self.pool.get().await.map_err(pool_down)?;
+        let since = now_ms().saturating_sub(ttl_ms);
+        let nodes: Vec<String> = timed(conn.zrangebyscore(nodes_key, since, "+inf")).await?;
+        let mut online = vec![false; user_ids.len()];
+        if nodes.is_empty() {
+            return Ok(online);
+        }
+        let mut pipe = redis::pipe();
+        for node in &nodes {
+            pipe.cmd("SMISMEMBER")
+                .arg(keys.node_users_of(prefix, node))
+                .arg(&user_ids);
+        }
+        let answers: Vec<Vec<bool>> = timed(pipe.query_async(&mut conn)).await?;
+        for per_node in answers {
+            for (o, member) in online.iter_mut().zip(per_node) {
+                *o |= member;
             }
-            let mut pipe = redis::pipe();
-            for node in &nodes {
-                pipe.cmd("SMISMEMBER")
-                    .arg(keys.node_users_of(&prefix, node))
-                    .arg(&user_ids);
-            }
-            let answers: Vec<Vec<bool>> = timed(pipe.query_async(&mut conn)).await?;
-            for per_node in answers {
-                for (o, member) in online.iter_mut().zip(per_node) {
-                    *o |= member;
-                }
-            }
-            Ok(online)
-        })
+        }
+        Ok(online)
     }
 
-    fn is_up(&self) -> bool {
+    pub fn is_up(&self) -> bool {
         self.shared.up.load(Ordering::Relaxed)
     }
 
-    fn shutdown(&self) -> BrokerFuture<()> {
-        let pool = self.pool.clone();
-        let keys = self.keys.clone();
-        let shared = self.shared.clone();
-        Box::pin(async move {
-            shared.up.store(false, Ordering::Relaxed);
-            let mut conn = pool.get().await.map_err(unavailable)?;
-            let mut pipe = redis::pipe();
-            pipe.zrem(&keys.nodes, &keys.node_id)
-                .ignore()
-                .del(&keys.node_users)
-                .ignore();
-            timed(pipe.query_async::<()>(&mut conn)).await
-        })
+    pub async fn shutdown(&self) -> Result<(), BrokerError> {
+        let keys = &self.keys;
+        self.shared.up.store(false, Ordering::Relaxed);
+        let mut conn = self.pool.get().await.map_err(pool_down)?;
+        let mut pipe = redis::pipe();
+        pipe.zrem(&keys.nodes, &keys.node_id)
+            .ignore()
+            .del(&keys.node_users)
+            .ignore();
+        timed(pipe.query_async::<()>(&mut conn)).await
     }
 }
 
@@ -330,7 +319,7 @@ impl Actor {
         match cmd {
             Cmd::Subscribe(chs, tx) => {
                 self.channels.extend(chs);
-                let _ = tx.send(Err(unavailable("Redis is unreachable")));
+                let _ = tx.send(Err(Outage::Unreachable.into()));
             }
             Cmd::Unsubscribe(chs) => {
                 for c in chs {
@@ -468,7 +457,7 @@ impl Actor {
     /// Refreshes this node's presence; `full` re-adds every online user (after a reconnect,
     /// Redis may have lost them).
     async fn heartbeat(&self, full: bool) -> Result<(), BrokerError> {
-        let mut conn = self.pool.get().await.map_err(unavailable)?;
+        let mut conn = self.pool.get().await.map_err(pool_down)?;
         let ttl_ms = self.presence_ttl.as_millis() as u64;
         let now = now_ms();
         let mut pipe = redis::pipe();
@@ -553,7 +542,7 @@ impl Actor {
                         .ignore();
                     let result = match self.pool.get().await {
                         Ok(mut conn) => timed(pipe.query_async::<()>(&mut conn)).await,
-                        Err(e) => Err(unavailable(e)),
+                        Err(e) => Err(pool_down(e)),
                     };
                     for (_, _, tx) in ops {
                         let _ = tx.send(result.clone());

@@ -24,7 +24,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::broker::{Broker, BrokerError, BrokerFuture, MessageSink, Presence};
+use crate::broker::{Ack, Broker, BrokerError, MessageSink, Presence};
 use crate::disconnect::CloseReason;
 use crate::identity::Identity;
 use crate::metrics::Metrics;
@@ -64,7 +64,7 @@ pub enum RegisterError {
 /// The hub: registry plus broker.
 pub struct Hub {
     registry: Arc<Registry>,
-    broker: Arc<dyn Broker>,
+    broker: Broker,
     metrics: Arc<Metrics>,
     next_id: AtomicU64,
     max_per_user: usize,
@@ -92,7 +92,7 @@ impl Hub {
         prefix: &str,
         metrics: Arc<Metrics>,
         limits: HubLimits,
-        make_broker: impl FnOnce(Arc<dyn MessageSink>) -> Arc<dyn Broker>,
+        make_broker: impl FnOnce(Arc<dyn MessageSink>) -> Broker,
     ) -> Arc<Hub> {
         let registry = Arc::new(Registry {
             inner: Mutex::new(Inner::default()),
@@ -114,7 +114,7 @@ impl Hub {
         })
     }
 
-    pub fn broker(&self) -> &Arc<dyn Broker> {
+    pub fn broker(&self) -> &Broker {
         &self.broker
     }
 
@@ -222,7 +222,7 @@ impl Hub {
 
     /// Takes references on channels; returns the broker subscription to await for those that
     /// are not yet confirmed. Called with the registry lock held (ordering contract).
-    fn acquire(&self, inner: &mut Inner, channels: &[String]) -> Option<BrokerFuture<()>> {
+    fn acquire(&self, inner: &mut Inner, channels: &[String]) -> Option<Ack> {
         let need = inner.channels.acquire(channels);
         self.metrics
             .broker_channels

@@ -6,9 +6,20 @@ use super::*;
 use crate::broker::memory::MemoryBroker;
 use crate::protocol::{self, Kind};
 
-fn hub(delay_ms: u64) -> (Arc<Hub>, Arc<MemoryBroker>) {
+/// The hub's in-process broker, for looking at its subscriptions.
+struct Mem(Arc<Hub>);
+
+impl Mem {
+    fn channels(&self) -> Vec<String> {
+        match self.0.broker() {
+            Broker::Memory(m) => m.channels(),
+            Broker::Redis(_) => unreachable!("hub tests run on the in-process broker"),
+        }
+    }
+}
+
+fn hub(delay_ms: u64) -> (Arc<Hub>, Mem) {
     let metrics = Arc::new(Metrics::new());
-    let mut mem = None;
     let hub = Hub::new(
         "t",
         metrics,
@@ -19,13 +30,9 @@ fn hub(delay_ms: u64) -> (Arc<Hub>, Arc<MemoryBroker>) {
             unsubscribe_delay: Duration::from_millis(delay_ms),
             ping_interval: Duration::from_secs(30),
         },
-        |sink| {
-            let b = Arc::new(MemoryBroker::new(sink));
-            mem = Some(b.clone());
-            b
-        },
+        |sink| Broker::Memory(MemoryBroker::new(sink)),
     );
-    (hub, mem.expect("broker built"))
+    (hub.clone(), Mem(hub))
 }
 
 fn id(user: &str, tenant: Option<&str>) -> Identity {
@@ -35,7 +42,7 @@ fn id(user: &str, tenant: Option<&str>) -> Identity {
     }
 }
 
-fn subscribed(mem: &MemoryBroker, channel: &str) -> bool {
+fn subscribed(mem: &Mem, channel: &str) -> bool {
     mem.channels().iter().any(|c| c == channel)
 }
 
