@@ -11,7 +11,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, RawQuery, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -20,6 +20,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
+use crate::auth::bearer_token;
 use crate::hub::{Channel, Hub};
 use crate::metrics::Metrics;
 use crate::protocol::{self, Kind};
@@ -93,12 +94,7 @@ async fn require_token(State(state): ApiState, req: Request, next: Next) -> Resp
             "the publish API is disabled: start wsgate with --api-token (WSGATE_API_TOKEN)",
         ),
         Some(token) => {
-            let given = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .map(str::trim);
+            let given = bearer_token::<false>(req.headers());
             match given {
                 Some(g) if same(g.as_bytes(), token.as_bytes()) => next.run(req).await,
                 Some(_) => error(StatusCode::UNAUTHORIZED, "wrong API token"),

@@ -10,6 +10,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::http::{HeaderMap, HeaderValue};
+use axum_extra::headers::authorization::Credentials;
+use axum_extra::headers::{Authorization, HeaderMapExt};
 use moka::future::Cache;
 use moka::Expiry;
 use sha2::{Digest, Sha256};
@@ -39,6 +42,47 @@ impl Expiry<KeyHash, Outcome> for TtlByOutcome {
             Outcome::Rejected => self.negative,
         })
     }
+}
+
+/// The credentials of an `Authorization: Bearer <token>` header, for the headers crate's typed
+/// `Authorization<C>` (what `TypedHeader<Authorization<…>>` extracts). The crate's own `Bearer`
+/// matches the scheme in any case; wsgate has always accepted exactly `Bearer` (and, with
+/// `LOWERCASE`, `bearer` for client keys), so this type says which spellings are read. The token
+/// is trimmed. No `Debug`: it is a secret.
+pub struct BearerToken<const LOWERCASE: bool>(String);
+
+impl<const LOWERCASE: bool> BearerToken<LOWERCASE> {
+    pub fn token(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<const LOWERCASE: bool> Credentials for BearerToken<LOWERCASE> {
+    const SCHEME: &'static str = "Bearer";
+
+    fn decode(value: &HeaderValue) -> Option<Self> {
+        let v = value.to_str().ok()?;
+        let token = match v.strip_prefix("Bearer ") {
+            Some(t) => t,
+            None if LOWERCASE => v.strip_prefix("bearer ")?,
+            None => return None,
+        };
+        Some(BearerToken(token.trim().to_owned()))
+    }
+
+    fn encode(&self) -> HeaderValue {
+        let mut v = HeaderValue::from_str(&format!("Bearer {}", self.0))
+            .unwrap_or(HeaderValue::from_static("Bearer"));
+        v.set_sensitive(true);
+        v
+    }
+}
+
+/// The bearer token of `headers`, if it carries one in an accepted spelling: `Bearer` only on
+/// the publish API (`LOWERCASE = false`), `Bearer` or `bearer` from WebSocket clients.
+pub fn bearer_token<const LOWERCASE: bool>(headers: &HeaderMap) -> Option<String> {
+    let auth: Authorization<BearerToken<LOWERCASE>> = headers.typed_get()?;
+    Some(auth.0 .0)
 }
 
 /// Why a connection could not be authenticated.
@@ -145,7 +189,34 @@ impl Auth {
 
 #[cfg(test)]
 mod tests {
-    use super::hash;
+    use super::{bearer_token, hash};
+    use axum::http::{header, HeaderMap, HeaderValue};
+
+    fn with_auth(value: &'static str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static(value));
+        h
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_as_before() {
+        let cases: [(&'static str, Option<&str>, Option<&str>); 8] = [
+            ("Bearer tok", Some("tok"), Some("tok")),
+            ("bearer tok", Some("tok"), None),
+            ("BEARER tok", None, None),
+            ("Bearer   tok", Some("tok"), Some("tok")),
+            ("Bearer ", Some(""), Some("")),
+            ("Basic dXNlcjpwdw==", None, None),
+            ("Bearertok", None, None),
+            ("tok", None, None),
+        ];
+        for (value, for_client, for_api) in cases {
+            let h = with_auth(value);
+            assert_eq!(bearer_token::<true>(&h).as_deref(), for_client, "{value:?}");
+            assert_eq!(bearer_token::<false>(&h).as_deref(), for_api, "{value:?}");
+        }
+        assert_eq!(bearer_token::<true>(&HeaderMap::new()), None);
+    }
 
     fn hex(h: &[u8]) -> String {
         h.iter().map(|b| format!("{b:02x}")).collect()

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::Api;
-use crate::auth::{Auth, AuthError};
+use crate::auth::{bearer_token, Auth, AuthError};
 use crate::backend::Backend;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::{RedisBroker, RedisSettings};
@@ -240,16 +240,7 @@ fn credentials(query: Option<&str>, headers: &HeaderMap) -> Credentials {
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty())
         .map(str::to_owned);
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .map(str::to_owned);
+    let bearer = bearer_token::<true>(headers).filter(|v| !v.is_empty());
     c.key = api_key.or(api_key_old).or(header_key).or(bearer);
     c
 }
