@@ -68,7 +68,8 @@ pub(super) struct Inner {
     pub(super) connections: usize,
 }
 
-/// The registry is the broker's [`MessageSink`]: it owns no broker, so there is no cycle.
+/// The registry is the broker's [`MessageSink`](crate::broker::MessageSink): it owns no broker, so
+/// there is no cycle.
 pub struct Registry {
     pub(super) inner: Mutex<Inner>,
     pub(super) metrics: Arc<Metrics>,
