@@ -72,7 +72,12 @@ impl Channels {
         for ch in channels {
             if let Some(e) = self.map.get_mut(ch) {
                 e.refs = e.refs.saturating_sub(1);
-                if e.refs == 0 && e.lingering.is_none() {
+                // The delay queue needs the runtime's timer; a registration dropped outside any
+                // runtime (the node is gone) leaves the channel to the broker's own end.
+                if e.refs == 0
+                    && e.lingering.is_none()
+                    && tokio::runtime::Handle::try_current().is_ok()
+                {
                     e.lingering = Some(self.lingering.insert(ch.clone(), delay));
                 }
             }
