@@ -118,10 +118,6 @@ impl Hub {
         &self.broker
     }
 
-    pub fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
     /// Subscribes the node-wide channel and starts the delayed-unsubscribe reaper.
     pub async fn start(self: &Arc<Self>) -> Result<(), BrokerError> {
         let all = self.registry.names.render(Channel::Everyone);
