@@ -11,7 +11,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, RawQuery, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -20,20 +20,36 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
+use crate::auth::bearer_token;
+use crate::hub::{Channel, Hub};
+use crate::metrics::Metrics;
 use crate::protocol::{self, Kind};
-use crate::server::AppState;
 
 /// Most user ids one request may name.
 const MAX_USERS: usize = 10_000;
 
-pub fn router(state: Arc<AppState>) -> Router<Arc<AppState>> {
-    let limit = state.config.max_api_body;
+/// What the API uses of its node: the hub to publish into, the metrics, its token and body limit.
+pub struct Api {
+    pub hub: Arc<Hub>,
+    pub metrics: Arc<Metrics>,
+    /// `--api-token`; `None` disables the API. Never logged.
+    pub token: Option<String>,
+    /// `--max-api-body`, in bytes.
+    pub max_body: usize,
+}
+
+type ApiState = State<Arc<Api>>;
+
+/// The API's routes, with their own state: nest them into any router.
+pub fn router<S: Clone + Send + Sync + 'static>(api: Arc<Api>) -> Router<S> {
+    let limit = api.max_body;
     Router::new()
         .route("/notifications", post(notifications))
         .route("/chat", post(chat))
         .route("/presence", get(presence))
         .layer(DefaultBodyLimit::max(limit))
-        .layer(middleware::from_fn_with_state(state, require_token))
+        .layer(middleware::from_fn_with_state(api.clone(), require_token))
+        .with_state(api)
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -70,20 +86,15 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn require_token(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+async fn require_token(State(state): ApiState, req: Request, next: Next) -> Response {
     let route = route_of(req.uri().path());
-    let resp = match &state.config.api_token {
+    let resp = match &state.token {
         None => error(
             StatusCode::FORBIDDEN,
             "the publish API is disabled: start wsgate with --api-token (WSGATE_API_TOKEN)",
         ),
         Some(token) => {
-            let given = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .map(str::trim);
+            let given = bearer_token::<false>(req.headers());
             match given {
                 Some(g) if same(g.as_bytes(), token.as_bytes()) => next.run(req).await,
                 Some(_) => error(StatusCode::UNAUTHORIZED, "wrong API token"),
@@ -152,10 +163,7 @@ struct NotificationRequest<'a> {
     notification: Option<&'a RawValue>,
 }
 
-async fn notifications(
-    State(state): State<Arc<AppState>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+async fn notifications(State(state): ApiState, body: Result<Bytes, BytesRejection>) -> Response {
     let body = match body {
         Ok(b) => b,
         Err(e) => return body_error(e),
@@ -176,7 +184,6 @@ async fn notifications(
             "notification.topic is required (a non-empty string)",
         );
     };
-    let registry = state.hub.registry();
     let broadcast = req.broadcast.unwrap_or(false);
     let targets = req.user_ids.is_some() as u8 + req.tenant_id.is_some() as u8 + broadcast as u8;
     if targets != 1 {
@@ -185,26 +192,24 @@ async fn notifications(
             "name exactly one of userIds, tenantId or \"broadcast\": true",
         );
     }
-    let (target, channels) = if let Some(ids) = req.user_ids {
-        match user_list(ids) {
-            Ok(ids) => (
-                "users",
-                ids.iter().map(|u| registry.user_channel(u)).collect(),
-            ),
-            Err(e) => return e.into_response(),
-        }
-    } else if let Some(t) = req.tenant_id {
+    let ids = match req.user_ids.map(user_list).transpose() {
+        Ok(ids) => ids,
+        Err(e) => return e.into_response(),
+    };
+    let (target, channels): (_, Vec<Channel>) = if let Some(ids) = &ids {
+        ("users", ids.iter().map(|u| Channel::User(u)).collect())
+    } else if let Some(t) = &req.tenant_id {
         if t.is_empty() {
             return error(StatusCode::BAD_REQUEST, "tenantId is empty");
         }
-        ("tenant", vec![registry.tenant_channel(&t)])
+        ("tenant", vec![Channel::Tenant(t)])
     } else {
-        ("broadcast", vec![registry.all_channel().to_owned()])
+        ("broadcast", vec![Channel::Everyone])
     };
     let n = channels.len();
     let payload = protocol::encode(Kind::Notification, &topic, notification.get().as_bytes());
     let answer = json!({"topic": topic, "target": target, "channels": n});
-    publish(&state, channels, payload, answer).await
+    publish(&state, &channels, payload, answer).await
 }
 
 #[derive(Deserialize)]
@@ -216,7 +221,7 @@ struct ChatRequest<'a> {
     chat_message: Option<&'a RawValue>,
 }
 
-async fn chat(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn chat(State(state): ApiState, body: Result<Bytes, BytesRejection>) -> Response {
     let body = match body {
         Ok(b) => b,
         Err(e) => return body_error(e),
@@ -238,18 +243,17 @@ async fn chat(State(state): State<Arc<AppState>>, body: Result<Bytes, BytesRejec
         Ok(ids) => ids,
         Err(e) => return e.into_response(),
     };
-    let registry = state.hub.registry();
-    let channels: Vec<String> = ids.iter().map(|u| registry.user_channel(u)).collect();
+    let channels: Vec<Channel> = ids.iter().map(|u| Channel::User(u)).collect();
     let n = channels.len();
     let payload = protocol::encode(Kind::Chat, "", message.get().as_bytes());
     let answer = json!({"target": "users", "channels": n});
-    publish(&state, channels, payload, answer).await
+    publish(&state, &channels, payload, answer).await
 }
 
 /// Publishes one envelope; 202 with `answer` once the broker took it, 503 when it cannot.
 async fn publish(
-    state: &AppState,
-    channels: Vec<String>,
+    state: &Api,
+    channels: &[Channel<'_>],
     payload: bytes::Bytes,
     answer: Value,
 ) -> Response {
@@ -259,7 +263,7 @@ async fn publish(
     }
 }
 
-async fn presence(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Response {
+async fn presence(State(state): ApiState, RawQuery(query): RawQuery) -> Response {
     let mut ids: Vec<String> = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
         .filter(|(k, _)| k == "userId")
         .map(|(_, v)| v.into_owned())

@@ -10,12 +10,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::http::{HeaderMap, HeaderValue};
+use axum_extra::headers::authorization::Credentials;
+use axum_extra::headers::{Authorization, HeaderMapExt};
 use moka::future::Cache;
 use moka::Expiry;
 use sha2::{Digest, Sha256};
 
-use crate::backend::{Backend, BackendError, Identity};
+use crate::backend::{Backend, BackendError};
 use crate::config::Config;
+use crate::identity::Identity;
 use crate::metrics::Metrics;
 
 type KeyHash = [u8; 32];
@@ -38,6 +42,47 @@ impl Expiry<KeyHash, Outcome> for TtlByOutcome {
             Outcome::Rejected => self.negative,
         })
     }
+}
+
+/// The credentials of an `Authorization: Bearer <token>` header, for the headers crate's typed
+/// `Authorization<C>` (what `TypedHeader<Authorization<…>>` extracts). The crate's own `Bearer`
+/// matches the scheme in any case; wsgate has always accepted exactly `Bearer` (and, with
+/// `LOWERCASE`, `bearer` for client keys), so this type says which spellings are read. The token
+/// is trimmed. No `Debug`: it is a secret.
+pub struct BearerToken<const LOWERCASE: bool>(String);
+
+impl<const LOWERCASE: bool> BearerToken<LOWERCASE> {
+    pub fn token(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<const LOWERCASE: bool> Credentials for BearerToken<LOWERCASE> {
+    const SCHEME: &'static str = "Bearer";
+
+    fn decode(value: &HeaderValue) -> Option<Self> {
+        let v = value.to_str().ok()?;
+        let token = match v.strip_prefix("Bearer ") {
+            Some(t) => t,
+            None if LOWERCASE => v.strip_prefix("bearer ")?,
+            None => return None,
+        };
+        Some(BearerToken(token.trim().to_owned()))
+    }
+
+    fn encode(&self) -> HeaderValue {
+        let mut v = HeaderValue::from_str(&format!("Bearer {}", self.0))
+            .unwrap_or(HeaderValue::from_static("Bearer"));
+        v.set_sensitive(true);
+        v
+    }
+}
+
+/// The bearer token of `headers`, if it carries one in an accepted spelling: `Bearer` only on
+/// the publish API (`LOWERCASE = false`), `Bearer` or `bearer` from WebSocket clients.
+pub fn bearer_token<const LOWERCASE: bool>(headers: &HeaderMap) -> Option<String> {
+    let auth: Authorization<BearerToken<LOWERCASE>> = headers.typed_get()?;
+    Some(auth.0 .0)
 }
 
 /// Why a connection could not be authenticated.
@@ -144,10 +189,67 @@ impl Auth {
 
 #[cfg(test)]
 mod tests {
+    use super::{bearer_token, hash};
+    use axum::http::{header, HeaderMap, HeaderValue};
+
+    fn with_auth(value: &'static str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static(value));
+        h
+    }
+
     #[test]
-    fn hash_is_not_the_key() {
-        let h = super::hash("secret-key");
-        assert_ne!(&h[..10], b"secret-key");
-        assert_eq!(h, super::hash("secret-key"));
+    fn bearer_tokens_are_read_as_before() {
+        let cases: [(&'static str, Option<&str>, Option<&str>); 8] = [
+            ("Bearer tok", Some("tok"), Some("tok")),
+            ("bearer tok", Some("tok"), None),
+            ("BEARER tok", None, None),
+            ("Bearer   tok", Some("tok"), Some("tok")),
+            ("Bearer ", Some(""), Some("")),
+            ("Basic dXNlcjpwdw==", None, None),
+            ("Bearertok", None, None),
+            ("tok", None, None),
+        ];
+        for (value, for_client, for_api) in cases {
+            let h = with_auth(value);
+            assert_eq!(bearer_token::<true>(&h).as_deref(), for_client, "{value:?}");
+            assert_eq!(bearer_token::<false>(&h).as_deref(), for_api, "{value:?}");
+        }
+        assert_eq!(bearer_token::<true>(&HeaderMap::new()), None);
+    }
+
+    fn hex(h: &[u8]) -> String {
+        h.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn the_cache_key_is_the_sha256_of_the_api_key() {
+        // FIPS 180-2 test vector: a different digest (or no digest) fails here.
+        assert_eq!(
+            hex(&hash("abc")),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(
+            hash("secret-key"),
+            hash("secret-key"),
+            "equal keys share an entry"
+        );
+        assert_ne!(
+            hash("secret-key"),
+            hash("secret-kez"),
+            "different keys never do"
+        );
+    }
+
+    #[test]
+    fn the_cache_key_does_not_reveal_the_api_key() {
+        let key = "secret-key";
+        let h = hash(key);
+        let shown = format!("{h:?} {}", hex(&h));
+        assert!(!shown.contains(key), "{shown}");
+        assert!(
+            !h.windows(key.len()).any(|w| w == key.as_bytes()),
+            "the digest holds the key's bytes"
+        );
     }
 }

@@ -8,6 +8,7 @@ use std::time::Instant;
 use reqwest::{StatusCode, Url};
 use serde_json::Value;
 
+use crate::identity::Identity;
 use crate::metrics::{BackendCall, Metrics};
 
 /// What a back-end call can end in.
@@ -48,13 +49,6 @@ impl BackendError {
     pub fn is_unavailable(&self) -> bool {
         self.kind().is_some()
     }
-}
-
-/// Who an API key belongs to, as the back-end says.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
-    pub user_id: Arc<str>,
-    pub tenant_id: Option<Arc<str>>,
 }
 
 pub struct Backend {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use moka::future::Cache;
 
 use crate::backend::{Backend, BackendError};
-use crate::hub::Hub;
+use crate::hub::{Channel, Hub};
 use crate::metrics::{IgnoredFrame, Metrics};
 use crate::protocol::{self, Kind};
 
@@ -71,17 +71,17 @@ impl Chat {
         if !members.iter().any(|m| m == sender) {
             return Err(IgnoredFrame::NotMember);
         }
-        let channels: Vec<String> = members
+        let channels: Vec<Channel> = members
             .iter()
             .filter(|m| m.as_str() != sender)
-            .map(|m| hub.registry().user_channel(m))
+            .map(|m| Channel::User(m))
             .collect();
         if channels.is_empty() {
             return Ok(0);
         }
         let n = channels.len();
         let payload = protocol::encode(Kind::Chat, "", frame.frame.as_bytes());
-        hub.publish(channels, payload)
+        hub.publish(&channels, payload)
             .await
             .map_err(|_| IgnoredFrame::BrokerUnavailable)?;
         Ok(n)

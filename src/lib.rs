@@ -3,17 +3,20 @@
 //!
 //! # Layout
 //!
-//! Dependencies point one way: transport → session → hub → broker.
+//! Dependencies point one way: transport ([`server`], [`api`]) → [`session`] → [`chat`] → [`hub`]
+//! → [`broker`]. Nothing imports [`server`]: the session and the API get narrow handles.
 //!
 //! - [`config`]: flags and environment, validated before anything binds (exit 64).
 //! - [`server`]: the two listeners and routers, the pre-upgrade auth, the node's drain.
 //! - [`api`]: the internal publish and presence API on the admin listener.
-//! - [`session`]: one WebSocket: read client frames, write queued messages, ping, close.
+//! - [`session`]: one WebSocket: read client frames, write queued messages, close.
 //! - [`chat`]: chat-room look-up and routing of client chat frames.
-//! - [`auth`]: API key validation, cached in moka by key hash.
+//! - [`auth`]: API key validation, cached in moka by key hash; bearer-token credentials.
 //! - [`backend`]: the Moqui / GrowERP REST calls (Authenticate, ChatRoom).
-//! - [`hub`]: the local registry (users → connections → topics), reference-counted channel
-//!   interest, fan-out into bounded per-connection queues.
+//! - [`identity`]: who a connection belongs to.
+//! - [`hub`]: [`hub::outbound`] (bounded per-connection queues), [`hub::registry`] (users →
+//!   connections → topics), typed [`hub::Channel`]s and their reference counts with delayed
+//!   release, fan-out, the node's ping sweep and drain.
 //! - [`broker`]: the seam between nodes: [`broker::memory`] (one node) and [`broker::redis`].
 //! - [`protocol`]: wire formats with no I/O: client frames and the broker envelope.
 //! - [`metrics`]: one Prometheus registry per node.
@@ -30,6 +33,7 @@ pub mod config;
 pub mod demo;
 pub mod disconnect;
 pub mod hub;
+pub mod identity;
 pub mod metrics;
 pub mod protocol;
 pub mod server;

@@ -25,10 +25,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{Auth, AuthError};
+use crate::api::Api;
+use crate::auth::{bearer_token, Auth, AuthError};
 use crate::backend::Backend;
 use crate::broker::memory::MemoryBroker;
-use crate::broker::redis::RedisBroker;
+use crate::broker::redis::{RedisBroker, RedisSettings};
 use crate::broker::Broker;
 use crate::chat::Chat;
 use crate::config::Config;
@@ -50,8 +51,9 @@ pub struct AppState {
     pub config: Config,
     pub metrics: Arc<Metrics>,
     pub auth: Auth,
-    pub chat: Chat,
     pub hub: Arc<Hub>,
+    /// What each session uses of the node (chat routing, metrics).
+    pub sessions_node: Arc<session::Node>,
     draining: AtomicBool,
     sessions: TaskTracker,
 }
@@ -85,14 +87,24 @@ impl AppState {
             &config.redis_prefix,
             metrics.clone(),
             limits,
-            |sink| -> Arc<dyn Broker> {
+            |sink| -> Broker {
                 match &config.redis_url {
-                    None => Arc::new(MemoryBroker::new(sink)),
-                    Some(url) => match RedisBroker::start(&config, url, sink, metrics.clone()) {
-                        Ok(b) => Arc::new(b),
+                    None => Broker::Memory(MemoryBroker::new(sink)),
+                    Some(url) => match RedisBroker::start(
+                        &RedisSettings {
+                            url: url.clone(),
+                            prefix: config.redis_prefix.clone(),
+                            node_id: config.node_id.clone(),
+                            pool_size: config.redis_pool_size,
+                            presence_ttl: config.presence_ttl,
+                        },
+                        sink,
+                        metrics.clone(),
+                    ) {
+                        Ok(b) => Broker::Redis(b),
                         Err(e) => {
                             broker_error = Some(e);
-                            Arc::new(MemoryBroker::new(Arc::new(NullSink)))
+                            Broker::Memory(MemoryBroker::new(Arc::new(NullSink)))
                         }
                     },
                 }
@@ -106,9 +118,12 @@ impl AppState {
             .map_err(|e| StartError::Broker(e.to_string()))?;
         Ok(Arc::new(AppState {
             config,
-            metrics,
+            metrics: metrics.clone(),
             auth,
-            chat,
+            sessions_node: Arc::new(session::Node {
+                chat,
+                metrics: metrics.clone(),
+            }),
             hub,
             draining: AtomicBool::new(false),
             sessions: TaskTracker::new(),
@@ -144,7 +159,15 @@ pub fn admin_app(state: Arc<AppState>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .nest("/api/v1", crate::api::router(state.clone()))
+        .nest(
+            "/api/v1",
+            crate::api::router(Arc::new(Api {
+                hub: state.hub.clone(),
+                metrics: state.metrics.clone(),
+                token: state.config.api_token.clone(),
+                max_body: state.config.max_api_body,
+            })),
+        )
         .with_state(state)
 }
 
@@ -217,16 +240,7 @@ fn credentials(query: Option<&str>, headers: &HeaderMap) -> Credentials {
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty())
         .map(str::to_owned);
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .map(str::to_owned);
+    let bearer = bearer_token::<true>(headers).filter(|v| !v.is_empty());
     c.key = api_key.or(api_key_old).or(header_key).or(bearer);
     c
 }
@@ -319,12 +333,13 @@ async fn upgrade(
         api_key: key,
     };
     let max = state.config.max_frame_size;
+    let node = state.sessions_node.clone();
     ws.read_buffer_size(READ_BUFFER_SIZE)
         .write_buffer_size(WRITE_BUFFER_SIZE)
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
-            session::run(socket, session, state).await;
+            session::run(socket, session, &node).await;
             drop(token);
         })
 }

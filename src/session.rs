@@ -12,14 +12,21 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::SinkExt;
 
+use crate::chat::Chat;
 use crate::disconnect::CloseReason;
-use crate::hub::{Outgoing, Registration};
+use crate::hub::{Outgoing, Registration, TopicChange};
 use crate::metrics::IgnoredFrame;
+use crate::metrics::Metrics;
 use crate::protocol::{self, Endpoint, NotwsCommand};
-use crate::server::AppState;
 
 /// How long a close frame may take to go out before the socket is simply dropped.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What a session uses of its node: chat routing and the metrics.
+pub struct Node {
+    pub chat: Chat,
+    pub metrics: Arc<Metrics>,
+}
 
 pub struct Session {
     pub registration: Registration,
@@ -29,10 +36,10 @@ pub struct Session {
 
 /// Runs a connection until it closes. Pings, ping timeouts and the drain come from the hub
 /// (one sweep per node, not a timer per connection) through the outbound queue.
-pub async fn run(mut socket: WebSocket, session: Session, state: Arc<AppState>) {
+pub async fn run(mut socket: WebSocket, session: Session, node: &Node) {
     let conn = session.registration.conn.clone();
     let endpoint = conn.endpoint;
-    let m = state.metrics.endpoint(endpoint);
+    let m = node.metrics.endpoint(endpoint);
     m.connections.inc();
     m.opened.inc();
     let mut batch: VecDeque<Outgoing> = VecDeque::new();
@@ -45,11 +52,14 @@ pub async fn run(mut socket: WebSocket, session: Session, state: Arc<AppState>) 
             _ = conn.outbound.ready.notified() => {
                 let wake = conn.outbound.take(&mut batch);
                 if !batch.is_empty() {
-                    let result = tokio::select! {
-                        r = write_batch(&mut socket, &mut batch, &state) => r,
-                        _ = conn.outbound.killed.notified() => Err(()),
+                    let written = tokio::select! {
+                        r = write_batch(&mut socket, &mut batch, node) => match r {
+                            Ok(()) => Written::All,
+                            Err(_) => Written::Failed,
+                        },
+                        _ = conn.outbound.killed.notified() => Written::Killed,
                     };
-                    if result.is_err() {
+                    if written != Written::All {
                         // Either the socket failed, or the queue overflowed while we were
                         // stuck writing; the queue knows which.
                         let mut scratch = VecDeque::new();
@@ -78,7 +88,7 @@ pub async fn run(mut socket: WebSocket, session: Session, state: Arc<AppState>) 
                     // Boxed: the chat path (back-end call, cache) is a large future, and an
                     // inline await would make every idle connection's task carry its size.
                     Message::Text(text) => {
-                        Box::pin(handle_text(&state, &session, endpoint, text)).await
+                        Box::pin(handle_text(node, &session, endpoint, text)).await
                     }
                     Message::Binary(_) => m.ignored(IgnoredFrame::Binary).inc(),
                     Message::Close(_) => break CloseReason::Client,
@@ -113,24 +123,31 @@ pub async fn run(mut socket: WebSocket, session: Session, state: Arc<AppState>) 
     drop(session);
 }
 
+/// How a batch write ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Written {
+    All,
+    /// The socket failed.
+    Failed,
+    /// The gateway closed the connection while the write was stuck (overflow, drain, ping).
+    Killed,
+}
+
 async fn write_batch(
     socket: &mut WebSocket,
     batch: &mut VecDeque<Outgoing>,
-    state: &AppState,
-) -> Result<(), ()> {
+    node: &Node,
+) -> Result<(), axum::Error> {
     // feed() only appends to the socket's write buffer (it writes early only past
     // WRITE_BUFFER_SIZE); flush() then writes the whole batch with as few syscalls as possible.
     for msg in batch.iter() {
-        socket
-            .feed(Message::Text(msg.frame.clone()))
-            .await
-            .map_err(|_| ())?;
+        socket.feed(Message::Text(msg.frame.clone())).await?;
     }
-    socket.flush().await.map_err(|_| ())?;
+    socket.flush().await?;
     let now = protocol::now_micros();
     for msg in batch.drain(..) {
         let secs = now.saturating_sub(msg.published_at) as f64 / 1e6;
-        state.metrics.delivery_latency.observe(secs);
+        node.metrics.delivery_latency.observe(secs);
     }
     Ok(())
 }
@@ -147,16 +164,22 @@ fn read_error(e: axum::Error) -> CloseReason {
     }
 }
 
-async fn handle_text(state: &AppState, session: &Session, endpoint: Endpoint, text: Utf8Bytes) {
+async fn handle_text(node: &Node, session: &Session, endpoint: Endpoint, text: Utf8Bytes) {
     let conn = &session.registration.conn;
-    let m = state.metrics.endpoint(endpoint);
+    let m = node.metrics.endpoint(endpoint);
     match endpoint {
         Endpoint::Notws => match protocol::parse_notws(text.as_str()) {
             NotwsCommand::Subscribe(topics) => {
-                session.registration.hub().set_topics(conn, &topics, true)
+                session
+                    .registration
+                    .hub()
+                    .set_topics(conn, &topics, TopicChange::Subscribe)
             }
             NotwsCommand::Unsubscribe(topics) => {
-                session.registration.hub().set_topics(conn, &topics, false)
+                session
+                    .registration
+                    .hub()
+                    .set_topics(conn, &topics, TopicChange::Unsubscribe)
             }
             NotwsCommand::Unknown => {
                 tracing::debug!(user = %conn.identity.user_id, "unknown command prefix");
@@ -165,7 +188,7 @@ async fn handle_text(state: &AppState, session: &Session, endpoint: Endpoint, te
         },
         Endpoint::Chat => {
             let hub = session.registration.hub();
-            if let Err(kind) = state
+            if let Err(kind) = node
                 .chat
                 .route(hub, text.as_str(), &conn.identity.user_id, &session.api_key)
                 .await

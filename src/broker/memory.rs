@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use super::{ready, Broker, BrokerFuture, MessageSink};
+use super::{Ack, BrokerError, MessageSink, Presence};
 
 #[derive(Default)]
 struct State {
@@ -35,20 +35,20 @@ impl MemoryBroker {
     }
 }
 
-impl Broker for MemoryBroker {
-    fn subscribe(&self, channels: Vec<String>) -> BrokerFuture<()> {
+impl MemoryBroker {
+    pub fn subscribe(&self, channels: Vec<String>) -> Ack {
         self.state.lock().channels.extend(channels);
-        ready(Ok(()))
+        Ack::done(Ok(()))
     }
 
-    fn unsubscribe(&self, channels: Vec<String>) {
+    pub fn unsubscribe(&self, channels: Vec<String>) {
         let mut state = self.state.lock();
         for c in &channels {
             state.channels.remove(c);
         }
     }
 
-    fn publish(&self, channels: Vec<String>, payload: Bytes) -> BrokerFuture<()> {
+    pub fn publish(&self, channels: Vec<String>, payload: Bytes) -> Result<(), BrokerError> {
         let targets: Vec<&str> = {
             let state = self.state.lock();
             channels
@@ -62,33 +62,24 @@ impl Broker for MemoryBroker {
         if !targets.is_empty() {
             self.sink.deliver(&targets, payload);
         }
-        ready(Ok(()))
+        Ok(())
     }
 
-    fn set_online(&self, user_id: Arc<str>, online: bool) -> BrokerFuture<()> {
+    pub fn set_online(&self, user_id: Arc<str>, presence: Presence) -> Ack {
         let mut state = self.state.lock();
-        if online {
-            state.online.insert(user_id, ());
-        } else {
-            state.online.remove(&user_id);
-        }
-        ready(Ok(()))
+        match presence {
+            Presence::Online => state.online.insert(user_id, ()),
+            Presence::Offline => state.online.remove(&user_id),
+        };
+        Ack::done(Ok(()))
     }
 
-    fn presence(&self, user_ids: Vec<String>) -> BrokerFuture<Vec<bool>> {
+    pub fn presence(&self, user_ids: Vec<String>) -> Result<Vec<bool>, BrokerError> {
         let state = self.state.lock();
         let v = user_ids
             .iter()
             .map(|u| state.online.contains_key(u.as_str()))
             .collect();
-        ready(Ok(v))
-    }
-
-    fn is_up(&self) -> bool {
-        true
-    }
-
-    fn shutdown(&self) -> BrokerFuture<()> {
-        ready(Ok(()))
+        Ok(v)
     }
 }

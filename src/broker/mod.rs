@@ -3,18 +3,23 @@
 //!
 //! Ordering contract: [`Broker::subscribe`], [`Broker::unsubscribe`] and [`Broker::set_online`]
 //! take effect in the order they are *called* (the request is queued before the method returns;
-//! the returned future only waits for the acknowledgement). The hub relies on this: it calls them
+//! the returned [`Ack`] only waits for the acknowledgement). The hub relies on this: it calls them
 //! while holding its registry lock, so an unsubscribe decided under the lock can never overtake
 //! a later subscribe of the same channel.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use tokio::sync::oneshot;
 
 pub mod memory;
 pub mod redis;
+
+use memory::MemoryBroker;
+use redis::RedisBroker;
 
 /// Where a broker hands the messages that arrive on subscribed channels.
 pub trait MessageSink: Send + Sync + 'static {
@@ -27,30 +32,132 @@ pub trait MessageSink: Send + Sync + 'static {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
     #[error("broker unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[from] Outage),
     #[error("broker is shutting down")]
     Closed,
 }
 
-pub type BrokerFuture<T> = Pin<Box<dyn Future<Output = Result<T, BrokerError>> + Send + 'static>>;
-
-pub trait Broker: Send + Sync + 'static {
-    /// Subscribes channels (one batch); resolves once the broker acknowledged all of them.
-    fn subscribe(&self, channels: Vec<String>) -> BrokerFuture<()>;
-    /// Unsubscribes channels (one batch), fire and forget.
-    fn unsubscribe(&self, channels: Vec<String>);
-    /// Publishes one payload on many channels in one round trip.
-    fn publish(&self, channels: Vec<String>, payload: Bytes) -> BrokerFuture<()>;
-    /// Marks a user as having (or no longer having) a connection on this node.
-    fn set_online(&self, user_id: Arc<str>, online: bool) -> BrokerFuture<()>;
-    /// Which of these users have a connection on any node.
-    fn presence(&self, user_ids: Vec<String>) -> BrokerFuture<Vec<bool>>;
-    /// True while the broker can deliver (connected, subscriptions restored, canary arriving).
-    fn is_up(&self) -> bool;
-    /// Leaves the cluster cleanly (removes this node's presence). Called once at shutdown.
-    fn shutdown(&self) -> BrokerFuture<()>;
+/// Why the broker cannot serve a request right now.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Outage {
+    #[error("the Redis URL cannot be used")]
+    BadUrl,
+    #[error("Redis did not answer in time")]
+    Timeout,
+    /// The pub/sub connection is down (reconnecting).
+    #[error("Redis is unreachable")]
+    Unreachable,
+    #[error("{0}")]
+    Redis(Arc<::redis::RedisError>),
+    #[error("{0}")]
+    Pool(Arc<deadpool_redis::PoolError>),
+    #[error("{0}")]
+    PoolSetup(Arc<deadpool_redis::BuildError>),
 }
 
-pub(crate) fn ready<T: Send + 'static>(v: Result<T, BrokerError>) -> BrokerFuture<T> {
-    Box::pin(std::future::ready(v))
+/// Whether a user has a connection on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    Online,
+    Offline,
+}
+
+/// The node's broker: in-process for one node, Redis for a cluster. An enum rather than a trait
+/// object: calls are static, and only the acknowledgements need a future type of their own.
+pub enum Broker {
+    Memory(MemoryBroker),
+    Redis(RedisBroker),
+}
+
+impl Broker {
+    /// Subscribes channels (one batch); the returned [`Ack`] resolves once the broker
+    /// acknowledged all of them.
+    pub fn subscribe(&self, channels: Vec<String>) -> Ack {
+        match self {
+            Broker::Memory(b) => b.subscribe(channels),
+            Broker::Redis(b) => b.subscribe(channels),
+        }
+    }
+
+    /// Unsubscribes channels (one batch), fire and forget.
+    pub fn unsubscribe(&self, channels: Vec<String>) {
+        match self {
+            Broker::Memory(b) => b.unsubscribe(channels),
+            Broker::Redis(b) => b.unsubscribe(channels),
+        }
+    }
+
+    /// Publishes one payload on many channels in one round trip.
+    pub async fn publish(&self, channels: Vec<String>, payload: Bytes) -> Result<(), BrokerError> {
+        match self {
+            Broker::Memory(b) => b.publish(channels, payload),
+            Broker::Redis(b) => b.publish(channels, payload).await,
+        }
+    }
+
+    /// Marks a user as having (or no longer having) a connection on this node.
+    pub fn set_online(&self, user_id: Arc<str>, presence: Presence) -> Ack {
+        match self {
+            Broker::Memory(b) => b.set_online(user_id, presence),
+            Broker::Redis(b) => b.set_online(user_id, presence),
+        }
+    }
+
+    /// Which of these users have a connection on any node.
+    pub async fn presence(&self, user_ids: Vec<String>) -> Result<Vec<bool>, BrokerError> {
+        match self {
+            Broker::Memory(b) => b.presence(user_ids),
+            Broker::Redis(b) => b.presence(user_ids).await,
+        }
+    }
+
+    /// True while the broker can deliver (connected, subscriptions restored, canary arriving).
+    pub fn is_up(&self) -> bool {
+        match self {
+            Broker::Memory(_) => true,
+            Broker::Redis(b) => b.is_up(),
+        }
+    }
+
+    /// Leaves the cluster cleanly (removes this node's presence). Called once at shutdown.
+    pub async fn shutdown(&self) -> Result<(), BrokerError> {
+        match self {
+            Broker::Memory(_) => Ok(()),
+            Broker::Redis(b) => b.shutdown().await,
+        }
+    }
+}
+
+/// The acknowledgement of a request that is already queued (see the ordering contract).
+#[must_use = "dropping an Ack does not cancel the request, but its outcome is lost"]
+pub struct Ack(AckState);
+
+enum AckState {
+    Done(Option<Result<(), BrokerError>>),
+    Waiting(oneshot::Receiver<Result<(), BrokerError>>),
+}
+
+impl Ack {
+    pub(crate) fn done(result: Result<(), BrokerError>) -> Ack {
+        Ack(AckState::Done(Some(result)))
+    }
+
+    pub(crate) fn waiting(rx: oneshot::Receiver<Result<(), BrokerError>>) -> Ack {
+        Ack(AckState::Waiting(rx))
+    }
+}
+
+impl Future for Ack {
+    type Output = Result<(), BrokerError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.0 {
+            AckState::Done(result) => {
+                Poll::Ready(result.take().unwrap_or(Err(BrokerError::Closed)))
+            }
+            AckState::Waiting(rx) => Pin::new(rx)
+                .poll(cx)
+                .map(|r| r.unwrap_or(Err(BrokerError::Closed))),
+        }
+    }
 }

@@ -25,9 +25,9 @@ use futures_util::StreamExt;
 use redis::AsyncCommands;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tokio_util::task::AbortOnDropHandle;
 
-use super::{Broker, BrokerError, BrokerFuture, MessageSink};
-use crate::config::Config;
+use super::{Ack, BrokerError, MessageSink, Outage, Presence};
 use crate::metrics::Metrics;
 use crate::protocol::{self, Kind};
 
@@ -43,7 +43,7 @@ const RESTORE_CHUNK: usize = 1000;
 enum Cmd {
     Subscribe(Vec<String>, oneshot::Sender<Result<(), BrokerError>>),
     Unsubscribe(Vec<String>),
-    Online(Arc<str>, bool, oneshot::Sender<Result<(), BrokerError>>),
+    Online(Arc<str>, Presence, oneshot::Sender<Result<(), BrokerError>>),
 }
 
 struct Shared {
@@ -82,8 +82,12 @@ impl Keys {
     }
 }
 
-fn unavailable(e: impl std::fmt::Display) -> BrokerError {
-    BrokerError::Unavailable(e.to_string())
+fn redis_down(e: redis::RedisError) -> BrokerError {
+    BrokerError::Unavailable(Outage::Redis(Arc::new(e)))
+}
+
+fn pool_down(e: deadpool_redis::PoolError) -> BrokerError {
+    BrokerError::Unavailable(Outage::Pool(Arc::new(e)))
 }
 
 async fn timed<T>(
@@ -91,8 +95,8 @@ async fn timed<T>(
 ) -> Result<T, BrokerError> {
     match tokio::time::timeout(COMMAND_TIMEOUT, fut).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(unavailable(e)),
-        Err(_) => Err(unavailable("Redis did not answer in time")),
+        Ok(Err(e)) => Err(redis_down(e)),
+        Err(_) => Err(Outage::Timeout.into()),
     }
 }
 
@@ -100,28 +104,54 @@ fn now_ms() -> u64 {
     protocol::now_micros() / 1000
 }
 
+/// What the Redis broker needs to know, and nothing else (no API token, no back-end).
+#[derive(Clone)]
+pub struct RedisSettings {
+    /// May carry credentials: never logged, never in Debug output.
+    pub url: String,
+    /// Installation prefix of every key and channel.
+    pub prefix: String,
+    /// This node's id, in its presence keys and canary channel.
+    pub node_id: String,
+    /// Connections of the publish pool.
+    pub pool_size: usize,
+    /// How long a node's presence set outlives its last heartbeat.
+    pub presence_ttl: Duration,
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("url", &"<redacted>")
+            .field("prefix", &self.prefix)
+            .field("node_id", &self.node_id)
+            .field("pool_size", &self.pool_size)
+            .field("presence_ttl", &self.presence_ttl)
+            .finish()
+    }
+}
+
 impl RedisBroker {
     /// Starts the broker's tasks; the connection is made in the background, so a node can start
     /// while Redis is still coming up (it reports unready meanwhile).
     pub fn start(
-        cfg: &Config,
-        url: &str,
+        cfg: &RedisSettings,
         sink: Arc<dyn MessageSink>,
         metrics: Arc<Metrics>,
     ) -> Result<RedisBroker, BrokerError> {
-        let client =
-            redis::Client::open(url).map_err(|_| unavailable("the Redis URL cannot be used"))?;
+        let url = cfg.url.as_str();
+        let client = redis::Client::open(url).map_err(|_| Outage::BadUrl)?;
         let pool = deadpool_redis::Config::from_url(url)
             .builder()
-            .map_err(|_| unavailable("the Redis URL cannot be used"))?
-            .max_size(cfg.redis_pool_size)
+            .map_err(|_| Outage::BadUrl)?
+            .max_size(cfg.pool_size)
             .wait_timeout(Some(COMMAND_TIMEOUT))
             .create_timeout(Some(COMMAND_TIMEOUT))
             .recycle_timeout(Some(COMMAND_TIMEOUT))
             .runtime(Runtime::Tokio1)
             .build()
-            .map_err(unavailable)?;
-        let prefix = cfg.redis_prefix.clone();
+            .map_err(|e| Outage::PoolSetup(Arc::new(e)))?;
+        let prefix = cfg.prefix.clone();
         let keys = Keys {
             node_id: cfg.node_id.clone(),
             nodes: format!("{prefix}:nodes"),
@@ -160,91 +190,77 @@ impl RedisBroker {
     }
 }
 
-fn wait(rx: oneshot::Receiver<Result<(), BrokerError>>) -> BrokerFuture<()> {
-    Box::pin(async move { rx.await.unwrap_or(Err(BrokerError::Closed)) })
-}
-
-impl Broker for RedisBroker {
-    fn subscribe(&self, channels: Vec<String>) -> BrokerFuture<()> {
+impl RedisBroker {
+    pub fn subscribe(&self, channels: Vec<String>) -> Ack {
         let (tx, rx) = oneshot::channel();
-        if let Err(e) = self.send(Cmd::Subscribe(channels, tx)) {
-            return super::ready(Err(e));
+        match self.send(Cmd::Subscribe(channels, tx)) {
+            Ok(()) => Ack::waiting(rx),
+            Err(e) => Ack::done(Err(e)),
         }
-        wait(rx)
     }
 
-    fn unsubscribe(&self, channels: Vec<String>) {
+    pub fn unsubscribe(&self, channels: Vec<String>) {
         let _ = self.send(Cmd::Unsubscribe(channels));
     }
 
-    fn publish(&self, channels: Vec<String>, payload: Bytes) -> BrokerFuture<()> {
-        let pool = self.pool.clone();
-        Box::pin(async move {
-            let mut conn = pool.get().await.map_err(unavailable)?;
-            let mut pipe = redis::pipe();
-            for ch in &channels {
-                pipe.publish(ch, payload.as_ref()).ignore();
-            }
-            timed(pipe.query_async::<()>(&mut conn)).await
-        })
-    }
-
-    fn set_online(&self, user_id: Arc<str>, online: bool) -> BrokerFuture<()> {
-        let (tx, rx) = oneshot::channel();
-        if let Err(e) = self.send(Cmd::Online(user_id, online, tx)) {
-            return super::ready(Err(e));
+    pub async fn publish(&self, channels: Vec<String>, payload: Bytes) -> Result<(), BrokerError> {
+        let mut conn = self.pool.get().await.map_err(pool_down)?;
+        let mut pipe = redis::pipe();
+        for ch in &channels {
+            pipe.publish(ch, payload.as_ref()).ignore();
         }
-        wait(rx)
+        timed(pipe.query_async::<()>(&mut conn)).await
     }
 
-    fn presence(&self, user_ids: Vec<String>) -> BrokerFuture<Vec<bool>> {
-        let pool = self.pool.clone();
-        let nodes_key = self.keys.nodes.clone();
-        let keys = self.keys.clone();
+    pub fn set_online(&self, user_id: Arc<str>, presence: Presence) -> Ack {
+        let (tx, rx) = oneshot::channel();
+        match self.send(Cmd::Online(user_id, presence, tx)) {
+            Ok(()) => Ack::waiting(rx),
+            Err(e) => Ack::done(Err(e)),
+        }
+    }
+
+    pub async fn presence(&self, user_ids: Vec<String>) -> Result<Vec<bool>, BrokerError> {
+        let keys = &self.keys;
+        let nodes_key = &keys.nodes;
         let ttl_ms = self.presence_ttl.as_millis() as u64;
-        let prefix = nodes_key.trim_end_matches(":nodes").to_owned();
-        Box::pin(async move {
-            let mut conn = pool.get().await.map_err(unavailable)?;
-            let since = now_ms().saturating_sub(ttl_ms);
-            let nodes: Vec<String> = timed(conn.zrangebyscore(&nodes_key, since, "+inf")).await?;
-            let mut online = vec![false; user_ids.len()];
-            if nodes.is_empty() {
-                return Ok(online);
+        let prefix = nodes_key.trim_end_matches(":nodes");
+        let mut conn = self.pool.get().await.map_err(pool_down)?;
+        let since = now_ms().saturating_sub(ttl_ms);
+        let nodes: Vec<String> = timed(conn.zrangebyscore(nodes_key, since, "+inf")).await?;
+        let mut online = vec![false; user_ids.len()];
+        if nodes.is_empty() {
+            return Ok(online);
+        }
+        let mut pipe = redis::pipe();
+        for node in &nodes {
+            pipe.cmd("SMISMEMBER")
+                .arg(keys.node_users_of(prefix, node))
+                .arg(&user_ids);
+        }
+        let answers: Vec<Vec<bool>> = timed(pipe.query_async(&mut conn)).await?;
+        for per_node in answers {
+            for (o, member) in online.iter_mut().zip(per_node) {
+                *o |= member;
             }
-            let mut pipe = redis::pipe();
-            for node in &nodes {
-                pipe.cmd("SMISMEMBER")
-                    .arg(keys.node_users_of(&prefix, node))
-                    .arg(&user_ids);
-            }
-            let answers: Vec<Vec<bool>> = timed(pipe.query_async(&mut conn)).await?;
-            for per_node in answers {
-                for (o, member) in online.iter_mut().zip(per_node) {
-                    *o |= member;
-                }
-            }
-            Ok(online)
-        })
+        }
+        Ok(online)
     }
 
-    fn is_up(&self) -> bool {
+    pub fn is_up(&self) -> bool {
         self.shared.up.load(Ordering::Relaxed)
     }
 
-    fn shutdown(&self) -> BrokerFuture<()> {
-        let pool = self.pool.clone();
-        let keys = self.keys.clone();
-        let shared = self.shared.clone();
-        Box::pin(async move {
-            shared.up.store(false, Ordering::Relaxed);
-            let mut conn = pool.get().await.map_err(unavailable)?;
-            let mut pipe = redis::pipe();
-            pipe.zrem(&keys.nodes, &keys.node_id)
-                .ignore()
-                .del(&keys.node_users)
-                .ignore();
-            timed(pipe.query_async::<()>(&mut conn)).await
-        })
+    pub async fn shutdown(&self) -> Result<(), BrokerError> {
+        let keys = &self.keys;
+        self.shared.up.store(false, Ordering::Relaxed);
+        let mut conn = self.pool.get().await.map_err(pool_down)?;
+        let mut pipe = redis::pipe();
+        pipe.zrem(&keys.nodes, &keys.node_id)
+            .ignore()
+            .del(&keys.node_users)
+            .ignore();
+        timed(pipe.query_async::<()>(&mut conn)).await
     }
 }
 
@@ -303,19 +319,18 @@ impl Actor {
         match cmd {
             Cmd::Subscribe(chs, tx) => {
                 self.channels.extend(chs);
-                let _ = tx.send(Err(unavailable("Redis is unreachable")));
+                let _ = tx.send(Err(Outage::Unreachable.into()));
             }
             Cmd::Unsubscribe(chs) => {
                 for c in chs {
                     self.channels.remove(&c);
                 }
             }
-            Cmd::Online(user, online, tx) => {
-                if online {
-                    self.online.insert(user);
-                } else {
-                    self.online.remove(&user);
-                }
+            Cmd::Online(user, presence, tx) => {
+                match presence {
+                    Presence::Online => self.online.insert(user),
+                    Presence::Offline => self.online.remove(&user),
+                };
                 let _ = tx.send(Ok(()));
             }
         }
@@ -352,7 +367,7 @@ impl Actor {
                 let _ = lost_tx.send(());
             })
         };
-        let _abort_reader = AbortOnDrop(reader);
+        let _abort_reader = AbortOnDropHandle::new(reader);
 
         // Restore the whole set, then presence, before reporting ready.
         let mut all: Vec<String> = self.channels.iter().cloned().collect();
@@ -442,7 +457,7 @@ impl Actor {
     /// Refreshes this node's presence; `full` re-adds every online user (after a reconnect,
     /// Redis may have lost them).
     async fn heartbeat(&self, full: bool) -> Result<(), BrokerError> {
-        let mut conn = self.pool.get().await.map_err(unavailable)?;
+        let mut conn = self.pool.get().await.map_err(pool_down)?;
         let ttl_ms = self.presence_ttl.as_millis() as u64;
         let now = now_ms();
         let mut pipe = redis::pipe();
@@ -501,21 +516,24 @@ impl Actor {
                     }
                     timed(sink.unsubscribe(&chs)).await?;
                 }
-                Cmd::Online(user, online, tx) => {
-                    let mut ops = vec![(user, online, tx)];
+                Cmd::Online(user, presence, tx) => {
+                    let mut ops = vec![(user, presence, tx)];
                     while let Some(Cmd::Online(..)) = cmds.peek() {
                         if let Some(Cmd::Online(u, o, t)) = cmds.next() {
                             ops.push((u, o, t));
                         }
                     }
                     let mut pipe = redis::pipe();
-                    for (u, o, _) in &ops {
-                        if *o {
-                            self.online.insert(u.clone());
-                            pipe.sadd(&self.keys.node_users, &**u).ignore();
-                        } else {
-                            self.online.remove(u);
-                            pipe.srem(&self.keys.node_users, &**u).ignore();
+                    for (u, presence, _) in &ops {
+                        match presence {
+                            Presence::Online => {
+                                self.online.insert(u.clone());
+                                pipe.sadd(&self.keys.node_users, &**u).ignore();
+                            }
+                            Presence::Offline => {
+                                self.online.remove(u);
+                                pipe.srem(&self.keys.node_users, &**u).ignore();
+                            }
                         }
                     }
                     pipe.cmd("PEXPIRE")
@@ -524,7 +542,7 @@ impl Actor {
                         .ignore();
                     let result = match self.pool.get().await {
                         Ok(mut conn) => timed(pipe.query_async::<()>(&mut conn)).await,
-                        Err(e) => Err(unavailable(e)),
+                        Err(e) => Err(pool_down(e)),
                     };
                     for (_, _, tx) in ops {
                         let _ = tx.send(result.clone());
@@ -535,12 +553,5 @@ impl Actor {
             }
         }
         Ok(())
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

@@ -1,0 +1,385 @@
+//! The node's local registry: users → connections → topic filters, and the reference-counted
+//! set of broker channels those connections need (DESIGN.md section 2).
+//!
+//! - A user's channel (`{prefix}:u:{user}`) and tenant's channel (`{prefix}:t:{tenant}`) are
+//!   subscribed, and acknowledged, before the connection's handshake completes; `{prefix}:all` is
+//!   subscribed for the node's lifetime.
+//! - The last release of a channel is delayed (`--unsubscribe-delay`), so a reconnecting client
+//!   does not make the channel flap; a failed subscribe is rolled back.
+//! - A broker message is decoded once; every local recipient gets the same shared bytes. The
+//!   registry lock is a plain mutex, never held across an `.await`; delivering is a queue push.
+
+//!
+//! Parts: [`outbound`] (a connection's bounded queue), [`registry`] (users, connections, topic
+//! filters), `channels` (reference counts and lingering channels), `fanout` (the broker's
+//! sink), `sweep` (ping sweep and drain); this file ties them to the broker.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio_util::task::AbortOnDropHandle;
+
+use crate::broker::{Ack, Broker, BrokerError, MessageSink, Presence};
+use crate::disconnect::CloseReason;
+use crate::identity::Identity;
+use crate::metrics::Metrics;
+use crate::protocol::{Endpoint, ALL_TOPICS};
+
+mod channel;
+mod channels;
+mod fanout;
+pub mod outbound;
+pub mod registry;
+mod sweep;
+#[cfg(test)]
+mod tests;
+
+pub use channel::Channel;
+use channel::ChannelNames;
+pub use outbound::{Outbound, Outgoing, Wake};
+use registry::{now_ms, ConnEntry, Inner, TopicFilter, UserEntry};
+pub use registry::{Connection, Registry};
+
+/// What a `subscribe:` / `unsubscribe:` command does to a connection's topics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicChange {
+    Subscribe,
+    Unsubscribe,
+}
+
+/// Why a connection could not be registered.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RegisterError {
+    #[error("too many connections for this user on this node")]
+    TooManyConnections,
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+/// The hub: registry plus broker.
+pub struct Hub {
+    registry: Arc<Registry>,
+    broker: Broker,
+    metrics: Arc<Metrics>,
+    next_id: AtomicU64,
+    max_per_user: usize,
+    queue_messages: usize,
+    queue_bytes: usize,
+    unsubscribe_delay: Duration,
+    ping_interval: Duration,
+    /// The lingering-channel reaper; aborted when the hub goes.
+    reaper: Mutex<Option<AbortOnDropHandle<()>>>,
+}
+
+/// Limits a hub applies to every connection.
+#[derive(Debug, Clone)]
+pub struct HubLimits {
+    pub max_connections_per_user: usize,
+    pub outbound_queue: usize,
+    pub outbound_queue_bytes: usize,
+    pub unsubscribe_delay: Duration,
+    pub ping_interval: Duration,
+}
+
+impl Hub {
+    /// Builds the registry first, then the broker around it (the broker delivers into it).
+    pub fn new(
+        prefix: &str,
+        metrics: Arc<Metrics>,
+        limits: HubLimits,
+        make_broker: impl FnOnce(Arc<dyn MessageSink>) -> Broker,
+    ) -> Arc<Hub> {
+        let registry = Arc::new(Registry {
+            inner: Mutex::new(Inner::default()),
+            metrics: metrics.clone(),
+            names: ChannelNames::new(prefix),
+        });
+        let broker = make_broker(registry.clone());
+        Arc::new(Hub {
+            registry,
+            broker,
+            metrics,
+            next_id: AtomicU64::new(1),
+            max_per_user: limits.max_connections_per_user,
+            queue_messages: limits.outbound_queue,
+            queue_bytes: limits.outbound_queue_bytes,
+            unsubscribe_delay: limits.unsubscribe_delay,
+            ping_interval: limits.ping_interval,
+            reaper: Mutex::new(None),
+        })
+    }
+
+    pub fn broker(&self) -> &Broker {
+        &self.broker
+    }
+
+    /// Subscribes the node-wide channel and starts the delayed-unsubscribe reaper.
+    pub async fn start(self: &Arc<Self>) -> Result<(), BrokerError> {
+        let all = self.registry.names.render(Channel::Everyone);
+        let fut = {
+            let mut inner = self.registry.inner.lock();
+            inner.channels.pin(&all);
+            self.metrics
+                .broker_channels
+                .set(inner.channels.len() as i64);
+            self.broker.subscribe(vec![all])
+        };
+        *self.reaper.lock() = Some(AbortOnDropHandle::new(tokio::spawn(reaper(
+            Arc::downgrade(self),
+        ))));
+        tokio::spawn(sweep::heartbeat(Arc::downgrade(self), self.ping_interval));
+        // The node may start while the broker is still connecting: the broker restores its set
+        // when it comes up, and readiness says 503 meanwhile.
+        tokio::spawn(async move {
+            if let Err(e) = fut.await {
+                tracing::warn!(error = %e, "subscribing the broadcast channel is deferred");
+            }
+        });
+        Ok(())
+    }
+
+    /// Registers a connection before its handshake completes: its user's and tenant's channels
+    /// are subscribed and acknowledged when this returns, so nothing published afterwards is
+    /// missed. The returned guard unregisters on drop.
+    pub async fn register(
+        self: &Arc<Self>,
+        identity: Identity,
+        endpoint: Endpoint,
+    ) -> Result<Registration, RegisterError> {
+        let conn = Arc::new(Connection {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            endpoint,
+            identity: identity.clone(),
+            outbound: Outbound::new(self.queue_messages, self.queue_bytes),
+            last_seen: AtomicU64::new(now_ms()),
+        });
+        let names = &self.registry.names;
+        let mut channels = vec![names.render(Channel::User(&identity.user_id))];
+        if let Some(t) = &identity.tenant_id {
+            channels.push(names.render(Channel::Tenant(t)));
+        }
+        let (subscribed, online) = {
+            let mut inner = self.registry.inner.lock();
+            let first = match inner.users.get(&identity.user_id) {
+                Some(u) => {
+                    if self.max_per_user > 0 && u.conns.len() >= self.max_per_user {
+                        return Err(RegisterError::TooManyConnections);
+                    }
+                    false
+                }
+                None => true,
+            };
+            let user = inner
+                .users
+                .entry(identity.user_id.clone())
+                .or_insert_with(|| UserEntry {
+                    conns: Vec::new(),
+                    tenant: identity.tenant_id.clone(),
+                });
+            user.conns.push(ConnEntry {
+                conn: conn.clone(),
+                topics: TopicFilter::default(),
+            });
+            if let Some(t) = &identity.tenant_id {
+                inner
+                    .tenants
+                    .entry(t.clone())
+                    .or_default()
+                    .insert(identity.user_id.clone());
+            }
+            inner.connections += 1;
+            let subscribed = self.acquire(&mut inner, &channels);
+            let online = first.then(|| {
+                self.broker
+                    .set_online(identity.user_id.clone(), Presence::Online)
+            });
+            (subscribed, online)
+        };
+        let registration = Registration {
+            hub: self.clone(),
+            conn,
+            channels: channels.clone(),
+        };
+        // On error the registration is dropped here, which unregisters and releases.
+        if let Some(fut) = subscribed {
+            fut.await?;
+            self.confirm(&channels);
+        }
+        if let Some(fut) = online {
+            fut.await?;
+        }
+        Ok(registration)
+    }
+
+    /// Takes references on channels; returns the broker subscription to await for those that
+    /// are not yet confirmed. Called with the registry lock held (ordering contract).
+    fn acquire(&self, inner: &mut Inner, channels: &[String]) -> Option<Ack> {
+        let need = inner.channels.acquire(channels);
+        self.metrics
+            .broker_channels
+            .set(inner.channels.len() as i64);
+        (!need.is_empty()).then(|| self.broker.subscribe(need))
+    }
+
+    fn confirm(&self, channels: &[String]) {
+        self.registry.inner.lock().channels.confirm(channels);
+    }
+
+    fn release(&self, inner: &mut Inner, channels: &[String]) {
+        inner.channels.release(channels, self.unsubscribe_delay);
+    }
+
+    /// Unsubscribes the channels whose delay ran out and that nobody took again; `Pending`
+    /// until there are some.
+    fn poll_reap(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut inner = self.registry.inner.lock();
+        let gone = std::task::ready!(inner.channels.poll_expired(cx));
+        self.metrics
+            .broker_channels
+            .set(inner.channels.len() as i64);
+        // Queued under the lock: a later subscribe of the same channel comes after it.
+        self.broker.unsubscribe(gone);
+        Poll::Ready(())
+    }
+
+    fn unregister(&self, conn: &Connection, channels: &[String]) {
+        let mut inner = self.registry.inner.lock();
+        let user_id = &conn.identity.user_id;
+        let mut removed_topics = 0usize;
+        let mut found = false;
+        let mut last = false;
+        if let Some(user) = inner.users.get_mut(user_id) {
+            if let Some(pos) = user.conns.iter().position(|c| c.conn.id == conn.id) {
+                let entry = user.conns.swap_remove(pos);
+                removed_topics = entry.topics.topics.len();
+                found = true;
+            }
+            last = user.conns.is_empty();
+        }
+        if !found {
+            return;
+        }
+        inner.connections -= 1;
+        if last {
+            if let Some(user) = inner.users.remove(user_id) {
+                if let Some(t) = user.tenant {
+                    if let Some(set) = inner.tenants.get_mut(&t) {
+                        set.remove(user_id);
+                        if set.is_empty() {
+                            inner.tenants.remove(&t);
+                        }
+                    }
+                }
+            }
+            // Presence is exact: the user leaves now, not after the unsubscribe delay.
+            drop(self.broker.set_online(user_id.clone(), Presence::Offline));
+        }
+        self.release(&mut inner, channels);
+        self.metrics.topic_subscriptions.sub(removed_topics as i64);
+    }
+
+    /// Applies `subscribe:` / `unsubscribe:` topics to a connection.
+    pub fn set_topics(&self, conn: &Connection, topics: &[&str], change: TopicChange) {
+        let mut inner = self.registry.inner.lock();
+        let Some(user) = inner.users.get_mut(&conn.identity.user_id) else {
+            return;
+        };
+        let Some(entry) = user.conns.iter_mut().find(|c| c.conn.id == conn.id) else {
+            return;
+        };
+        let before = entry.topics.topics.len() as i64;
+        for t in topics {
+            match change {
+                TopicChange::Subscribe => entry.topics.topics.insert(Box::from(*t)),
+                TopicChange::Unsubscribe => entry.topics.topics.remove(*t),
+            };
+        }
+        if entry.topics.topics.is_empty() {
+            // Give the memory back: an idle connection should cost as little as possible.
+            entry.topics.topics = HashSet::new();
+        }
+        entry.topics.all = entry.topics.topics.contains(ALL_TOPICS);
+        let after = entry.topics.topics.len() as i64;
+        self.metrics.topic_subscriptions.add(after - before);
+    }
+
+    /// Publishes one envelope to many channels: encoded once, one broker round trip.
+    pub async fn publish(
+        &self,
+        channels: &[Channel<'_>],
+        payload: Bytes,
+    ) -> Result<(), BrokerError> {
+        let n = channels.len() as u64;
+        let names = &self.registry.names;
+        let channels = channels.iter().map(|c| names.render(*c)).collect();
+        let started = Instant::now();
+        let result = self.broker.publish(channels, payload).await;
+        self.metrics
+            .broker_publish_duration
+            .observe(started.elapsed().as_secs_f64());
+        match &result {
+            Ok(()) => self.metrics.broker_published.inc_by(n),
+            Err(_) => self.metrics.broker_publish_errors.inc(),
+        }
+        result
+    }
+
+    /// Closes every connection with `reason` (used only when the node stops without a drain).
+    pub fn close_all(&self, reason: CloseReason) {
+        let inner = self.registry.inner.lock();
+        for user in inner.users.values() {
+            for c in &user.conns {
+                c.conn.outbound.close(reason);
+            }
+        }
+    }
+
+    /// Open connections on this node.
+    pub fn connections(&self) -> usize {
+        self.registry.inner.lock().connections
+    }
+
+    /// Channels this node holds, with their reference counts (tests, debugging).
+    pub fn channel_refs(&self) -> Vec<(String, usize)> {
+        self.registry.inner.lock().channels.refs()
+    }
+}
+
+/// Unsubscribes lingering channels when their delay runs out; woken by the delay queue only.
+async fn reaper(hub: Weak<Hub>) {
+    loop {
+        let alive = std::future::poll_fn(|cx| match hub.upgrade() {
+            None => Poll::Ready(false),
+            Some(hub) => hub.poll_reap(cx).map(|()| true),
+        })
+        .await;
+        if !alive {
+            return;
+        }
+    }
+}
+
+/// A registered connection. Dropping it unregisters the connection and releases its channels,
+/// whether the socket ran, failed to upgrade, or the registration was abandoned half way.
+pub struct Registration {
+    hub: Arc<Hub>,
+    pub conn: Arc<Connection>,
+    channels: Vec<String>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.hub.unregister(&self.conn, &self.channels);
+    }
+}
+
+impl Registration {
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+}

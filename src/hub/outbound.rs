@@ -1,0 +1,130 @@
+//! A connection's bounded outbound queue: what the fan-out pushes and the session writes.
+
+use std::collections::VecDeque;
+
+use axum::extract::ws::Utf8Bytes;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::disconnect::CloseReason;
+
+/// One message waiting to be written to a socket.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub frame: Utf8Bytes,
+    /// Publisher's timestamp (µs since the epoch), for the delivery-latency histogram.
+    pub published_at: u64,
+}
+
+struct QueueState {
+    queue: VecDeque<Outgoing>,
+    bytes: usize,
+    closed: Option<CloseReason>,
+    /// The node's heartbeat asks the session to send a ping.
+    ping: bool,
+}
+
+/// What the writer finds when it wakes.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Wake {
+    /// Close the connection with this reason after writing what was taken.
+    pub close: Option<CloseReason>,
+    /// Send a ping.
+    pub ping: bool,
+}
+
+/// A connection's bounded outbound queue (messages and bytes). Pushing never blocks: a full
+/// queue closes the connection as a slow consumer, so one client that does not read can neither
+/// grow memory nor slow the other recipients.
+pub struct Outbound {
+    state: Mutex<QueueState>,
+    max_messages: usize,
+    max_bytes: usize,
+    /// Wakes the writer when the queue goes from empty to non-empty, or on close.
+    pub(crate) ready: Notify,
+    /// Wakes a writer stuck in a socket write when the connection is closed by the gateway.
+    pub(crate) killed: Notify,
+}
+
+/// Why a push did not queue the message.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Push {
+    Queued,
+    /// The queue overflowed just now: the connection is being closed.
+    Overflow,
+    /// The connection is already closing.
+    Closed,
+}
+
+impl Outbound {
+    pub(super) fn new(max_messages: usize, max_bytes: usize) -> Outbound {
+        Outbound {
+            state: Mutex::new(QueueState {
+                queue: VecDeque::new(),
+                bytes: 0,
+                closed: None,
+                ping: false,
+            }),
+            max_messages,
+            max_bytes,
+            ready: Notify::new(),
+            killed: Notify::new(),
+        }
+    }
+
+    pub(super) fn push(&self, msg: &Outgoing) -> Push {
+        let mut s = self.state.lock();
+        if s.closed.is_some() {
+            return Push::Closed;
+        }
+        let len = msg.frame.len();
+        if s.queue.len() >= self.max_messages || s.bytes + len > self.max_bytes {
+            s.closed = Some(CloseReason::SlowConsumer);
+            s.queue = VecDeque::new();
+            s.bytes = 0;
+            drop(s);
+            self.ready.notify_one();
+            self.killed.notify_one();
+            return Push::Overflow;
+        }
+        let was_empty = s.queue.is_empty();
+        s.bytes += len;
+        s.queue.push_back(msg.clone());
+        drop(s);
+        if was_empty {
+            self.ready.notify_one();
+        }
+        Push::Queued
+    }
+
+    /// Moves every queued message into `into` (which must be empty), so the writer can feed them
+    /// all and flush once, and says whether to ping or close. Messages queued before a drain
+    /// close are still written; an overflow has already discarded the queue.
+    pub fn take(&self, into: &mut VecDeque<Outgoing>) -> Wake {
+        let mut s = self.state.lock();
+        std::mem::swap(&mut s.queue, into);
+        s.bytes = 0;
+        Wake {
+            close: s.closed,
+            ping: std::mem::take(&mut s.ping),
+        }
+    }
+
+    pub(super) fn request_ping(&self) {
+        let mut s = self.state.lock();
+        s.ping = true;
+        drop(s);
+        self.ready.notify_one();
+    }
+
+    /// Closes the connection from the gateway's side.
+    pub fn close(&self, reason: CloseReason) {
+        let mut s = self.state.lock();
+        if s.closed.is_none() {
+            s.closed = Some(reason);
+        }
+        drop(s);
+        self.ready.notify_one();
+        self.killed.notify_one();
+    }
+}

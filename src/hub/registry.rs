@@ -1,0 +1,77 @@
+//! The registry: users → connections → topic filters, the tenants' users, the node's channels.
+//! One plain mutex guards it, never held across an `.await`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::channel::ChannelNames;
+use super::channels::Channels;
+use super::outbound::Outbound;
+use crate::identity::Identity;
+use crate::metrics::Metrics;
+use crate::protocol::{self, Endpoint};
+
+/// What the session holds of its connection.
+pub struct Connection {
+    pub id: u64,
+    pub endpoint: Endpoint,
+    pub identity: Identity,
+    pub outbound: Outbound,
+    /// When the peer last sent anything (ms since the epoch), for the node's ping sweep.
+    pub(super) last_seen: AtomicU64,
+}
+
+pub(super) fn now_ms() -> u64 {
+    protocol::now_micros() / 1000
+}
+
+impl Connection {
+    /// Records that the peer is alive (any frame, pongs included).
+    pub fn touch(&self) {
+        self.last_seen.store(now_ms(), Ordering::Relaxed);
+    }
+}
+
+/// A connection's topics; `ALL` matches everything.
+#[derive(Default)]
+pub(super) struct TopicFilter {
+    /// `ALL` is subscribed: the common GrowERP case costs no hashing per delivery.
+    pub(super) all: bool,
+    /// An empty set allocates nothing.
+    pub(super) topics: HashSet<Box<str>>,
+}
+
+impl TopicFilter {
+    pub(super) fn matches(&self, topic: &str) -> bool {
+        self.all || (!self.topics.is_empty() && self.topics.contains(topic))
+    }
+}
+
+pub(super) struct ConnEntry {
+    pub(super) conn: Arc<Connection>,
+    pub(super) topics: TopicFilter,
+}
+
+pub(super) struct UserEntry {
+    pub(super) conns: Vec<ConnEntry>,
+    pub(super) tenant: Option<Arc<str>>,
+}
+
+#[derive(Default)]
+pub(super) struct Inner {
+    pub(super) users: HashMap<Arc<str>, UserEntry>,
+    pub(super) tenants: HashMap<Arc<str>, HashSet<Arc<str>>>,
+    pub(super) channels: Channels,
+    pub(super) connections: usize,
+}
+
+/// The registry is the broker's [`MessageSink`](crate::broker::MessageSink): it owns no broker, so
+/// there is no cycle.
+pub struct Registry {
+    pub(super) inner: Mutex<Inner>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) names: ChannelNames,
+}

@@ -1,0 +1,204 @@
+//! The hub's unit tests.
+
+use std::collections::VecDeque;
+
+use super::*;
+use crate::broker::memory::MemoryBroker;
+use crate::protocol::{self, Kind};
+
+/// The hub's in-process broker, for looking at its subscriptions.
+struct Mem(Arc<Hub>);
+
+impl Mem {
+    fn channels(&self) -> Vec<String> {
+        match self.0.broker() {
+            Broker::Memory(m) => m.channels(),
+            Broker::Redis(_) => unreachable!("hub tests run on the in-process broker"),
+        }
+    }
+}
+
+fn hub(delay_ms: u64) -> (Arc<Hub>, Mem) {
+    let metrics = Arc::new(Metrics::new());
+    let hub = Hub::new(
+        "t",
+        metrics,
+        HubLimits {
+            max_connections_per_user: 2,
+            outbound_queue: 4,
+            outbound_queue_bytes: 1 << 20,
+            unsubscribe_delay: Duration::from_millis(delay_ms),
+            ping_interval: Duration::from_secs(30),
+        },
+        |sink| Broker::Memory(MemoryBroker::new(sink)),
+    );
+    (hub.clone(), Mem(hub))
+}
+
+fn id(user: &str, tenant: Option<&str>) -> Identity {
+    Identity {
+        user_id: Arc::from(user),
+        tenant_id: tenant.map(Arc::from),
+    }
+}
+
+fn subscribed(mem: &Mem, channel: &str) -> bool {
+    mem.channels().iter().any(|c| c == channel)
+}
+
+/// Lets the hub's tasks (the reaper) run at the current (paused) instant.
+async fn settle() {
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+}
+
+// Paused time: the clock moves only when every task is idle, straight to the next timer, so
+// these tests are exact and never wait for real.
+#[tokio::test(start_paused = true)]
+async fn channels_are_reference_counted_and_released_after_the_delay() {
+    let (hub, mem) = hub(50);
+    hub.start().await.expect("start");
+    let a = hub
+        .register(id("u1", Some("T")), Endpoint::Notws)
+        .await
+        .expect("register");
+    let b = hub
+        .register(id("u1", Some("T")), Endpoint::Chat)
+        .await
+        .expect("register");
+    let mut chans = mem.channels();
+    chans.sort();
+    assert_eq!(chans, vec!["t:all", "t:t:T", "t:u:u1"]);
+    drop(a);
+    assert!(subscribed(&mem, "t:u:u1"));
+    drop(b);
+    tokio::time::sleep(Duration::from_millis(49)).await;
+    settle().await;
+    assert!(subscribed(&mem, "t:u:u1"), "still there during the delay");
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    settle().await;
+    assert_eq!(mem.channels(), vec!["t:all"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn reconnect_within_the_delay_keeps_the_channel() {
+    let (hub, mem) = hub(200);
+    hub.start().await.expect("start");
+    let a = hub
+        .register(id("u1", None), Endpoint::Notws)
+        .await
+        .expect("register");
+    drop(a);
+    // The client takes a while to come back; the reaper runs meanwhile.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    settle().await;
+    assert!(
+        subscribed(&mem, "t:u:u1"),
+        "dropped before the delay ran out"
+    );
+    let _b = hub
+        .register(id("u1", None), Endpoint::Notws)
+        .await
+        .expect("register");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    settle().await;
+    assert!(subscribed(&mem, "t:u:u1"));
+    assert_eq!(
+        hub.channel_refs(),
+        vec![("t:all".to_string(), 1), ("t:u:u1".to_string(), 1)]
+    );
+}
+
+/// Released at 0 (deadline 1000), taken again at 500, released again at 600: the channel must
+/// live until 1600, not go at the first, stale deadline.
+#[tokio::test(start_paused = true)]
+async fn a_channel_released_again_lingers_from_its_latest_release() {
+    let (hub, mem) = hub(1000);
+    hub.start().await.expect("start");
+    let a = hub
+        .register(id("u1", None), Endpoint::Notws)
+        .await
+        .expect("register");
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let b = hub
+        .register(id("u1", None), Endpoint::Notws)
+        .await
+        .expect("register");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(b);
+    tokio::time::sleep(Duration::from_millis(500)).await; // t = 1100
+    settle().await;
+    assert!(
+        subscribed(&mem, "t:u:u1"),
+        "dropped at the deadline of an earlier release"
+    );
+    tokio::time::sleep(Duration::from_millis(501)).await; // t = 1601
+    settle().await;
+    assert!(!subscribed(&mem, "t:u:u1"), "kept past its latest deadline");
+}
+
+#[tokio::test]
+async fn per_user_limit() {
+    let (hub, _) = hub(10);
+    let _a = hub.register(id("u", None), Endpoint::Notws).await;
+    let _b = hub.register(id("u", None), Endpoint::Notws).await;
+    assert!(matches!(
+        hub.register(id("u", None), Endpoint::Notws).await,
+        Err(RegisterError::TooManyConnections)
+    ));
+}
+
+#[tokio::test]
+async fn topic_filter_and_shared_bytes() {
+    let (hub, _) = hub(10);
+    hub.start().await.expect("start");
+    let a = hub
+        .register(id("u", None), Endpoint::Notws)
+        .await
+        .expect("register");
+    let b = hub
+        .register(id("u", None), Endpoint::Notws)
+        .await
+        .expect("register");
+    hub.set_topics(&a.conn, &["A", "B"], TopicChange::Subscribe);
+    hub.set_topics(&b.conn, &["ALL"], TopicChange::Subscribe);
+    for topic in ["A", "C"] {
+        let frame = format!(r#"{{"topic":"{topic}"}}"#);
+        let env = protocol::encode(Kind::Notification, topic, frame.as_bytes());
+        hub.publish(&[Channel::User("u")], env)
+            .await
+            .expect("publish");
+    }
+    let mut qa = VecDeque::new();
+    let mut qb = VecDeque::new();
+    assert_eq!(a.conn.outbound.take(&mut qa), Wake::default());
+    assert_eq!(b.conn.outbound.take(&mut qb), Wake::default());
+    assert_eq!(qa.len(), 1);
+    assert_eq!(qb.len(), 2);
+    assert_eq!(qa[0].frame.as_str(), r#"{"topic":"A"}"#);
+    // Same allocation handed to both recipients.
+    assert_eq!(qa[0].frame.as_ptr(), qb[0].frame.as_ptr());
+}
+
+#[tokio::test]
+async fn overflow_closes_as_slow_consumer() {
+    let (hub, _) = hub(10);
+    hub.start().await.expect("start");
+    let a = hub
+        .register(id("u", None), Endpoint::Notws)
+        .await
+        .expect("register");
+    hub.set_topics(&a.conn, &["ALL"], TopicChange::Subscribe);
+    for _ in 0..10 {
+        let env = protocol::encode(Kind::Notification, "X", b"{}");
+        hub.publish(&[Channel::User("u")], env)
+            .await
+            .expect("publish");
+    }
+    let mut q = VecDeque::new();
+    let wake = a.conn.outbound.take(&mut q);
+    assert_eq!(wake.close, Some(CloseReason::SlowConsumer));
+    assert!(q.is_empty(), "an overflow discards the queue");
+}
