@@ -1,6 +1,8 @@
-//! API key validation with a moka cache in front of the back-end.
+//! Credential validation (API keys and browser session cookies) with a moka cache in front of
+//! the back-end.
 //!
-//! - Keyed by the SHA-256 of the key: the raw key is never stored, logged or counted.
+//! - Keyed by the SHA-256 of the credential (its kind and value): the raw key or cookie is never
+//!   stored, logged or counted. Keys and cookies share one cache and the same rules below.
 //! - Accepted keys live `--auth-ttl`, rejected keys `--auth-negative-ttl` (per-entry expiry).
 //! - Concurrent misses for one key are coalesced into one back-end call (moka's
 //!   `or_try_insert_with`): a reconnect storm of N tabs costs one call, not N.
@@ -14,7 +16,7 @@ use moka::future::Cache;
 use moka::Expiry;
 use sha2::{Digest, Sha256};
 
-use crate::backend::{Backend, BackendError, Identity};
+use crate::backend::{Backend, BackendError, Credential, Identity};
 use crate::config::Config;
 use crate::metrics::Metrics;
 
@@ -43,7 +45,7 @@ impl Expiry<KeyHash, Outcome> for TtlByOutcome {
 /// Why a connection could not be authenticated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
-    #[error("API key rejected")]
+    #[error("credential rejected")]
     Rejected,
     #[error("authentication back-end unavailable")]
     Unavailable,
@@ -56,8 +58,16 @@ pub struct Auth {
     metrics: Arc<Metrics>,
 }
 
-fn hash(key: &str) -> KeyHash {
-    Sha256::digest(key.as_bytes()).into()
+/// The cache key: a tag for the kind, so that a key and a cookie with the same text differ.
+fn hash(credential: &Credential) -> KeyHash {
+    let (tag, value): (&[u8], &str) = match credential {
+        Credential::ApiKey(k) => (b"key\0", k),
+        Credential::SessionCookies(c) => (b"cookie\0", c),
+    };
+    let mut h = Sha256::new();
+    h.update(tag);
+    h.update(value.as_bytes());
+    h.finalize().into()
 }
 
 impl Auth {
@@ -83,15 +93,15 @@ impl Auth {
         }
     }
 
-    /// Who this key belongs to. One back-end call per key per TTL at most, however many
-    /// connections ask at once.
-    pub async fn authenticate(&self, key: &str) -> Result<Identity, AuthError> {
-        let h = hash(key);
+    /// Who this credential belongs to. One back-end call per credential per TTL at most, however
+    /// many connections ask at once.
+    pub async fn authenticate(&self, credential: &Credential) -> Result<Identity, AuthError> {
+        let h = hash(credential);
         let entry = self
             .cache
             .entry(h)
             .or_try_insert_with(async {
-                match self.backend.authenticate(key).await {
+                match self.backend.authenticate(credential).await {
                     Ok(id) => Ok(Outcome::Valid(id)),
                     Err(BackendError::Rejected) | Err(BackendError::NotFound) => {
                         Ok(Outcome::Rejected)
@@ -144,10 +154,19 @@ impl Auth {
 
 #[cfg(test)]
 mod tests {
+    use crate::backend::Credential;
+
     #[test]
     fn hash_is_not_the_key() {
-        let h = super::hash("secret-key");
+        let key = Credential::ApiKey("secret-key".into());
+        let h = super::hash(&key);
         assert_ne!(&h[..10], b"secret-key");
-        assert_eq!(h, super::hash("secret-key"));
+        assert_eq!(h, super::hash(&key));
+        let cookie = Credential::SessionCookies("secret-key".into());
+        assert_ne!(
+            h,
+            super::hash(&cookie),
+            "a key and a cookie never share an entry"
+        );
     }
 }
