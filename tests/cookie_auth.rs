@@ -6,6 +6,7 @@ mod common;
 
 use std::process::Command;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use serde_json::json;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -216,6 +217,39 @@ async fn cookie_answers_are_cached_and_concurrent_misses_coalesce() {
         whoami_calls(&backend),
         2,
         "50 concurrent connects with one new cookie cost one call"
+    );
+}
+
+#[tokio::test]
+async fn a_known_session_is_served_stale_while_the_backend_is_down() {
+    let backend = Backend::start().await;
+    let mut cfg = config(&backend);
+    cfg.auth_ttl = Duration::from_millis(200);
+    cfg.auth_serve_stale = Duration::from_secs(30);
+    let node = Node::start(cfg).await;
+    let cookie = ("Cookie", "JSESSIONID=sess-carol");
+    open(&node.ws("/notws"), &[cookie]).await.expect("fresh");
+    backend.set_mode(Mode::Fail);
+    let calls = whoami_calls(&backend);
+    let url = node.ws("/notws");
+    let backend = &backend;
+    // Once the fresh entry has expired the back-end is asked again, fails, and the last
+    // accepted answer is used.
+    eventually(Duration::from_secs(5), "the entry expires", || {
+        let url = url.clone();
+        async move {
+            let ok = open(&url, &[cookie]).await.is_ok();
+            assert!(ok, "a known session is accepted while the back-end fails");
+            whoami_calls(backend) > calls
+        }
+    })
+    .await;
+    assert_eq!(
+        open(&node.ws("/notws"), &[("Cookie", "JSESSIONID=sess-bob")])
+            .await
+            .err(),
+        Some(503),
+        "an unknown session has nothing stale to fall back on"
     );
 }
 

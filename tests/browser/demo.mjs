@@ -64,6 +64,8 @@ try {
   const publishMs = Date.now() - started;
   const result = await john.page.textContent("#publish-result");
   if (!/202/.test(result)) throw new Error(`publish answered: ${result}`);
+  // The publish API's token stays on the back-end.
+  if ((await john.page.content()).includes("demo-token")) throw new Error("the page shows the API token");
 
   // Chat: john writes, jane's page shows it.
   const line = `hi jane ${tag}`;
