@@ -390,3 +390,68 @@ fn bad_session_and_origin_flags_exit_64() {
         assert!(stderr.contains(flag), "{args:?}: {stderr}");
     }
 }
+
+/// Logs a demo user in on the built-in demo back-end; returns its `Cookie` header value.
+async fn demo_login(backend: &str, user: &str) -> String {
+    let resp = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+        .post(format!("{backend}/login"))
+        .form(&[("user", user)])
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(resp.status().as_u16(), 303);
+    let set = resp
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .expect("a session cookie");
+    set.split(';').next().expect("name=value").to_string()
+}
+
+#[tokio::test]
+async fn chat_from_a_cookie_session_asks_room_members_with_the_cookie() {
+    // The built-in demo back-end: web sessions, whoami, and a ChatRoom call that answers only
+    // for a key or a session, as Moqui does.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let stats = std::sync::Arc::new(wsgate::demo::Stats::default());
+    let app = wsgate::demo::backend_app(stats.clone());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let backend_url = format!("http://{addr}");
+    let mut cfg = wsgate::config::Config::for_backend(&backend_url).expect("config");
+    cfg.unsubscribe_delay = Duration::from_millis(100);
+    let node = Node::start(cfg).await;
+
+    let john = demo_login(&backend_url, "john").await;
+    let jane = demo_login(&backend_url, "jane").await;
+    let (mut john_ws, _) = open(&node.ws("/chat"), &[("Cookie", &john)])
+        .await
+        .expect("john");
+    let (mut jane_ws, _) = open(&node.ws("/chat"), &[("Cookie", &jane)])
+        .await
+        .expect("jane");
+    john_ws
+        .send(
+            r#"{"chatRoom":{"chatRoomId":"demo-room"},"content":"hi jane","fromUserId":"mallory"}"#,
+        )
+        .await;
+    let got = jane_ws.recv_json().await;
+    assert_eq!(got["content"], "hi jane");
+    assert_eq!(
+        got["fromUserId"], "john",
+        "the sender is the session's user"
+    );
+    assert_eq!(stats.chat_room.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        stats.authenticate.load(Ordering::SeqCst),
+        0,
+        "no API key anywhere"
+    );
+}
