@@ -1,6 +1,8 @@
-//! API key validation with a moka cache in front of the back-end.
+//! Credential validation (API keys and browser session cookies) with a moka cache in front of
+//! the back-end.
 //!
-//! - Keyed by the SHA-256 of the key: the raw key is never stored, logged or counted.
+//! - Keyed by the SHA-256 of the credential (its kind and value): the raw key or cookie is never
+//!   stored, logged or counted. Keys and cookies share one cache and the same rules below.
 //! - Accepted keys live `--auth-ttl`, rejected keys `--auth-negative-ttl` (per-entry expiry).
 //! - Concurrent misses for one key are coalesced into one back-end call (moka's
 //!   `or_try_insert_with`): a reconnect storm of N tabs costs one call, not N.
@@ -17,7 +19,7 @@ use moka::future::Cache;
 use moka::Expiry;
 use sha2::{Digest, Sha256};
 
-use crate::backend::{Backend, BackendError};
+use crate::backend::{Backend, BackendError, Credential};
 use crate::config::Config;
 use crate::identity::Identity;
 use crate::metrics::Metrics;
@@ -88,7 +90,7 @@ pub fn bearer_token<const LOWERCASE: bool>(headers: &HeaderMap) -> Option<String
 /// Why a connection could not be authenticated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
-    #[error("API key rejected")]
+    #[error("credential rejected")]
     Rejected,
     #[error("authentication back-end unavailable")]
     Unavailable,
@@ -101,8 +103,16 @@ pub struct Auth {
     metrics: Arc<Metrics>,
 }
 
-fn hash(key: &str) -> KeyHash {
-    Sha256::digest(key.as_bytes()).into()
+/// The cache key: a tag for the kind, so that a key and a cookie with the same text differ.
+fn hash(credential: &Credential) -> KeyHash {
+    let (tag, value): (&[u8], &str) = match credential {
+        Credential::ApiKey(k) => (b"key\0", k),
+        Credential::SessionCookies(c) => (b"cookie\0", c),
+    };
+    let mut h = Sha256::new();
+    h.update(tag);
+    h.update(value.as_bytes());
+    h.finalize().into()
 }
 
 impl Auth {
@@ -128,15 +138,15 @@ impl Auth {
         }
     }
 
-    /// Who this key belongs to. One back-end call per key per TTL at most, however many
-    /// connections ask at once.
-    pub async fn authenticate(&self, key: &str) -> Result<Identity, AuthError> {
-        let h = hash(key);
+    /// Who this credential belongs to. One back-end call per credential per TTL at most, however
+    /// many connections ask at once.
+    pub async fn authenticate(&self, credential: &Credential) -> Result<Identity, AuthError> {
+        let h = hash(credential);
         let entry = self
             .cache
             .entry(h)
             .or_try_insert_with(async {
-                match self.backend.authenticate(key).await {
+                match self.backend.authenticate(credential).await {
                     Ok(id) => Ok(Outcome::Valid(id)),
                     Err(BackendError::Rejected) | Err(BackendError::NotFound) => {
                         Ok(Outcome::Rejected)
@@ -190,6 +200,7 @@ impl Auth {
 #[cfg(test)]
 mod tests {
     use super::{bearer_token, hash};
+    use crate::backend::Credential;
     use axum::http::{header, HeaderMap, HeaderValue};
 
     fn with_auth(value: &'static str) -> HeaderMap {
@@ -218,25 +229,30 @@ mod tests {
         assert_eq!(bearer_token::<true>(&HeaderMap::new()), None);
     }
 
+    fn key(k: &str) -> Credential {
+        Credential::ApiKey(k.into())
+    }
+
     fn hex(h: &[u8]) -> String {
         h.iter().map(|b| format!("{b:02x}")).collect()
     }
 
     #[test]
     fn the_cache_key_is_the_sha256_of_the_api_key() {
-        // FIPS 180-2 test vector: a different digest (or no digest) fails here.
+        // A fixed vector: a different digest (or no digest) fails here.
         assert_eq!(
-            hex(&hash("abc")),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+            hex(&hash(&key("abc"))),
+            // SHA-256 of "key\0abc": the kind tag keeps keys and cookies apart.
+            "2128517b6e80ec3a6bd649a475aa3b94f2963691a4ba37c68340c4eafdb5c03b"
         );
         assert_eq!(
-            hash("secret-key"),
-            hash("secret-key"),
+            hash(&key("secret-key")),
+            hash(&key("secret-key")),
             "equal keys share an entry"
         );
         assert_ne!(
-            hash("secret-key"),
-            hash("secret-kez"),
+            hash(&key("secret-key")),
+            hash(&key("secret-kez")),
             "different keys never do"
         );
     }
@@ -244,12 +260,18 @@ mod tests {
     #[test]
     fn the_cache_key_does_not_reveal_the_api_key() {
         let key = "secret-key";
-        let h = hash(key);
+        let h = hash(&Credential::ApiKey(key.into()));
         let shown = format!("{h:?} {}", hex(&h));
         assert!(!shown.contains(key), "{shown}");
         assert!(
             !h.windows(key.len()).any(|w| w == key.as_bytes()),
             "the digest holds the key's bytes"
         );
+    }
+
+    #[test]
+    fn a_key_and_a_cookie_with_the_same_text_never_share_an_entry() {
+        let cookie = Credential::SessionCookies("secret-key".into());
+        assert_ne!(hash(&key("secret-key")), hash(&cookie));
     }
 }

@@ -1,6 +1,8 @@
-//! The Moqui / GrowERP back-end's REST calls: Authenticate and ChatRoom. One HTTP client per
-//! node (connection pooling), a timeout on every call, errors classified for metrics. The API key
-//! travels only in the `api_key` request header and never into an error or a log line.
+//! The Moqui / GrowERP back-end's REST calls: Authenticate (API keys), whoami (browser session
+//! cookies) and ChatRoom. One HTTP client per node (connection pooling, no cookie store), a
+//! timeout on every call, errors classified for metrics. A credential travels only in the
+//! `api_key` or `Cookie` request header and never into an error or a log line; whatever the
+//! back-end answers in `Set-Cookie` is dropped here and never reaches a client.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -51,12 +53,43 @@ impl BackendError {
     }
 }
 
+/// What a client proved who it is with. Its `Debug` shows the kind only, never the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// An API key (GrowERP's app, scripts): sent as the `api_key` header.
+    ApiKey(String),
+    /// A browser's session cookies (Moqui's web UI), already reduced to the configured names:
+    /// the value of the `Cookie` header sent to the back-end, e.g. `JSESSIONID=abc`.
+    SessionCookies(String),
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credential::ApiKey(_) => f.write_str("ApiKey(<redacted>)"),
+            Credential::SessionCookies(_) => f.write_str("SessionCookies(<redacted>)"),
+        }
+    }
+}
+
+impl Credential {
+    fn apply(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match self {
+            Credential::ApiKey(key) => req.header("api_key", key),
+            Credential::SessionCookies(cookies) => req.header(reqwest::header::COOKIE, cookies),
+        }
+    }
+}
+
 pub struct Backend {
     http: reqwest::Client,
     auth_url: Url,
     chat_room_url: Url,
     user_id_pointer: String,
     tenant_pointer: Option<String>,
+    session_auth_url: Url,
+    session_user_pointer: String,
+    session_tenant_pointer: Option<String>,
     metrics: Arc<Metrics>,
 }
 
@@ -77,6 +110,9 @@ impl Backend {
             chat_room_url: cfg.chat_room_url.clone(),
             user_id_pointer: cfg.user_id_pointer.clone(),
             tenant_pointer: cfg.tenant_pointer.clone(),
+            session_auth_url: cfg.session_auth_url.clone(),
+            session_user_pointer: cfg.session_user_pointer.clone(),
+            session_tenant_pointer: cfg.session_tenant_pointer.clone(),
             metrics,
         })
     }
@@ -85,10 +121,10 @@ impl Backend {
         &self,
         call: BackendCall,
         url: Url,
-        key: &str,
+        credential: &Credential,
     ) -> Result<Value, BackendError> {
         let started = Instant::now();
-        let result = self.get_json_inner(url, key).await;
+        let result = self.get_json_inner(url, credential).await;
         self.metrics
             .backend_duration
             .with_label_values(&[call.as_str()])
@@ -102,11 +138,13 @@ impl Backend {
         result
     }
 
-    async fn get_json_inner(&self, url: Url, key: &str) -> Result<Value, BackendError> {
-        let resp = self
-            .http
-            .get(url)
-            .header("api_key", key)
+    async fn get_json_inner(
+        &self,
+        url: Url,
+        credential: &Credential,
+    ) -> Result<Value, BackendError> {
+        let resp = credential
+            .apply(self.http.get(url))
             .header("accept", "application/json")
             .send()
             .await
@@ -124,19 +162,31 @@ impl Backend {
         serde_json::from_slice(&body).map_err(|_| BackendError::InvalidResponse("not JSON"))
     }
 
-    /// Validates an API key with the Authenticate call.
-    pub async fn authenticate(&self, key: &str) -> Result<Identity, BackendError> {
-        let v = self
-            .get_json(BackendCall::Authenticate, self.auth_url.clone(), key)
-            .await?;
-        let user_id = match v.pointer(&self.user_id_pointer) {
+    /// Says who a credential belongs to: an API key with the Authenticate call, session cookies
+    /// with the whoami call, each read at its own JSON pointers.
+    pub async fn authenticate(&self, credential: &Credential) -> Result<Identity, BackendError> {
+        let (call, url, user_pointer, tenant_pointer) = match credential {
+            Credential::ApiKey(_) => (
+                BackendCall::Authenticate,
+                &self.auth_url,
+                &self.user_id_pointer,
+                &self.tenant_pointer,
+            ),
+            Credential::SessionCookies(_) => (
+                BackendCall::Whoami,
+                &self.session_auth_url,
+                &self.session_user_pointer,
+                &self.session_tenant_pointer,
+            ),
+        };
+        let v = self.get_json(call, url.clone(), credential).await?;
+        let user_id = match v.pointer(user_pointer) {
             Some(Value::String(s)) if !s.is_empty() => s.as_str(),
             // A 200 without a user is how some Moqui versions answer a bad key.
             Some(Value::Null) | None => return Err(BackendError::Rejected),
             Some(_) => return Err(BackendError::InvalidResponse("user id is not a string")),
         };
-        let tenant_id = self
-            .tenant_pointer
+        let tenant_id = tenant_pointer
             .as_deref()
             .and_then(|p| v.pointer(p))
             .and_then(Value::as_str)
@@ -148,15 +198,17 @@ impl Backend {
         })
     }
 
-    /// Lists a chat room's member user ids, asked with the sender's own key.
+    /// Lists a chat room's member user ids, asked with the sender's own credential.
     pub async fn chat_room_members(
         &self,
         room_id: &str,
-        key: &str,
+        credential: &Credential,
     ) -> Result<Vec<String>, BackendError> {
         let mut url = self.chat_room_url.clone();
         url.query_pairs_mut().append_pair("chatRoomId", room_id);
-        let v = self.get_json(BackendCall::ChatRoom, url, key).await?;
+        let v = self
+            .get_json(BackendCall::ChatRoom, url, credential)
+            .await?;
         members_of(&v).ok_or(BackendError::NotFound)
     }
 }
@@ -200,6 +252,17 @@ fn classify(e: reqwest::Error) -> BackendError {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn credential_debug_hides_the_secret() {
+        let k = format!("{:?}", Credential::ApiKey("secret-key".into()));
+        let c = format!(
+            "{:?}",
+            Credential::SessionCookies("JSESSIONID=s3cr3t".into())
+        );
+        assert!(!k.contains("secret-key") && k.contains("ApiKey"), "{k}");
+        assert!(!c.contains("s3cr3t") && c.contains("SessionCookies"), "{c}");
+    }
 
     #[test]
     fn members_in_both_shapes() {

@@ -1,12 +1,12 @@
 //! Chat routing: a client's ChatMessage goes to every `/chat` connection of every *other* member
 //! of its room, on any node. Room members come from the back-end (asked with the sender's own
-//! key) and are cached by room for `--chat-room-ttl`; concurrent look-ups of one room coalesce.
+//! credential: API key or session cookies) and are cached by room for `--chat-room-ttl`; concurrent look-ups of one room coalesce.
 
 use std::sync::Arc;
 
 use moka::future::Cache;
 
-use crate::backend::{Backend, BackendError};
+use crate::backend::{Backend, BackendError, Credential};
 use crate::hub::{Channel, Hub};
 use crate::metrics::{IgnoredFrame, Metrics};
 use crate::protocol::{self, Kind};
@@ -29,13 +29,17 @@ impl Chat {
         }
     }
 
-    async fn members(&self, room_id: &str, key: &str) -> Result<Arc<[String]>, BackendError> {
+    async fn members(
+        &self,
+        room_id: &str,
+        credential: &Credential,
+    ) -> Result<Arc<[String]>, BackendError> {
         let entry = self
             .rooms
             .entry_by_ref(room_id)
             .or_try_insert_with(async {
                 self.backend
-                    .chat_room_members(room_id, key)
+                    .chat_room_members(room_id, credential)
                     .await
                     .map(Arc::from)
             })
@@ -55,13 +59,13 @@ impl Chat {
         hub: &Hub,
         text: &str,
         sender: &str,
-        key: &str,
+        credential: &Credential,
     ) -> Result<usize, IgnoredFrame> {
         let frame = protocol::parse_chat(text, sender).map_err(|e| match e {
             protocol::ChatFrameError::InvalidJson => IgnoredFrame::InvalidJson,
             protocol::ChatFrameError::NoRoom => IgnoredFrame::NoRoom,
         })?;
-        let members = match self.members(&frame.room_id, key).await {
+        let members = match self.members(&frame.room_id, credential).await {
             Ok(m) => m,
             Err(BackendError::NotFound) | Err(BackendError::Rejected) => {
                 return Err(IgnoredFrame::UnknownRoom)

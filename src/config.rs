@@ -105,6 +105,36 @@ pub struct ServeArgs {
     )]
     pub tenant_pointer: String,
 
+    /// Cookies that identify a browser session (comma-separated); a handshake without an API key
+    /// that carries one of them is authenticated by --session-auth-path with only these cookies.
+    #[arg(long, env = "WSGATE_SESSION_COOKIES", default_value = "JSESSIONID")]
+    pub session_cookies: String,
+
+    /// Path of the REST call that says who a session cookie belongs to.
+    #[arg(
+        long,
+        env = "WSGATE_SESSION_AUTH_PATH",
+        default_value = "/rest/s1/wsgate/whoami"
+    )]
+    pub session_auth_path: String,
+
+    /// JSON pointer to the user id in the session call's answer.
+    #[arg(long, env = "WSGATE_SESSION_USER_POINTER", default_value = "/userId")]
+    pub session_user_pointer: String,
+
+    /// JSON pointer to the tenant in the session call's answer; empty disables tenants.
+    #[arg(
+        long,
+        env = "WSGATE_SESSION_TENANT_POINTER",
+        default_value = "/ownerPartyId"
+    )]
+    pub session_tenant_pointer: String,
+
+    /// Origins (comma-separated, e.g. https://erp.example.com) besides the request's own from
+    /// which a browser may connect; also checked for key-authenticated handshakes with an Origin.
+    #[arg(long, env = "WSGATE_ALLOWED_ORIGINS")]
+    pub allowed_origins: Option<String>,
+
     /// Timeout of one back-end call.
     #[arg(long, env = "WSGATE_BACKEND_TIMEOUT", default_value = "2s", value_parser = duration)]
     pub backend_timeout: Duration,
@@ -239,6 +269,13 @@ pub struct Config {
     pub chat_room_url: Url,
     pub user_id_pointer: String,
     pub tenant_pointer: Option<String>,
+    /// Names of the session cookies forwarded to the session call (never their values).
+    pub session_cookies: Vec<String>,
+    pub session_auth_url: Url,
+    pub session_user_pointer: String,
+    pub session_tenant_pointer: Option<String>,
+    /// Exact origins (`scheme://host[:port]`) allowed besides the request's own.
+    pub allowed_origins: Vec<String>,
     pub backend_timeout: Duration,
     pub auth_ttl: Duration,
     pub auth_negative_ttl: Duration,
@@ -269,6 +306,47 @@ fn pointer(flag: &'static str, p: &str) -> Result<String, ConfigError> {
         ));
     }
     Ok(p.to_owned())
+}
+
+/// Cookie names: RFC 6265 tokens, at least one.
+fn cookie_names(list: &str) -> Result<Vec<String>, ConfigError> {
+    let flag = "--session-cookies";
+    let names: Vec<String> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if names.is_empty() {
+        return Err(bad(flag, "needs at least one cookie name"));
+    }
+    for n in &names {
+        let token = n
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
+        if !token {
+            return Err(bad(flag, format!("'{n}' is not a cookie name")));
+        }
+    }
+    Ok(names)
+}
+
+/// Allowed origins: each exactly `http(s)://host[:port]`, as browsers send them.
+fn origins(list: &str) -> Result<Vec<String>, ConfigError> {
+    let flag = "--allowed-origins";
+    let mut out = Vec::new();
+    for o in list.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+        let parsed = Url::parse(o).map_err(|e| bad(flag, format!("'{o}': {e}")))?;
+        let canonical = parsed.origin().ascii_serialization();
+        if !matches!(parsed.scheme(), "http" | "https") || canonical != o.to_ascii_lowercase() {
+            return Err(bad(
+                flag,
+                format!("'{o}' is not an origin (scheme://host[:port], no path, e.g. https://erp.example.com)"),
+            ));
+        }
+        out.push(canonical);
+    }
+    Ok(out)
 }
 
 fn nonzero(flag: &'static str, d: Duration) -> Result<Duration, ConfigError> {
@@ -315,6 +393,18 @@ impl ServeArgs {
         } else {
             Some(pointer("--tenant-pointer", &self.tenant_pointer)?)
         };
+        let session_cookies = cookie_names(&self.session_cookies)?;
+        let session_auth_url = join("--session-auth-path", &self.session_auth_path)?;
+        let session_user_pointer = pointer("--session-user-pointer", &self.session_user_pointer)?;
+        let session_tenant_pointer = if self.session_tenant_pointer.is_empty() {
+            None
+        } else {
+            Some(pointer(
+                "--session-tenant-pointer",
+                &self.session_tenant_pointer,
+            )?)
+        };
+        let allowed_origins = origins(self.allowed_origins.as_deref().unwrap_or(""))?;
         if let Some(url) = &self.redis_url {
             let scheme = url.split("://").next().unwrap_or_default();
             if !matches!(scheme, "redis" | "rediss") || !url.contains("://") {
@@ -386,6 +476,11 @@ impl ServeArgs {
             chat_room_url,
             user_id_pointer,
             tenant_pointer,
+            session_cookies,
+            session_auth_url,
+            session_user_pointer,
+            session_tenant_pointer,
+            allowed_origins,
             backend_timeout: nonzero("--backend-timeout", self.backend_timeout)?,
             auth_ttl: nonzero("--auth-ttl", self.auth_ttl)?,
             auth_negative_ttl: nonzero("--auth-negative-ttl", self.auth_negative_ttl)?,

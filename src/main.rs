@@ -165,6 +165,10 @@ async fn shutdown_signal() {
     tracing::info!("shutdown signal received");
 }
 
+/// The gateway and the demo back-end in one process. The demo page is served by the back-end
+/// (as Moqui serves its screens) and opens its WebSockets on the gateway's port: another origin,
+/// so the gateway is started with `--allowed-origins` set to the page's origin. Cookies are not
+/// scoped by port, so the browser sends the back-end's session cookie to the gateway.
 async fn demo_cmd(args: wsgate::config::DemoArgs) -> ExitCode {
     init_logging("text", "info");
     let backend = match bind("--backend-listen", args.backend_listen).await {
@@ -172,8 +176,8 @@ async fn demo_cmd(args: wsgate::config::DemoArgs) -> ExitCode {
         Err(code) => return code,
     };
     let backend_addr = backend.local_addr().unwrap_or(args.backend_listen);
-    tokio::spawn(demo::serve_backend(backend));
     let backend_url = format!("http://{backend_addr}");
+    let origins = demo::page_origins(backend_addr).join(",");
     let serve = match Cli::try_parse_from([
         "wsgate",
         "serve",
@@ -185,6 +189,8 @@ async fn demo_cmd(args: wsgate::config::DemoArgs) -> ExitCode {
         &backend_url,
         "--api-token",
         demo::DEMO_TOKEN,
+        "--allowed-origins",
+        &origins,
     ]) {
         Ok(Cli {
             command: Command::Serve(a),
@@ -203,6 +209,11 @@ async fn demo_cmd(args: wsgate::config::DemoArgs) -> ExitCode {
         public.local_addr().unwrap_or(args.listen),
         admin.local_addr().unwrap_or(args.admin_listen),
     );
+    let links = demo::GatewayLinks {
+        public_port: p.port(),
+        admin: a,
+    };
+    tokio::spawn(demo::serve_demo(backend, links));
     println!("{}", demo::banner(p, a, backend_addr));
     run_node(config, public, admin).await
 }

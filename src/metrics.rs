@@ -23,10 +23,11 @@ pub enum RejectReason {
     BrokerUnavailable,
     Draining,
     TooManyConnections,
+    Origin,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 7] = [
+    pub const ALL: [RejectReason; 8] = [
         RejectReason::MissingKey,
         RejectReason::InvalidKey,
         RejectReason::UserMismatch,
@@ -34,6 +35,7 @@ impl RejectReason {
         RejectReason::BrokerUnavailable,
         RejectReason::Draining,
         RejectReason::TooManyConnections,
+        RejectReason::Origin,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -44,6 +46,7 @@ impl RejectReason {
             RejectReason::BrokerUnavailable => "broker_unavailable",
             RejectReason::Draining => "draining",
             RejectReason::TooManyConnections => "too_many_connections",
+            RejectReason::Origin => "origin",
         }
     }
 }
@@ -90,6 +93,7 @@ impl IgnoredFrame {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendCall {
     Authenticate,
+    Whoami,
     ChatRoom,
 }
 
@@ -97,6 +101,7 @@ impl BackendCall {
     pub fn as_str(self) -> &'static str {
         match self {
             BackendCall::Authenticate => "authenticate",
+            BackendCall::Whoami => "whoami",
             BackendCall::ChatRoom => "chat_room",
         }
     }
@@ -300,7 +305,7 @@ impl Metrics {
             "Failed back-end calls, by call and kind (timeout, connect, status, invalid_response).",
             &["call", "kind"],
         );
-        for call in ["authenticate", "chat_room"] {
+        for call in ["authenticate", "whoami", "chat_room"] {
             backend_duration.with_label_values(&[call]);
             for kind in ["timeout", "connect", "status", "invalid_response"] {
                 backend_errors.with_label_values(&[call, kind]);

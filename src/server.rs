@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::api::Api;
 use crate::auth::{bearer_token, Auth, AuthError};
-use crate::backend::Backend;
+use crate::backend::{Backend, Credential};
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::{RedisBroker, RedisSettings};
 use crate::broker::Broker;
@@ -245,17 +245,117 @@ fn credentials(query: Option<&str>, headers: &HeaderMap) -> Credentials {
     c
 }
 
+/// The configured session cookies among the request's cookies, as the value of a `Cookie`
+/// header for the back-end (`a=1; b=2`); every other cookie of the browser stays here.
+fn session_cookies(headers: &HeaderMap, names: &[String]) -> Option<String> {
+    let mut picked: Vec<&str> = Vec::new();
+    for value in headers.get_all(header::COOKIE) {
+        let Ok(value) = value.to_str() else { continue };
+        for pair in value.split(';').map(str::trim) {
+            let Some((name, val)) = pair.split_once('=') else {
+                continue;
+            };
+            if !val.is_empty() && names.iter().any(|n| n == name.trim()) {
+                picked.push(pair);
+            }
+        }
+    }
+    (!picked.is_empty()).then(|| picked.join("; "))
+}
+
+/// Splits a `Host` header into host and optional port (`[::1]:80`, `example.com`).
+fn split_host(host: &str) -> Option<(&str, Option<u16>)> {
+    let (name, port) = if host.starts_with('[') {
+        let end = host.find(']')?;
+        let rest = &host[end + 1..];
+        let port = match rest.strip_prefix(':') {
+            Some(p) => Some(p),
+            None if rest.is_empty() => None,
+            None => return None,
+        };
+        (&host[..=end], port)
+    } else {
+        match host.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (host, None),
+        }
+    };
+    let port = match port {
+        Some(p) => Some(p.parse::<u16>().ok()?),
+        None => None,
+    };
+    Some((name, port))
+}
+
+/// Whether a browser's `Origin` may open a socket here: the request's own origin (host and port
+/// of its `Host` header; http or https, since TLS usually ends at a proxy) or one listed in
+/// `--allowed-origins`. `null` and anything unparsable are refused.
+fn origin_allowed(origin: &str, host: Option<&str>, allowed: &[String]) -> bool {
+    let origin = origin.trim();
+    if allowed.iter().any(|a| a.eq_ignore_ascii_case(origin)) {
+        return true;
+    }
+    let Ok(url) = reqwest::Url::parse(origin) else {
+        return false;
+    };
+    let (Some(o_host), Some((h_host, h_port))) = (url.host_str(), host.and_then(split_host)) else {
+        return false;
+    };
+    if !matches!(url.scheme(), "http" | "https") || !o_host.eq_ignore_ascii_case(h_host) {
+        return false;
+    }
+    match h_port {
+        Some(p) => url.port_or_known_default() == Some(p),
+        None => url.port().is_none(),
+    }
+}
+
+/// Which credential a handshake presents, after the Origin check: an API key first, then the
+/// session cookies, else 401. A cookie handshake must come from an allowed origin (cookies ride
+/// along with cross-site requests); a key handshake only when `--allowed-origins` is set and the
+/// client sent an Origin. Refused before any back-end call.
+fn credential_of(
+    cfg: &Config,
+    key: Option<String>,
+    headers: &HeaderMap,
+) -> Result<Credential, RejectReason> {
+    let (credential, check_origin) = match key {
+        Some(key) => (Credential::ApiKey(key), !cfg.allowed_origins.is_empty()),
+        None => match session_cookies(headers, &cfg.session_cookies) {
+            Some(c) => (Credential::SessionCookies(c), true),
+            None => return Err(RejectReason::MissingKey),
+        },
+    };
+    if check_origin {
+        if let Some(origin) = headers.get(header::ORIGIN) {
+            let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+            let ok = origin
+                .to_str()
+                .is_ok_and(|o| origin_allowed(o, host, &cfg.allowed_origins));
+            if !ok {
+                return Err(RejectReason::Origin);
+            }
+        }
+    }
+    Ok(credential)
+}
+
 fn reject(state: &AppState, endpoint: Endpoint, reason: RejectReason) -> Response {
     state.metrics.endpoint(endpoint).rejected(reason).inc();
     let (status, body) = match reason {
         RejectReason::MissingKey => (
             StatusCode::UNAUTHORIZED,
-            "missing API key (api_key query parameter, api_key header or Authorization: Bearer)\n",
+            "missing API key (api_key query parameter, api_key header or Authorization: Bearer) \
+             or session cookie\n",
         ),
-        RejectReason::InvalidKey => (StatusCode::UNAUTHORIZED, "API key rejected\n"),
+        RejectReason::InvalidKey => (StatusCode::UNAUTHORIZED, "API key or session rejected\n"),
         RejectReason::UserMismatch => (
             StatusCode::FORBIDDEN,
             "userId does not match the API key's user\n",
+        ),
+        RejectReason::Origin => (
+            StatusCode::FORBIDDEN,
+            "Origin not allowed (not this host and not in --allowed-origins)\n",
         ),
         RejectReason::BackendUnavailable => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -301,10 +401,11 @@ async fn upgrade(
         return reject(&state, endpoint, RejectReason::BrokerUnavailable);
     }
     let creds = credentials(query.as_deref(), &headers);
-    let Some(key) = creds.key else {
-        return reject(&state, endpoint, RejectReason::MissingKey);
+    let credential = match credential_of(&state.config, creds.key, &headers) {
+        Ok(c) => c,
+        Err(reason) => return reject(&state, endpoint, reason),
     };
-    let identity = match state.auth.authenticate(&key).await {
+    let identity = match state.auth.authenticate(&credential).await {
         Ok(id) => id,
         Err(AuthError::Rejected) => return reject(&state, endpoint, RejectReason::InvalidKey),
         Err(AuthError::Unavailable) => {
@@ -330,7 +431,7 @@ async fn upgrade(
     let token = state.sessions.token();
     let session = Session {
         registration,
-        api_key: key,
+        credential,
     };
     let max = state.config.max_frame_size;
     let node = state.sessions_node.clone();
@@ -434,6 +535,57 @@ pub async fn drain(state: &AppState) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_session_cookies_are_kept() {
+        let names = vec!["JSESSIONID".to_string(), "moqui_session".to_string()];
+        let mut h = HeaderMap::new();
+        assert_eq!(session_cookies(&h, &names), None);
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("_ga=1; JSESSIONID=abc; theme=dark; moqui_session=x=y"),
+        );
+        assert_eq!(
+            session_cookies(&h, &names).as_deref(),
+            Some("JSESSIONID=abc; moqui_session=x=y")
+        );
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("JSESSIONID=; other=1"),
+        );
+        assert_eq!(session_cookies(&h, &names), None);
+    }
+
+    #[test]
+    fn origins() {
+        let none: Vec<String> = Vec::new();
+        let host = Some("gw.example.com:8081");
+        assert!(origin_allowed("http://gw.example.com:8081", host, &none));
+        assert!(origin_allowed("https://GW.example.com:8081", host, &none));
+        assert!(!origin_allowed("http://gw.example.com:8082", host, &none));
+        assert!(!origin_allowed("http://evil.example.com:8081", host, &none));
+        assert!(!origin_allowed("null", host, &none));
+        assert!(!origin_allowed("http://gw.example.com:8081", None, &none));
+        // No port in Host: the origin must not name one either.
+        assert!(origin_allowed(
+            "https://erp.example.com",
+            Some("erp.example.com"),
+            &none
+        ));
+        assert!(!origin_allowed(
+            "https://erp.example.com:444",
+            Some("erp.example.com"),
+            &none
+        ));
+        assert!(origin_allowed(
+            "http://[::1]:8081",
+            Some("[::1]:8081"),
+            &none
+        ));
+        let allowed = vec!["http://127.0.0.1:5173".to_string()];
+        assert!(origin_allowed("http://127.0.0.1:5173", host, &allowed));
+        assert!(!origin_allowed("http://127.0.0.1:5174", host, &allowed));
+    }
 
     #[test]
     fn key_sources_in_order() {

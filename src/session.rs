@@ -30,8 +30,9 @@ pub struct Node {
 
 pub struct Session {
     pub registration: Registration,
-    /// Needed for chat-room look-ups, which GrowERP answers for the sender's own key. Never logged.
-    pub api_key: String,
+    /// Needed for chat-room look-ups, which the back-end answers for the sender's own credential
+    /// (API key or session cookies). Never logged; its `Debug` is redacted.
+    pub credential: crate::backend::Credential,
 }
 
 /// Runs a connection until it closes. Pings, ping timeouts and the drain come from the hub
@@ -190,7 +191,12 @@ async fn handle_text(node: &Node, session: &Session, endpoint: Endpoint, text: U
             let hub = session.registration.hub();
             if let Err(kind) = node
                 .chat
-                .route(hub, text.as_str(), &conn.identity.user_id, &session.api_key)
+                .route(
+                    hub,
+                    text.as_str(),
+                    &conn.identity.user_id,
+                    &session.credential,
+                )
                 .await
             {
                 tracing::debug!(user = %conn.identity.user_id, kind = kind.as_str(), "chat frame dropped");

@@ -165,6 +165,9 @@ pub struct BackendState {
     mode: AtomicU8,
     /// Delay added to every Authenticate call, in ms (to make concurrent misses overlap).
     pub auth_delay_ms: AtomicU64,
+    /// whoami (session cookie) calls, and the `Cookie` header of the last one.
+    pub whoami_calls: AtomicU64,
+    pub whoami_cookie: std::sync::Mutex<Option<String>>,
 }
 
 /// A stand-in for the Moqui/GrowERP back-end with the real Authenticate and ChatRoom response
@@ -207,10 +210,13 @@ impl Backend {
             room_calls: AtomicU64::new(0),
             mode: AtomicU8::new(0),
             auth_delay_ms: AtomicU64::new(0),
+            whoami_calls: AtomicU64::new(0),
+            whoami_cookie: std::sync::Mutex::new(None),
         });
         let app = Router::new()
             .route("/rest/s1/growerp/100/Authenticate", get(authenticate))
             .route("/rest/s1/growerp/100/ChatRoom", get(chat_room))
+            .route("/rest/s1/wsgate/whoami", get(whoami))
             .with_state(state.clone());
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -277,6 +283,43 @@ async fn authenticate(State(s): State<Arc<BackendState>>, headers: HeaderMap) ->
             Json(json!({"errorCode": 401, "errors": "User must be logged in"})),
         )
             .into_response(),
+    }
+}
+
+/// The Moqui component's whoami: cookie `JSESSIONID=sess-<user>` is that user's web session.
+/// Answers with a `Set-Cookie` (as a servlet container may) that must never reach a client.
+async fn whoami(State(s): State<Arc<BackendState>>, headers: HeaderMap) -> Response {
+    s.whoami_calls.fetch_add(1, Ordering::SeqCst);
+    let cookie = headers
+        .get("cookie")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    if let Ok(mut last) = s.whoami_cookie.lock() {
+        last.clone_from(&cookie);
+    }
+    let delay = s.auth_delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    if let Some(r) = misbehave(&s).await {
+        return r;
+    }
+    let user = cookie.as_deref().unwrap_or("").split(';').find_map(|c| {
+        c.trim()
+            .strip_prefix("JSESSIONID=sess-")
+            .filter(|u| s.keys.contains_key(&format!("key-{u}")))
+    });
+    let set_cookie = [("set-cookie", "JSESSIONID=rotated; Path=/; HttpOnly")];
+    match user {
+        Some(u) => {
+            let tenant = s.keys[&format!("key-{u}")].1.clone();
+            (
+                set_cookie,
+                Json(json!({"userId": u, "ownerPartyId": tenant})),
+            )
+                .into_response()
+        }
+        None => (StatusCode::UNAUTHORIZED, set_cookie, "not logged in").into_response(),
     }
 }
 
