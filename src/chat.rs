@@ -1,6 +1,8 @@
 //! Chat routing: a client's ChatMessage goes to every `/chat` connection of every *other* member
 //! of its room, on any node. Room members come from the back-end (asked with the sender's own
 //! credential: API key or session cookies) and are cached by room for `--chat-room-ttl`; concurrent look-ups of one room coalesce.
+//! A room the back-end does not know is remembered too (for `--chat-room-ttl`, at most
+//! [`UNKNOWN_ROOM_TTL`]), so a client naming a bogus room does not cost a back-end call per frame.
 
 use std::sync::Arc;
 
@@ -11,9 +13,14 @@ use crate::hub::{Channel, Hub};
 use crate::metrics::{IgnoredFrame, Metrics};
 use crate::protocol::{self, Kind};
 
+/// The longest an unknown room is remembered: a room created meanwhile is usable after this.
+pub const UNKNOWN_ROOM_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub struct Chat {
     backend: Arc<Backend>,
     rooms: Cache<String, Arc<[String]>>,
+    /// Rooms the back-end answered "not found" for (negative cache).
+    unknown_rooms: Cache<String, ()>,
     metrics: Arc<Metrics>,
 }
 
@@ -25,6 +32,10 @@ impl Chat {
                 .max_capacity(100_000)
                 .time_to_live(ttl)
                 .build(),
+            unknown_rooms: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(ttl.min(UNKNOWN_ROOM_TTL))
+                .build(),
             metrics,
         }
     }
@@ -34,6 +45,10 @@ impl Chat {
         room_id: &str,
         credential: &Credential,
     ) -> Result<Arc<[String]>, BackendError> {
+        if self.unknown_rooms.contains_key(room_id) {
+            self.metrics.room_hit.inc();
+            return Err(BackendError::NotFound);
+        }
         let entry = self
             .rooms
             .entry_by_ref(room_id)
@@ -44,7 +59,16 @@ impl Chat {
                     .map(Arc::from)
             })
             .await
-            .map_err(|e| (*e).clone())?;
+            .map_err(|e| (*e).clone());
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(BackendError::NotFound) => {
+                self.unknown_rooms.insert(room_id.to_owned(), ()).await;
+                self.metrics.room_miss.inc();
+                return Err(BackendError::NotFound);
+            }
+            Err(e) => return Err(e),
+        };
         if entry.is_fresh() {
             self.metrics.room_miss.inc();
         } else {

@@ -207,6 +207,20 @@ pub struct ServeArgs {
     #[arg(long, env = "WSGATE_MAX_CONNECTIONS_PER_USER", default_value_t = 32)]
     pub max_connections_per_user: usize,
 
+    /// Topics one connection may hold; a subscribe beyond it closes the connection (1008).
+    #[arg(long, env = "WSGATE_MAX_TOPICS", default_value_t = 1_000)]
+    pub max_topics: usize,
+
+    /// Client frames per second per connection (a burst of twice this is allowed); beyond it
+    /// the connection is closed (1008).
+    #[arg(long, env = "WSGATE_MAX_FRAMES_PER_SECOND", default_value_t = 100)]
+    pub max_frames_per_second: u32,
+
+    /// Longest one socket write (messages, ping, close) may take before the connection is
+    /// dropped (4008).
+    #[arg(long, env = "WSGATE_WRITE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub write_timeout: Duration,
+
     /// Interval between pings; a peer silent for two intervals is closed (4000).
     #[arg(long, env = "WSGATE_PING_INTERVAL", default_value = "30s", value_parser = duration)]
     pub ping_interval: Duration,
@@ -294,6 +308,9 @@ pub struct Config {
     pub outbound_queue: usize,
     pub outbound_queue_bytes: usize,
     pub max_connections_per_user: usize,
+    pub max_topics: usize,
+    pub max_frames_per_second: u32,
+    pub write_timeout: Duration,
     pub ping_interval: Duration,
     pub drain_timeout: Duration,
 }
@@ -442,6 +459,12 @@ impl ServeArgs {
                 ));
             }
         }
+        if self.max_topics == 0 {
+            return Err(bad("--max-topics", "must be at least 1"));
+        }
+        if self.max_frames_per_second == 0 {
+            return Err(bad("--max-frames-per-second", "must be at least 1"));
+        }
         if self.max_frame_size < 128 {
             return Err(bad("--max-frame-size", "must be at least 128 bytes"));
         }
@@ -499,6 +522,9 @@ impl ServeArgs {
             outbound_queue: self.outbound_queue,
             outbound_queue_bytes: self.outbound_queue_bytes,
             max_connections_per_user: self.max_connections_per_user,
+            max_topics: self.max_topics,
+            max_frames_per_second: self.max_frames_per_second,
+            write_timeout: nonzero("--write-timeout", self.write_timeout)?,
             ping_interval: nonzero("--ping-interval", self.ping_interval)?,
             drain_timeout: self.drain_timeout,
         })

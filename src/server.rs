@@ -81,6 +81,11 @@ impl AppState {
             outbound_queue_bytes: config.outbound_queue_bytes,
             unsubscribe_delay: config.unsubscribe_delay,
             ping_interval: config.ping_interval,
+            max_topics: config.max_topics,
+        };
+        let session_limits = session::SessionLimits {
+            frames_per_second: config.max_frames_per_second,
+            write_timeout: config.write_timeout,
         };
         let mut broker_error = None;
         let hub = Hub::new(
@@ -123,6 +128,7 @@ impl AppState {
             sessions_node: Arc::new(session::Node {
                 chat,
                 metrics: metrics.clone(),
+                limits: session_limits,
             }),
             hub,
             draining: AtomicBool::new(false),

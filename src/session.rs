@@ -3,9 +3,17 @@
 //! Writes are coalesced: every message queued since the last write is fed into the socket's
 //! write buffer and flushed once, so a burst to one connection costs one `write()` syscall
 //! instead of one per message. Reading and writing share the task; a write that cannot
-//! progress (the peer does not read) is abandoned as soon as the queue overflows.
+//! progress (the peer does not read) is abandoned as soon as the queue overflows, the gateway
+//! closes the connection, or `--write-timeout` passes, whichever comes first: pings and close
+//! frames included, so a peer with a full TCP window never holds a session (and its
+//! registration) open.
+//!
+//! Client frames are rate limited per connection (`--max-frames-per-second`, a token bucket that
+//! holds two seconds' worth): a client cannot keep its task, and the registry lock its commands
+//! take, busy at the expense of the other connections.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,18 +22,62 @@ use futures_util::SinkExt;
 
 use crate::chat::Chat;
 use crate::disconnect::CloseReason;
-use crate::hub::{Outgoing, Registration, TopicChange};
+use crate::hub::{Connection, Outgoing, Registration, TopicChange};
 use crate::metrics::IgnoredFrame;
 use crate::metrics::Metrics;
 use crate::protocol::{self, Endpoint, NotwsCommand};
 
-/// How long a close frame may take to go out before the socket is simply dropped.
-const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a close frame may take to go out, and the client's close reply to come back,
+/// before the socket is simply dropped (capped by `--write-timeout`).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// What a session uses of its node: chat routing and the metrics.
+/// What a session uses of its node: chat routing, the metrics and the per-connection limits.
 pub struct Node {
     pub chat: Chat,
     pub metrics: Arc<Metrics>,
+    pub limits: SessionLimits,
+}
+
+/// Limits every session applies to its socket.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    /// `--max-frames-per-second`; the burst is twice this.
+    pub frames_per_second: u32,
+    /// `--write-timeout`: the longest one socket write may take.
+    pub write_timeout: Duration,
+}
+
+/// A token bucket over client frames: `rate` per second, `2 × rate` at most banked.
+struct FrameBudget {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    last: tokio::time::Instant,
+}
+
+impl FrameBudget {
+    fn new(rate: u32) -> FrameBudget {
+        let rate = f64::from(rate.max(1));
+        FrameBudget {
+            tokens: 2.0 * rate,
+            rate,
+            burst: 2.0 * rate,
+            last: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Takes one frame's token; false when the budget is spent.
+    fn take(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        let earned = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.last = now;
+        self.tokens = (self.tokens + earned).min(self.burst);
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
 }
 
 pub struct Session {
@@ -44,6 +96,8 @@ pub async fn run(mut socket: WebSocket, session: Session, node: &Node) {
     m.connections.inc();
     m.opened.inc();
     let mut batch: VecDeque<Outgoing> = VecDeque::new();
+    let limits = node.limits;
+    let mut budget = FrameBudget::new(limits.frames_per_second);
 
     let reason = loop {
         tokio::select! {
@@ -53,18 +107,11 @@ pub async fn run(mut socket: WebSocket, session: Session, node: &Node) {
             _ = conn.outbound.ready.notified() => {
                 let wake = conn.outbound.take(&mut batch);
                 if !batch.is_empty() {
-                    let written = tokio::select! {
-                        r = write_batch(&mut socket, &mut batch, node) => match r {
-                            Ok(()) => Written::All,
-                            Err(_) => Written::Failed,
-                        },
-                        _ = conn.outbound.killed.notified() => Written::Killed,
-                    };
-                    if written != Written::All {
-                        // Either the socket failed, or the queue overflowed while we were
-                        // stuck writing; the queue knows which.
-                        let mut scratch = VecDeque::new();
-                        break conn.outbound.take(&mut scratch).close.unwrap_or(CloseReason::Error);
+                    let written =
+                        bounded(&conn, limits.write_timeout, write_batch(&mut socket, &mut batch, node))
+                            .await;
+                    if let Some(reason) = written.failure(&conn) {
+                        break reason;
                     }
                     if batch.capacity() > 64 {
                         // A burst grew the buffer: give the memory back to idle connections.
@@ -74,8 +121,12 @@ pub async fn run(mut socket: WebSocket, session: Session, node: &Node) {
                 if let Some(reason) = wake.close {
                     break reason;
                 }
-                if wake.ping && socket.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
-                    break CloseReason::Error;
+                if wake.ping {
+                    let ping = socket.send(Message::Ping(bytes::Bytes::new()));
+                    let written = bounded(&conn, limits.write_timeout, ping).await;
+                    if let Some(reason) = written.failure(&conn) {
+                        break reason;
+                    }
                 }
             }
             incoming = socket.recv() => {
@@ -85,11 +136,16 @@ pub async fn run(mut socket: WebSocket, session: Session, node: &Node) {
                     Some(Err(e)) => break read_error(e),
                 };
                 conn.touch();
+                if !budget.take() {
+                    break CloseReason::FrameRate;
+                }
                 match msg {
                     // Boxed: the chat path (back-end call, cache) is a large future, and an
                     // inline await would make every idle connection's task carry its size.
                     Message::Text(text) => {
-                        Box::pin(handle_text(node, &session, endpoint, text)).await
+                        if let Err(reason) = Box::pin(handle_text(node, &session, endpoint, text)).await {
+                            break reason;
+                        }
                     }
                     Message::Binary(_) => m.ignored(IgnoredFrame::Binary).inc(),
                     Message::Close(_) => break CloseReason::Client,
@@ -99,24 +155,38 @@ pub async fn run(mut socket: WebSocket, session: Session, node: &Node) {
         }
     };
 
-    if reason != CloseReason::Client {
-        if reason == CloseReason::SlowConsumer {
+    let close_timeout = CLOSE_TIMEOUT.min(limits.write_timeout);
+    if reason == CloseReason::Client {
+        // tungstenite queued the reply to the client's close frame; it goes out only when the
+        // socket is flushed. (If the stream simply ended, this fails at once.)
+        let _ = tokio::time::timeout(close_timeout, socket.flush()).await;
+    } else {
+        if matches!(
+            reason,
+            CloseReason::SlowConsumer | CloseReason::WriteTimeout | CloseReason::FrameRate
+        ) {
             tracing::debug!(
                 user = %conn.identity.user_id,
                 endpoint = endpoint.as_str(),
-                "closing slow consumer"
+                reason = reason.as_str(),
+                "closing connection"
             );
         }
         let frame = CloseFrame {
             code: reason.code(),
             reason: Utf8Bytes::from_static(reason.text()),
         };
-        let _ = tokio::time::timeout(
-            CLOSE_WRITE_TIMEOUT,
-            socket.send(Message::Close(Some(frame))),
-        )
-        .await;
-        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, socket.close()).await;
+        let sent =
+            tokio::time::timeout(close_timeout, socket.send(Message::Close(Some(frame)))).await;
+        if matches!(sent, Ok(Ok(()))) {
+            // Read (and discard) until the client's close reply: closing a socket with unread
+            // input makes the kernel send a reset, which can destroy our close frame before
+            // the client has read it.
+            let _ = tokio::time::timeout(close_timeout, async {
+                while let Some(Ok(_)) = socket.recv().await {}
+            })
+            .await;
+        }
     }
     m.connections.dec();
     m.closed(reason).inc();
@@ -124,14 +194,47 @@ pub async fn run(mut socket: WebSocket, session: Session, node: &Node) {
     drop(session);
 }
 
-/// How a batch write ended.
+/// How a bounded socket write ended.
 #[derive(Debug, PartialEq, Eq)]
 enum Written {
     All,
     /// The socket failed.
     Failed,
+    /// The write took longer than `--write-timeout`.
+    TimedOut,
     /// The gateway closed the connection while the write was stuck (overflow, drain, ping).
     Killed,
+}
+
+impl Written {
+    /// Why the session ends, if it does.
+    fn failure(self, conn: &Connection) -> Option<CloseReason> {
+        let reason = match self {
+            Written::All => return None,
+            Written::TimedOut => CloseReason::WriteTimeout,
+            Written::Failed => CloseReason::Error,
+            Written::Killed => CloseReason::Error,
+        };
+        // A gateway close (overflow, drain, ping timeout) names the real reason.
+        let mut scratch = VecDeque::new();
+        Some(conn.outbound.take(&mut scratch).close.unwrap_or(reason))
+    }
+}
+
+/// Runs one socket write, bounded by `timeout` and by the gateway closing the connection.
+async fn bounded(
+    conn: &Connection,
+    timeout: Duration,
+    write: impl Future<Output = Result<(), axum::Error>>,
+) -> Written {
+    tokio::select! {
+        r = tokio::time::timeout(timeout, write) => match r {
+            Ok(Ok(())) => Written::All,
+            Ok(Err(_)) => Written::Failed,
+            Err(_) => Written::TimedOut,
+        },
+        _ = conn.outbound.killed.notified() => Written::Killed,
+    }
 }
 
 async fn write_batch(
@@ -154,18 +257,28 @@ async fn write_batch(
 }
 
 fn read_error(e: axum::Error) -> CloseReason {
+    use tungstenite::error::ProtocolError;
     let inner = e.into_inner();
     match inner.downcast_ref::<tungstenite::Error>() {
         Some(tungstenite::Error::Capacity(_)) => CloseReason::FrameTooLarge,
-        Some(tungstenite::Error::ConnectionClosed)
+        Some(tungstenite::Error::Utf8(_)) => CloseReason::InvalidUtf8,
+        // The peer went away without a close frame: nobody to answer.
+        Some(tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake))
+        | Some(tungstenite::Error::ConnectionClosed)
         | Some(tungstenite::Error::AlreadyClosed)
-        | Some(tungstenite::Error::Io(_))
-        | Some(tungstenite::Error::Protocol(_)) => CloseReason::Client,
+        | Some(tungstenite::Error::Io(_)) => CloseReason::Client,
+        Some(tungstenite::Error::Protocol(_)) => CloseReason::Protocol,
         _ => CloseReason::Error,
     }
 }
 
-async fn handle_text(node: &Node, session: &Session, endpoint: Endpoint, text: Utf8Bytes) {
+/// Handles one text frame; `Err` closes the connection.
+async fn handle_text(
+    node: &Node,
+    session: &Session,
+    endpoint: Endpoint,
+    text: Utf8Bytes,
+) -> Result<(), CloseReason> {
     let conn = &session.registration.conn;
     let m = node.metrics.endpoint(endpoint);
     match endpoint {
@@ -175,12 +288,14 @@ async fn handle_text(node: &Node, session: &Session, endpoint: Endpoint, text: U
                     .registration
                     .hub()
                     .set_topics(conn, &topics, TopicChange::Subscribe)
+                    .map_err(|_| CloseReason::TooManyTopics)?;
             }
             NotwsCommand::Unsubscribe(topics) => {
                 session
                     .registration
                     .hub()
                     .set_topics(conn, &topics, TopicChange::Unsubscribe)
+                    .map_err(|_| CloseReason::TooManyTopics)?;
             }
             NotwsCommand::Unknown => {
                 tracing::debug!(user = %conn.identity.user_id, "unknown command prefix");
@@ -204,4 +319,5 @@ async fn handle_text(node: &Node, session: &Session, endpoint: Endpoint, text: U
             }
         }
     }
+    Ok(())
 }

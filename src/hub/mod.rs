@@ -72,6 +72,7 @@ pub struct Hub {
     queue_bytes: usize,
     unsubscribe_delay: Duration,
     ping_interval: Duration,
+    max_topics: usize,
     /// The lingering-channel reaper; aborted when the hub goes.
     reaper: Mutex<Option<AbortOnDropHandle<()>>>,
 }
@@ -84,7 +85,14 @@ pub struct HubLimits {
     pub outbound_queue_bytes: usize,
     pub unsubscribe_delay: Duration,
     pub ping_interval: Duration,
+    /// Topics one connection may hold (`--max-topics`).
+    pub max_topics: usize,
 }
+
+/// A subscribe would take a connection over `--max-topics`; nothing was applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("too many topics")]
+pub struct TooManyTopics;
 
 impl Hub {
     /// Builds the registry first, then the broker around it (the broker delivers into it).
@@ -110,6 +118,7 @@ impl Hub {
             queue_bytes: limits.outbound_queue_bytes,
             unsubscribe_delay: limits.unsubscribe_delay,
             ping_interval: limits.ping_interval,
+            max_topics: limits.max_topics,
             reaper: Mutex::new(None),
         })
     }
@@ -283,29 +292,61 @@ impl Hub {
         self.metrics.topic_subscriptions.sub(removed_topics as i64);
     }
 
-    /// Applies `subscribe:` / `unsubscribe:` topics to a connection.
-    pub fn set_topics(&self, conn: &Connection, topics: &[&str], change: TopicChange) {
+    /// Applies `subscribe:` / `unsubscribe:` topics to a connection. A subscribe that would
+    /// take it over `--max-topics` applies nothing and says so (the session closes with 1008).
+    ///
+    /// The registry lock is shared by every delivery, so the work done under it is bounded by
+    /// `--max-topics`, not by what a client sends: topics are de-duplicated and allocated
+    /// before locking, an oversized subscribe is refused without the lock, and an unsubscribe
+    /// longer than the connection's set walks the set instead of the list.
+    pub fn set_topics(
+        &self,
+        conn: &Connection,
+        topics: &[&str],
+        change: TopicChange,
+    ) -> Result<(), TooManyTopics> {
+        let wanted: HashSet<&str> = topics.iter().copied().collect();
+        if change == TopicChange::Subscribe && wanted.len() > self.max_topics {
+            return Err(TooManyTopics);
+        }
+        let boxed: Vec<Box<str>> = match change {
+            TopicChange::Subscribe => wanted.iter().map(|t| Box::from(*t)).collect(),
+            TopicChange::Unsubscribe => Vec::new(),
+        };
         let mut inner = self.registry.inner.lock();
         let Some(user) = inner.users.get_mut(&conn.identity.user_id) else {
-            return;
+            return Ok(());
         };
         let Some(entry) = user.conns.iter_mut().find(|c| c.conn.id == conn.id) else {
-            return;
+            return Ok(());
         };
-        let before = entry.topics.topics.len() as i64;
-        for t in topics {
-            match change {
-                TopicChange::Subscribe => entry.topics.topics.insert(Box::from(*t)),
-                TopicChange::Unsubscribe => entry.topics.topics.remove(*t),
-            };
+        let set = &mut entry.topics.topics;
+        let before = set.len() as i64;
+        match change {
+            TopicChange::Subscribe => {
+                let new = boxed.iter().filter(|t| !set.contains(&***t)).count();
+                if set.len() + new > self.max_topics {
+                    return Err(TooManyTopics);
+                }
+                set.extend(boxed);
+            }
+            TopicChange::Unsubscribe if wanted.len() > set.len() => {
+                set.retain(|t| !wanted.contains(&**t));
+            }
+            TopicChange::Unsubscribe => {
+                for t in &wanted {
+                    set.remove(*t);
+                }
+            }
         }
-        if entry.topics.topics.is_empty() {
+        if set.is_empty() {
             // Give the memory back: an idle connection should cost as little as possible.
-            entry.topics.topics = HashSet::new();
+            *set = HashSet::new();
         }
         entry.topics.all = entry.topics.topics.contains(ALL_TOPICS);
         let after = entry.topics.topics.len() as i64;
         self.metrics.topic_subscriptions.add(after - before);
+        Ok(())
     }
 
     /// Publishes one envelope to many channels: encoded once, one broker round trip.

@@ -29,6 +29,7 @@ fn hub(delay_ms: u64) -> (Arc<Hub>, Mem) {
             outbound_queue_bytes: 1 << 20,
             unsubscribe_delay: Duration::from_millis(delay_ms),
             ping_interval: Duration::from_secs(30),
+            max_topics: 3,
         },
         |sink| Broker::Memory(MemoryBroker::new(sink)),
     );
@@ -162,8 +163,10 @@ async fn topic_filter_and_shared_bytes() {
         .register(id("u", None), Endpoint::Notws)
         .await
         .expect("register");
-    hub.set_topics(&a.conn, &["A", "B"], TopicChange::Subscribe);
-    hub.set_topics(&b.conn, &["ALL"], TopicChange::Subscribe);
+    hub.set_topics(&a.conn, &["A", "B"], TopicChange::Subscribe)
+        .expect("within --max-topics");
+    hub.set_topics(&b.conn, &["ALL"], TopicChange::Subscribe)
+        .expect("within --max-topics");
     for topic in ["A", "C"] {
         let frame = format!(r#"{{"topic":"{topic}"}}"#);
         let env = protocol::encode(Kind::Notification, topic, frame.as_bytes());
@@ -190,7 +193,8 @@ async fn overflow_closes_as_slow_consumer() {
         .register(id("u", None), Endpoint::Notws)
         .await
         .expect("register");
-    hub.set_topics(&a.conn, &["ALL"], TopicChange::Subscribe);
+    hub.set_topics(&a.conn, &["ALL"], TopicChange::Subscribe)
+        .expect("within --max-topics");
     for _ in 0..10 {
         let env = protocol::encode(Kind::Notification, "X", b"{}");
         hub.publish(&[Channel::User("u")], env)
@@ -201,4 +205,39 @@ async fn overflow_closes_as_slow_consumer() {
     let wake = a.conn.outbound.take(&mut q);
     assert_eq!(wake.close, Some(CloseReason::SlowConsumer));
     assert!(q.is_empty(), "an overflow discards the queue");
+}
+
+#[tokio::test]
+async fn max_topics_counts_distinct_topics_and_applies_nothing_beyond_it() {
+    let (hub, _) = hub(10);
+    hub.start().await.expect("start");
+    let a = hub
+        .register(id("u", None), Endpoint::Notws)
+        .await
+        .expect("register");
+    // Duplicates count once; re-subscribing a held topic costs nothing.
+    hub.set_topics(&a.conn, &["A", "A", "B"], TopicChange::Subscribe)
+        .expect("two distinct topics");
+    hub.set_topics(&a.conn, &["B", "C"], TopicChange::Subscribe)
+        .expect("three distinct topics");
+    assert_eq!(
+        hub.set_topics(&a.conn, &["D"], TopicChange::Subscribe),
+        Err(TooManyTopics)
+    );
+    // Refused without the lock: more distinct topics in one frame than the limit.
+    assert_eq!(
+        hub.set_topics(&a.conn, &["1", "2", "3", "4"], TopicChange::Subscribe),
+        Err(TooManyTopics)
+    );
+    assert_eq!(hub.metrics.topic_subscriptions.get(), 3);
+    // A long unsubscribe walks the connection's set instead.
+    hub.set_topics(
+        &a.conn,
+        &["A", "B", "x", "y", "z"],
+        TopicChange::Unsubscribe,
+    )
+    .expect("unsubscribe");
+    hub.set_topics(&a.conn, &["D"], TopicChange::Subscribe)
+        .expect("room again");
+    assert_eq!(hub.metrics.topic_subscriptions.get(), 2);
 }
