@@ -180,22 +180,7 @@ impl Backend {
             ),
         };
         let v = self.get_json(call, url.clone(), credential).await?;
-        let user_id = match v.pointer(user_pointer) {
-            Some(Value::String(s)) if !s.is_empty() => s.as_str(),
-            // A 200 without a user is how some Moqui versions answer a bad key.
-            Some(Value::Null) | None => return Err(BackendError::Rejected),
-            Some(_) => return Err(BackendError::InvalidResponse("user id is not a string")),
-        };
-        let tenant_id = tenant_pointer
-            .as_deref()
-            .and_then(|p| v.pointer(p))
-            .and_then(Value::as_str)
-            .filter(|s| !s.is_empty())
-            .map(Arc::from);
-        Ok(Identity {
-            user_id: Arc::from(user_id),
-            tenant_id,
-        })
+        identity_from(&v, user_pointer, tenant_pointer.as_deref())
     }
 
     /// Lists a chat room's member user ids, asked with the sender's own credential.
@@ -211,6 +196,31 @@ impl Backend {
             .await?;
         members_of(&v).ok_or(BackendError::NotFound)
     }
+}
+
+/// Reads who an Authenticate or whoami answer names: the user id at `user_pointer` (a non-empty
+/// string; absent or null means the credential was rejected), the tenant at `tenant_pointer`
+/// (ignored unless a non-empty string).
+pub fn identity_from(
+    v: &Value,
+    user_pointer: &str,
+    tenant_pointer: Option<&str>,
+) -> Result<Identity, BackendError> {
+    let user_id = match v.pointer(user_pointer) {
+        Some(Value::String(s)) if !s.is_empty() => s.as_str(),
+        // A 200 without a user is how some Moqui versions answer a bad key.
+        Some(Value::Null) | None => return Err(BackendError::Rejected),
+        Some(_) => return Err(BackendError::InvalidResponse("user id is not a string")),
+    };
+    let tenant_id = tenant_pointer
+        .and_then(|p| v.pointer(p))
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(Arc::from);
+    Ok(Identity {
+        user_id: Arc::from(user_id),
+        tenant_id,
+    })
 }
 
 /// Reads member user ids from a ChatRoom answer: `chatRooms[0].members[*].user.userId`, or
