@@ -260,3 +260,106 @@ async fn an_unknown_chat_room_costs_one_backend_call() {
     );
     node.stop().await;
 }
+
+/// Redis denies one channel (an ACL) and SREM: the other channels of the same batches are still
+/// subscribed, the node stays ready, nothing stale is left in Redis, and presence stays exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_redis_command_leaves_nothing_stale() {
+    let redis = common::Redis::start();
+    let mut admin = redis.conn();
+    redis::cmd("ACL")
+        .arg(&[
+            "SETUSER",
+            "gate",
+            "on",
+            ">gate-pw",
+            "~*",
+            "resetchannels",
+            "&wsgate:u:ok*",
+            "&wsgate:t:*",
+            "&wsgate:all",
+            "&wsgate:canary:*",
+            "+@all",
+            "-srem",
+        ])
+        .query::<()>(&mut admin)
+        .expect("ACL SETUSER");
+    let backend =
+        Backend::start_with(&[("okalice", "ACME"), ("okbob", "ACME"), ("bad", "ACME")]).await;
+    let mut config = common::config(&backend);
+    config.redis_url = Some(format!("redis://gate:gate-pw@127.0.0.1:{}", redis.port));
+    let node = Node::start(config).await;
+    eventually(Duration::from_secs(5), "the node is ready", || async {
+        node.readyz().await == 200
+    })
+    .await;
+
+    // Three handshakes at once, so their subscribes share a batch; one channel is denied.
+    let (a, b, bad) = tokio::join!(
+        tokio_tungstenite::connect_async(node.notws("okalice")),
+        tokio_tungstenite::connect_async(node.notws("okbob")),
+        tokio_tungstenite::connect_async(node.notws("bad")),
+    );
+    assert!(bad.is_err(), "the denied user's handshake is refused");
+    let mut alice = Client {
+        ws: a.expect("okalice connects").0,
+    };
+    let mut bob = Client {
+        ws: b.expect("okbob connects").0,
+    };
+    alice.send("subscribe: ALL").await;
+    alice.sync().await;
+    bob.send("subscribe: ALL").await;
+    bob.sync().await;
+    assert_eq!(node.readyz().await, 200, "the node stays ready");
+    // And right after the failure, a new handshake works.
+    let mut carol_like = Client::subscribed(&node.notws("okalice")).await;
+    let latency = notification_latency(&node, &mut bob, "okbob").await;
+    assert!(latency < Duration::from_secs(1), "took {latency:?}");
+    let _ = notification_latency(&node, &mut alice, "okalice").await;
+    let _ = carol_like.recv_within(Duration::from_secs(2)).await;
+
+    // Nothing denied or abandoned stays wanted: the channels Redis has are exactly the live ones.
+    let mut want = vec![
+        "wsgate:all".to_string(),
+        "wsgate:t:ACME".to_string(),
+        "wsgate:u:okalice".to_string(),
+        "wsgate:u:okbob".to_string(),
+    ];
+    want.sort();
+    let got = || {
+        let mut c: Vec<String> = redis
+            .channels("wsgate:*")
+            .into_iter()
+            .filter(|c| !c.starts_with("wsgate:canary:"))
+            .collect();
+        c.sort();
+        c
+    };
+    eventually(
+        Duration::from_secs(5),
+        "Redis holds exactly the live channels",
+        || {
+            let ok = got() == want;
+            async move { ok }
+        },
+    )
+    .await;
+
+    // Presence: SREM is denied, yet a user who leaves reads offline (the node reconciles).
+    assert_eq!(
+        node.presence(&["okalice", "okbob", "bad"]).await,
+        serde_json::json!({"okalice": true, "okbob": true, "bad": false})
+    );
+    drop(bob);
+    eventually(Duration::from_secs(5), "okbob reads offline", || async {
+        node.presence(&["okbob"]).await == serde_json::json!({"okbob": false})
+    })
+    .await;
+    assert_eq!(
+        node.presence(&["okalice"]).await,
+        serde_json::json!({"okalice": true})
+    );
+    drop((alice, carol_like));
+    node.stop().await;
+}

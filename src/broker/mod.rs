@@ -47,6 +47,9 @@ pub enum Outage {
     /// The pub/sub connection is down (reconnecting).
     #[error("Redis is unreachable")]
     Unreachable,
+    /// The broker's command queue is full.
+    #[error("the Redis command queue is full")]
+    Overloaded,
     #[error("{0}")]
     Redis(Arc<::redis::RedisError>),
     #[error("{0}")]

@@ -3,7 +3,11 @@
 //! - One dedicated pub/sub connection per node, owned by a single actor task: SUBSCRIBE and
 //!   UNSUBSCRIBE requests are queued in call order, adjacent requests of one kind are merged
 //!   into one command (one round trip for many channels), and a subscribe resolves only when
-//!   Redis acknowledged it.
+//!   Redis acknowledged it. A channel Redis refuses (an ACL) fails only the requests that
+//!   named it: the rest of the merged SUBSCRIBE is retried channel by channel. When the
+//!   connection fails mid-batch, what was not yet sent is recorded as wanted (or not), so the
+//!   reconnect restores exactly the hub's set. The queue is bounded (`QUEUE_LIMIT` requests
+//!   that add work; releases always pass, so nothing is left stale).
 //! - Publishing goes over a deadpool-redis pool; a message for many channels is one pipeline.
 //! - The actor remembers the whole wanted channel set and this node's online users: after a
 //!   reconnect (with backoff) it restores both before the node reports ready again.
@@ -12,7 +16,9 @@
 //!   reconnects.
 //! - Presence: `{prefix}:node:{node}:users` (a SET with a TTL refreshed by heartbeat) and
 //!   `{prefix}:nodes` (ZSET node → last heartbeat, ms). A crashed node stops heartbeating, so its
-//!   users read offline within `--presence-ttl`.
+//!   users read offline within `--presence-ttl`. A presence write that fails is repaired by
+//!   rewriting the node's set in full (atomically), at once if Redis refused a command, else
+//!   at the next heartbeat.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -39,6 +45,14 @@ const CANARY_DEADLINE: Duration = Duration::from_secs(4);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 /// Channels per SUBSCRIBE when the whole set is restored.
 const RESTORE_CHUNK: usize = 1000;
+/// Requests that add work (a subscribe, a user coming online) queued for the actor at most;
+/// beyond it they fail at once (the handshake answers 503). Releases (unsubscribe, offline)
+/// are always queued: there is at most one per earlier successful request, so the queue stays
+/// bounded, and dropping one would leave a channel or a user stale.
+const QUEUE_LIMIT: usize = 10_000;
+
+/// A subscribe request waiting for its acknowledgement: the channels it wants, and its answer.
+type Waiter = (Vec<String>, oneshot::Sender<Result<(), BrokerError>>);
 
 enum Cmd {
     Subscribe(Vec<String>, oneshot::Sender<Result<(), BrokerError>>),
@@ -48,6 +62,8 @@ enum Cmd {
 
 struct Shared {
     up: AtomicBool,
+    /// Requests queued for the actor and not yet taken.
+    queued: std::sync::atomic::AtomicUsize,
     /// Milliseconds since `epoch` when the canary last came back.
     canary_seen: AtomicU64,
     epoch: Instant,
@@ -102,6 +118,12 @@ async fn timed<T>(
 
 fn now_ms() -> u64 {
     protocol::now_micros() / 1000
+}
+
+/// Redis answered with an error reply (NOPERM, a denied command...): the connection is fine,
+/// only this command failed.
+fn refused_by_redis(e: &BrokerError) -> bool {
+    matches!(e, BrokerError::Unavailable(Outage::Redis(e)) if e.code().is_some())
 }
 
 /// What the Redis broker needs to know, and nothing else (no API token, no back-end).
@@ -160,6 +182,7 @@ impl RedisBroker {
         };
         let shared = Arc::new(Shared {
             up: AtomicBool::new(false),
+            queued: std::sync::atomic::AtomicUsize::new(0),
             canary_seen: AtomicU64::new(0),
             epoch: Instant::now(),
             metrics,
@@ -174,6 +197,7 @@ impl RedisBroker {
             presence_ttl: cfg.presence_ttl,
             channels: HashSet::new(),
             online: HashSet::new(),
+            resync_presence: false,
         };
         tokio::spawn(actor.run(rx));
         Ok(RedisBroker {
@@ -186,6 +210,14 @@ impl RedisBroker {
     }
 
     fn send(&self, cmd: Cmd) -> Result<(), BrokerError> {
+        let adds = matches!(
+            cmd,
+            Cmd::Subscribe(..) | Cmd::Online(_, Presence::Online, _)
+        );
+        if adds && self.shared.queued.load(Ordering::Relaxed) >= QUEUE_LIMIT {
+            return Err(Outage::Overloaded.into());
+        }
+        self.shared.queued.fetch_add(1, Ordering::Relaxed);
         self.cmds.send(cmd).map_err(|_| BrokerError::Closed)
     }
 }
@@ -275,6 +307,8 @@ struct Actor {
     channels: HashSet<String>,
     /// Users with a connection on this node.
     online: HashSet<Arc<str>>,
+    /// A presence write failed: the next heartbeat rewrites this node's set in full.
+    resync_presence: bool,
 }
 
 /// Why a connected session of the actor ended.
@@ -305,7 +339,10 @@ impl Actor {
                 tokio::select! {
                     cmd = rx.recv() => match cmd {
                         None => return,
-                        Some(cmd) => self.record_while_down(cmd),
+                        Some(cmd) => {
+                            self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+                            self.record_while_down(cmd)
+                        }
                     },
                     _ = tokio::time::sleep_until(deadline) => break,
                 }
@@ -373,8 +410,18 @@ impl Actor {
         let mut all: Vec<String> = self.channels.iter().cloned().collect();
         all.push(self.keys.canary.clone());
         for chunk in all.chunks(RESTORE_CHUNK) {
-            if let Err(e) = timed(sink.subscribe(chunk)).await {
-                return End::Lost(e.to_string());
+            match timed(sink.subscribe(chunk)).await {
+                Ok(()) => {}
+                // A channel Redis now refuses (an ACL changed) must not keep the node down.
+                Err(e) if refused_by_redis(&e) => {
+                    if let Err(e) = self
+                        .subscribe_one_by_one(&mut sink, chunk, &mut Vec::new())
+                        .await
+                    {
+                        return End::Lost(e.to_string());
+                    }
+                }
+                Err(e) => return End::Lost(e.to_string()),
             }
         }
         if let Err(e) = self.heartbeat(true).await {
@@ -399,7 +446,6 @@ impl Actor {
         let mut canary = tokio::time::interval(CANARY_INTERVAL);
         let mut heartbeat = tokio::time::interval(self.presence_ttl / 3);
         heartbeat.tick().await;
-        let mut resync_presence = false;
         let mut batch: Vec<Cmd> = Vec::new();
         loop {
             tokio::select! {
@@ -412,6 +458,7 @@ impl Actor {
                             Err(_) => break,
                         }
                     }
+                    self.shared.queued.fetch_sub(batch.len(), Ordering::Relaxed);
                     if let Err(e) = self.apply(&mut sink, &mut batch).await {
                         return End::Lost(e.to_string());
                     }
@@ -429,11 +476,11 @@ impl Actor {
                 _ = heartbeat.tick() => {
                     // A failed heartbeat is on the pool, not the subscription: the canary
                     // judges the subscription; presence is re-asserted in full next time round.
-                    match self.heartbeat(resync_presence).await {
-                        Ok(()) => resync_presence = false,
+                    match self.heartbeat(self.resync_presence).await {
+                        Ok(()) => self.resync_presence = false,
                         Err(e) => {
                             tracing::warn!(error = %e, "presence heartbeat failed");
-                            resync_presence = true;
+                            self.resync_presence = true;
                         }
                     }
                 }
@@ -454,15 +501,49 @@ impl Actor {
         });
     }
 
-    /// Refreshes this node's presence; `full` re-adds every online user (after a reconnect,
-    /// Redis may have lost them).
+    /// After Redis refused a SUBSCRIBE of many channels: subscribes them one at a time and
+    /// returns the ones refused, which are no longer wanted (the requests that named them fail
+    /// and roll back). A connection failure here ends the session; the waiters are answered.
+    async fn subscribe_one_by_one(
+        &mut self,
+        sink: &mut redis::aio::PubSubSink,
+        chs: &[String],
+        waiters: &mut Vec<Waiter>,
+    ) -> Result<Vec<(String, BrokerError)>, BrokerError> {
+        let mut refused = Vec::new();
+        for c in chs {
+            match timed(sink.subscribe(c)).await {
+                Ok(()) => {}
+                Err(e) if refused_by_redis(&e) => {
+                    tracing::warn!(error = %e, "Redis refused a channel");
+                    self.channels.remove(c);
+                    refused.push((c.clone(), e));
+                }
+                Err(e) => {
+                    for (_, w) in waiters.drain(..) {
+                        let _ = w.send(Err(e.clone()));
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(refused)
+    }
+
+    /// Refreshes this node's presence; `full` rewrites the node's user set from what the node
+    /// knows (after a reconnect Redis may have lost users; after a failed write it may hold
+    /// users who left), atomically, so a reader never sees it half written.
     async fn heartbeat(&self, full: bool) -> Result<(), BrokerError> {
         let mut conn = self.pool.get().await.map_err(pool_down)?;
         let ttl_ms = self.presence_ttl.as_millis() as u64;
         let now = now_ms();
         let mut pipe = redis::pipe();
+        pipe.atomic();
         pipe.zadd(&self.keys.nodes, &self.keys.node_id, now)
             .ignore();
+        if full {
+            pipe.del(&self.keys.node_users).ignore();
+        }
         if full && !self.online.is_empty() {
             let users: Vec<&str> = self.online.iter().map(|u| &**u).collect();
             for chunk in users.chunks(RESTORE_CHUNK) {
@@ -479,31 +560,67 @@ impl Actor {
         timed(pipe.query_async::<()>(&mut conn)).await
     }
 
-    /// Applies queued commands in order, merging adjacent commands of one kind.
+    /// Applies queued commands in order, merging adjacent commands of one kind. A command Redis
+    /// refuses (an ACL that denies a channel, say) never takes the rest of the batch with it: a
+    /// refused SUBSCRIBE is retried channel by channel, so only the refused channels (and the
+    /// requests that wanted them) fail. If the connection itself fails, the commands not yet
+    /// sent are recorded as while disconnected, so the reconnect restores exactly what is
+    /// wanted.
     async fn apply(
         &mut self,
         sink: &mut redis::aio::PubSubSink,
         batch: &mut Vec<Cmd>,
     ) -> Result<(), BrokerError> {
         let mut cmds = std::mem::take(batch).into_iter().peekable();
+        let result = self.apply_in_order(sink, &mut cmds).await;
+        if result.is_err() {
+            for cmd in cmds {
+                self.record_while_down(cmd);
+            }
+        }
+        result
+    }
+
+    async fn apply_in_order(
+        &mut self,
+        sink: &mut redis::aio::PubSubSink,
+        cmds: &mut std::iter::Peekable<std::vec::IntoIter<Cmd>>,
+    ) -> Result<(), BrokerError> {
         while let Some(cmd) = cmds.next() {
             match cmd {
-                Cmd::Subscribe(mut chs, tx) => {
-                    let mut waiters = vec![tx];
+                Cmd::Subscribe(chs, tx) => {
+                    let mut waiters = vec![(chs, tx)];
                     while let Some(Cmd::Subscribe(..)) = cmds.peek() {
                         if let Some(Cmd::Subscribe(more, tx)) = cmds.next() {
-                            chs.extend(more);
-                            waiters.push(tx);
+                            waiters.push((more, tx));
                         }
                     }
+                    let mut chs: Vec<String> = waiters
+                        .iter()
+                        .flat_map(|(c, _)| c.iter().cloned())
+                        .collect();
                     chs.sort_unstable();
                     chs.dedup();
                     self.channels.extend(chs.iter().cloned());
-                    let result = timed(sink.subscribe(&chs)).await;
-                    for w in waiters {
-                        let _ = w.send(result.clone());
+                    let refused = match timed(sink.subscribe(&chs)).await {
+                        Ok(()) => Vec::new(),
+                        Err(e) if refused_by_redis(&e) => {
+                            self.subscribe_one_by_one(sink, &chs, &mut waiters).await?
+                        }
+                        Err(e) => {
+                            for (_, w) in waiters {
+                                let _ = w.send(Err(e.clone()));
+                            }
+                            return Err(e);
+                        }
+                    };
+                    for (wanted, w) in waiters {
+                        let failed = refused.iter().find(|(c, _)| wanted.contains(c));
+                        let _ = w.send(match failed {
+                            None => Ok(()),
+                            Some((_, e)) => Err(e.clone()),
+                        });
                     }
-                    result?;
                 }
                 Cmd::Unsubscribe(mut chs) => {
                     while let Some(Cmd::Unsubscribe(..)) = cmds.peek() {
@@ -514,7 +631,14 @@ impl Actor {
                     for c in &chs {
                         self.channels.remove(c);
                     }
-                    timed(sink.unsubscribe(&chs)).await?;
+                    match timed(sink.unsubscribe(&chs)).await {
+                        Ok(()) => {}
+                        // Redis refusing an UNSUBSCRIBE leaves nothing subscribed that we know of.
+                        Err(e) if refused_by_redis(&e) => {
+                            tracing::warn!(error = %e, "Redis refused an UNSUBSCRIBE");
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
                 Cmd::Online(user, presence, tx) => {
                     let mut ops = vec![(user, presence, tx)];
@@ -540,15 +664,24 @@ impl Actor {
                         .arg(&self.keys.node_users)
                         .arg(self.presence_ttl.as_millis() as u64)
                         .ignore();
-                    let result = match self.pool.get().await {
+                    let mut result = match self.pool.get().await {
                         Ok(mut conn) => timed(pipe.query_async::<()>(&mut conn)).await,
                         Err(e) => Err(pool_down(e)),
                     };
+                    if matches!(&result, Err(e) if refused_by_redis(e)) {
+                        // One refused command fails the whole pipeline's answer, though Redis
+                        // ran the others: rewrite the set from what this node knows instead.
+                        tracing::warn!("a presence write was refused; rewriting this node's set");
+                        result = self.heartbeat(true).await;
+                    }
                     for (_, _, tx) in ops {
                         let _ = tx.send(result.clone());
                     }
-                    // A presence write that failed is repaired by the full heartbeat after the
-                    // reconnect that a real outage causes.
+                    if let Err(e) = &result {
+                        // Repaired by the next heartbeat, which rewrites the whole set.
+                        tracing::warn!(error = %e, "presence write failed; resynchronising");
+                        self.resync_presence = true;
+                    }
                 }
             }
         }
