@@ -205,20 +205,35 @@ async fn a_peer_that_never_reads_loses_its_registration_within_the_write_timeout
     let backend = Backend::start().await;
     let mut config = common::config(&backend);
     config.ping_interval = Duration::from_millis(200);
-    config.write_timeout = Duration::from_millis(500);
+    // Shorter than the ping timeout (two intervals), so the write timeout is what ends it.
+    config.write_timeout = Duration::from_millis(100);
     // Large enough that the queue never overflows before the socket is stuck.
     config.outbound_queue = 100_000;
     config.outbound_queue_bytes = 1 << 30;
     let node = Node::start(config).await;
-    // alice subscribes and then never reads again (pings included).
+    // alice subscribes and then never reads again (pings included), but keeps sending, so she
+    // never looks silent to the ping sweep: only the write timeout can end her session.
     let alice = Client::subscribed(&node.notws("alice")).await;
     assert_eq!(node.state.hub.connections(), 1);
+    let (mut alice_tx, alice_rx) = alice.ws.split();
+    let keepalive = tokio::spawn(async move {
+        loop {
+            if alice_tx
+                .send(Message::text("subscribe: ALL"))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
 
     let big = "x".repeat(60_000);
     let body =
         serde_json::json!({"userIds": ["alice"], "notification": notification("Bulk", &big)});
     // Enough to fill the socket buffers on both sides several times over.
-    for _ in 0..400 {
+    for _ in 0..1_000 {
         let (status, _) = node.notify(body.clone()).await;
         assert_eq!(status, 202);
         if node.state.hub.connections() == 0 {
@@ -231,10 +246,12 @@ async fn a_peer_that_never_reads_loses_its_registration_within_the_write_timeout
         || async { node.state.hub.connections() == 0 },
     )
     .await;
+    closes_counted(&node, "notws", "write_timeout", 1.0).await;
+    keepalive.abort();
+    drop(alice_rx);
     let mut bob = Client::subscribed(&node.notws("bob")).await;
     let latency = notification_latency(&node, &mut bob, "bob").await;
     assert!(latency < Duration::from_secs(1), "took {latency:?}");
-    drop(alice);
     node.stop().await;
 }
 
