@@ -155,6 +155,9 @@ pub async fn run(mut socket: WebSocket, session: Session, node: &Node) {
         }
     };
 
+    // Unregister from the hub (and release its channels) now: the closing handshake below may
+    // take up to two close timeouts with a peer that does not read.
+    drop(session);
     let close_timeout = CLOSE_TIMEOUT.min(limits.write_timeout);
     if reason == CloseReason::Client {
         // tungstenite queued the reply to the client's close frame; it goes out only when the
@@ -190,8 +193,6 @@ pub async fn run(mut socket: WebSocket, session: Session, node: &Node) {
     }
     m.connections.dec();
     m.closed(reason).inc();
-    // Unregisters from the hub (and releases its channels) here.
-    drop(session);
 }
 
 /// How a bounded socket write ended.

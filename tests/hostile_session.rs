@@ -380,3 +380,88 @@ async fn a_failed_redis_command_leaves_nothing_stale() {
     drop((alice, carol_like));
     node.stop().await;
 }
+
+/// The pub/sub connection is killed while a burst of handshakes is being subscribed: after the
+/// reconnect Redis holds exactly the channels of the connections that were accepted, and
+/// presence names exactly their users.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_killed_mid_batch_leaves_nothing_stale() {
+    let redis = common::Redis::start();
+    let users: Vec<String> = (0..20).map(|i| format!("u{i}")).collect();
+    let extra: Vec<(&str, &str)> = users.iter().map(|u| (u.as_str(), "ACME")).collect();
+    let backend = Backend::start_with(&extra).await;
+    let mut config = common::config(&backend);
+    config.redis_url = Some(redis.url());
+    let node = Node::start(config).await;
+    eventually(Duration::from_secs(5), "the node is ready", || async {
+        node.readyz().await == 200
+    })
+    .await;
+
+    let mut admin = redis.conn();
+    let connects = futures_util::future::join_all(
+        users
+            .iter()
+            .map(|u| tokio_tungstenite::connect_async(node.notws(u))),
+    );
+    let kill = async {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        redis::cmd("CLIENT")
+            .arg(&["KILL", "TYPE", "pubsub"])
+            .query::<i64>(&mut admin)
+            .expect("CLIENT KILL")
+    };
+    let (results, killed) = tokio::join!(connects, kill);
+    assert!(killed >= 1, "the pub/sub connection was killed");
+    let mut open = Vec::new();
+    let mut accepted = Vec::new();
+    for (u, r) in users.iter().zip(results) {
+        if let Ok((ws, _)) = r {
+            open.push(ws);
+            accepted.push(u.clone());
+        }
+    }
+    eventually(
+        Duration::from_secs(10),
+        "the node is ready again",
+        || async { node.readyz().await == 200 },
+    )
+    .await;
+
+    let mut want: Vec<String> = accepted.iter().map(|u| format!("wsgate:u:{u}")).collect();
+    want.push("wsgate:all".into());
+    if !accepted.is_empty() {
+        want.push("wsgate:t:ACME".into());
+    }
+    want.sort();
+    eventually(
+        Duration::from_secs(5),
+        "Redis holds exactly the live channels",
+        || {
+            let mut got: Vec<String> = redis
+                .channels("wsgate:*")
+                .into_iter()
+                .filter(|c| !c.starts_with("wsgate:canary:"))
+                .collect();
+            got.sort();
+            let ok = got == want;
+            async move { ok }
+        },
+    )
+    .await;
+    let names: Vec<&str> = users.iter().map(String::as_str).collect();
+    let want_presence: serde_json::Map<String, serde_json::Value> = users
+        .iter()
+        .map(|u| (u.clone(), serde_json::json!(accepted.contains(u))))
+        .collect();
+    eventually(
+        Duration::from_secs(5),
+        "presence names exactly the accepted users",
+        || async {
+            node.presence(&names).await == serde_json::Value::Object(want_presence.clone())
+        },
+    )
+    .await;
+    drop(open);
+    node.stop().await;
+}
