@@ -27,6 +27,12 @@ fn config_errors_exit_64_with_one_line_naming_the_flag() {
         (&["serve", "--auth-ttl", "0s"], "--auth-ttl"),
         (&["serve", "--redis-url", "http://localhost"], "--redis-url"),
         (&["serve", "--max-frame-size", "10"], "--max-frame-size"),
+        (&["serve", "--max-topics", "0"], "--max-topics"),
+        (
+            &["serve", "--max-frames-per-second", "0"],
+            "--max-frames-per-second",
+        ),
+        (&["serve", "--write-timeout", "0s"], "--write-timeout"),
         (
             &["serve", "--user-id-pointer", "user.id"],
             "--user-id-pointer",
