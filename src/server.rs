@@ -81,6 +81,7 @@ impl AppState {
             outbound_queue_bytes: config.outbound_queue_bytes,
             unsubscribe_delay: config.unsubscribe_delay,
             ping_interval: config.ping_interval,
+            resubscribe_window: config.resubscribe_window,
         };
         let mut broker_error = None;
         let hub = Hub::new(
@@ -427,6 +428,9 @@ async fn upgrade(
             return reject(&state, endpoint, RejectReason::BrokerUnavailable);
         }
     };
+    // Before the 101: whatever is published once the client sees the handshake matches the
+    // topics it had before its reconnect.
+    state.hub.restore_remembered(&registration.conn).await;
     // Taken now, so a drain that starts before the socket runs still waits for it.
     let token = state.sessions.token();
     let session = Session {

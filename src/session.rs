@@ -99,6 +99,11 @@ pub async fn run(mut socket: WebSocket, session: Session, node: &Node) {
         }
     };
 
+    // Before the close frame goes out: a client that reconnects when it sees the close finds
+    // its topics remembered.
+    // Boxed: this future exists once per connection, at its end; inlined it would enlarge
+    // every idle connection's task.
+    Box::pin(session.registration.hub().remember_on_close(&conn)).await;
     if reason != CloseReason::Client {
         if reason == CloseReason::SlowConsumer {
             tracing::debug!(
@@ -171,16 +176,14 @@ async fn handle_text(node: &Node, session: &Session, endpoint: Endpoint, text: U
     match endpoint {
         Endpoint::Notws => match protocol::parse_notws(text.as_str()) {
             NotwsCommand::Subscribe(topics) => {
-                session
-                    .registration
-                    .hub()
-                    .set_topics(conn, &topics, TopicChange::Subscribe)
+                let hub = session.registration.hub();
+                hub.set_topics(conn, &topics, TopicChange::Subscribe);
+                hub.remember_explicit(conn).await;
             }
             NotwsCommand::Unsubscribe(topics) => {
-                session
-                    .registration
-                    .hub()
-                    .set_topics(conn, &topics, TopicChange::Unsubscribe)
+                let hub = session.registration.hub();
+                hub.set_topics(conn, &topics, TopicChange::Unsubscribe);
+                hub.remember_explicit(conn).await;
             }
             NotwsCommand::Unknown => {
                 tracing::debug!(user = %conn.identity.user_id, "unknown command prefix");

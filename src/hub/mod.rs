@@ -35,6 +35,7 @@ mod channels;
 mod fanout;
 pub mod outbound;
 pub mod registry;
+mod remembered;
 mod sweep;
 #[cfg(test)]
 mod tests;
@@ -44,6 +45,8 @@ use channel::ChannelNames;
 pub use outbound::{Outbound, Outgoing, Wake};
 use registry::{now_ms, ConnEntry, Inner, TopicFilter, UserEntry};
 pub use registry::{Connection, Registry};
+use remembered::{Remembered, TopicOrigin};
+pub use remembered::{Restore, MAX_REMEMBERED_TOPICS};
 
 /// What a `subscribe:` / `unsubscribe:` command does to a connection's topics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +75,8 @@ pub struct Hub {
     queue_bytes: usize,
     unsubscribe_delay: Duration,
     ping_interval: Duration,
+    /// Topics remembered across reconnects (`remembered.rs`).
+    remembered: Remembered,
     /// The lingering-channel reaper; aborted when the hub goes.
     reaper: Mutex<Option<AbortOnDropHandle<()>>>,
 }
@@ -84,6 +89,8 @@ pub struct HubLimits {
     pub outbound_queue_bytes: usize,
     pub unsubscribe_delay: Duration,
     pub ping_interval: Duration,
+    /// How long a user's topics are remembered for a reconnect (zero: off).
+    pub resubscribe_window: Duration,
 }
 
 impl Hub {
@@ -110,6 +117,7 @@ impl Hub {
             queue_bytes: limits.outbound_queue_bytes,
             unsubscribe_delay: limits.unsubscribe_delay,
             ping_interval: limits.ping_interval,
+            remembered: Remembered::new(prefix, limits.resubscribe_window),
             reaper: Mutex::new(None),
         })
     }
@@ -293,6 +301,11 @@ impl Hub {
             return;
         };
         let before = entry.topics.topics.len() as i64;
+        if entry.topics.origin == TopicOrigin::Restored && change == TopicChange::Subscribe {
+            // A client that asks for topics gets exactly those, not what it was given.
+            entry.topics.topics.clear();
+        }
+        entry.topics.origin = TopicOrigin::Explicit;
         for t in topics {
             match change {
                 TopicChange::Subscribe => entry.topics.topics.insert(Box::from(*t)),

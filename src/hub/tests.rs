@@ -29,6 +29,7 @@ fn hub(delay_ms: u64) -> (Arc<Hub>, Mem) {
             outbound_queue_bytes: 1 << 20,
             unsubscribe_delay: Duration::from_millis(delay_ms),
             ping_interval: Duration::from_secs(30),
+            resubscribe_window: Duration::from_secs(600),
         },
         |sink| Broker::Memory(MemoryBroker::new(sink)),
     );
