@@ -226,3 +226,177 @@ impl Hub {
         self.metrics.remembered_write_errors.inc();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::broker::memory::MemoryBroker;
+    use crate::broker::Broker;
+    use crate::hub::{HubLimits, Registration, TopicChange};
+    use crate::identity::Identity;
+    use crate::metrics::Metrics;
+
+    fn hub(window: Duration) -> Arc<Hub> {
+        Hub::new(
+            "t",
+            Arc::new(Metrics::new()),
+            HubLimits {
+                max_connections_per_user: 0,
+                outbound_queue: 4,
+                outbound_queue_bytes: 1 << 20,
+                unsubscribe_delay: Duration::from_millis(10),
+                ping_interval: Duration::from_secs(30),
+                resubscribe_window: window,
+            },
+            |sink| Broker::Memory(MemoryBroker::new(sink)),
+        )
+    }
+
+    async fn connect(hub: &Arc<Hub>, user: &str, endpoint: Endpoint) -> (Registration, Restore) {
+        let identity = Identity {
+            user_id: Arc::from(user),
+            tenant_id: None,
+        };
+        let reg = hub.register(identity, endpoint).await.expect("register");
+        let restore = hub.restore_remembered(&reg.conn).await;
+        (reg, restore)
+    }
+
+    async fn frame(hub: &Hub, reg: &Registration, topics: &[&str], change: TopicChange) {
+        hub.set_topics(&reg.conn, topics, change);
+        hub.remember_explicit(&reg.conn).await;
+    }
+
+    async fn close(hub: &Hub, reg: Registration) {
+        hub.remember_on_close(&reg.conn).await;
+        drop(reg);
+    }
+
+    fn topics(hub: &Hub, reg: &Registration) -> Vec<String> {
+        let mut t = hub.topics_of(&reg.conn).expect("registered").0;
+        t.sort();
+        t
+    }
+
+    fn sets(hub: &Hub) -> Vec<String> {
+        match hub.broker() {
+            Broker::Memory(m) => m.set_names(),
+            Broker::Redis(_) => unreachable!("in-process broker"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reconnect_without_subscribe_gets_the_previous_topics() {
+        let hub = hub(Duration::from_secs(600));
+        let (first, restore) = connect(&hub, "u", Endpoint::Notws).await;
+        assert_eq!(restore, Restore::Empty);
+        frame(&hub, &first, &["ALL"], TopicChange::Subscribe).await;
+        close(&hub, first).await;
+
+        let (second, restore) = connect(&hub, "u", Endpoint::Notws).await;
+        assert_eq!(restore, Restore::Restored(1));
+        assert_eq!(topics(&hub, &second), ["ALL"]);
+        // Its close keeps the set alive for a third connection.
+        close(&hub, second).await;
+        tokio::time::sleep(Duration::from_secs(599)).await;
+        let (third, _) = connect(&hub, "u", Endpoint::Notws).await;
+        assert_eq!(topics(&hub, &third), ["ALL"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_set_expires_after_the_window() {
+        let hub = hub(Duration::from_secs(60));
+        let (first, _) = connect(&hub, "u", Endpoint::Notws).await;
+        frame(&hub, &first, &["A"], TopicChange::Subscribe).await;
+        close(&hub, first).await;
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        let (second, restore) = connect(&hub, "u", Endpoint::Notws).await;
+        assert_eq!(restore, Restore::Empty);
+        assert!(topics(&hub, &second).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_explicit_subscribe_replaces_restored_topics_and_the_set() {
+        let hub = hub(Duration::from_secs(600));
+        let (first, _) = connect(&hub, "u", Endpoint::Notws).await;
+        frame(&hub, &first, &["ALL"], TopicChange::Subscribe).await;
+        close(&hub, first).await;
+
+        let (moqui, restore) = connect(&hub, "u", Endpoint::Notws).await;
+        assert_eq!(restore, Restore::Restored(1));
+        frame(&hub, &moqui, &["B", "A"], TopicChange::Subscribe).await;
+        assert_eq!(
+            topics(&hub, &moqui),
+            ["A", "B"],
+            "exactly what it asked for"
+        );
+        // A second subscribe adds, as in Moqui.
+        frame(&hub, &moqui, &["C"], TopicChange::Subscribe).await;
+        frame(&hub, &moqui, &["A"], TopicChange::Unsubscribe).await;
+        assert_eq!(topics(&hub, &moqui), ["B", "C"]);
+
+        let (later, _) = connect(&hub, "u", Endpoint::Notws).await;
+        assert_eq!(
+            topics(&hub, &later),
+            ["B", "C"],
+            "the explicit set replaced ALL"
+        );
+        // Unsubscribing everything forgets the set.
+        frame(&hub, &moqui, &["B", "C"], TopicChange::Unsubscribe).await;
+        assert!(sets(&hub).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closing_connections_add_their_topics() {
+        let hub = hub(Duration::from_secs(600));
+        let (app, _) = connect(&hub, "u", Endpoint::Notws).await;
+        frame(&hub, &app, &["ALL"], TopicChange::Subscribe).await;
+        let (tab, _) = connect(&hub, "u", Endpoint::Notws).await;
+        assert_eq!(topics(&hub, &tab), ["ALL"]);
+        frame(&hub, &tab, &["Orders"], TopicChange::Subscribe).await;
+        // The tab's frame made its list the set; the app's close adds ALL back.
+        close(&hub, app).await;
+        let (back, _) = connect(&hub, "u", Endpoint::Notws).await;
+        assert_eq!(topics(&hub, &back), ["ALL", "Orders"]);
+        // A connection that never had topics writes nothing when it closes.
+        let (fresh, _) = connect(&hub, "v", Endpoint::Notws).await;
+        close(&hub, fresh).await;
+        assert_eq!(sets(&hub), ["t:topics:notws:u"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_notws_and_only_with_a_window() {
+        let hub_on = hub(Duration::from_secs(600));
+        let (chat, restore) = connect(&hub_on, "u", Endpoint::Chat).await;
+        assert_eq!(restore, Restore::Off);
+        close(&hub_on, chat).await;
+        assert!(sets(&hub_on).is_empty());
+
+        let off = hub(Duration::ZERO);
+        let (first, _) = connect(&off, "u", Endpoint::Notws).await;
+        frame(&off, &first, &["ALL"], TopicChange::Subscribe).await;
+        close(&off, first).await;
+        let (second, restore) = connect(&off, "u", Endpoint::Notws).await;
+        assert_eq!(restore, Restore::Off);
+        assert!(topics(&off, &second).is_empty());
+        assert!(sets(&off).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_set_is_capped_and_keeps_all() {
+        let hub = hub(Duration::from_secs(600));
+        let (first, _) = connect(&hub, "u", Endpoint::Notws).await;
+        let many: Vec<String> = (0..MAX_REMEMBERED_TOPICS + 50)
+            .map(|i| format!("t{i}"))
+            .collect();
+        let mut refs: Vec<&str> = many.iter().map(String::as_str).collect();
+        refs.push(ALL_TOPICS);
+        frame(&hub, &first, &refs, TopicChange::Subscribe).await;
+        close(&hub, first).await;
+        let (second, restore) = connect(&hub, "u", Endpoint::Notws).await;
+        assert_eq!(restore, Restore::Restored(MAX_REMEMBERED_TOPICS));
+        assert!(topics(&hub, &second).iter().any(|t| t == ALL_TOPICS));
+    }
+}
