@@ -198,6 +198,66 @@ async fn growerp_client_keeps_its_notifications_across_a_drain() {
 }
 
 #[tokio::test]
+async fn growerp_client_keeps_its_notifications_across_a_sigterm_of_the_real_binary() {
+    let redis = Redis::start();
+    let backend = Backend::start().await;
+    let url = redis.url();
+    let args = [
+        "--redis-url",
+        url.as_str(),
+        "--redis-prefix",
+        "rsb",
+        "--drain-timeout",
+        "1s",
+    ];
+    let mut a = Binary::serve(&backend, &args).await;
+    let b = Binary::serve(&backend, &args).await;
+    let publish_b = |title: String| {
+        let url = format!("http://{}/api/v1/notifications", b.admin);
+        async move {
+            let (s, _) = post(
+                &url,
+                json!({"userIds": ["alice"], "notification": notification("T", &title)}),
+            )
+            .await;
+            assert_eq!(s, 202, "publish accepted");
+        }
+    };
+    let mut rx = growerp_client(vec![a.notws("alice"), b.notws("alice")], RECONNECT);
+    assert!(matches!(next_event(&mut rx).await, Event::Connected(1)));
+    let mut receiving = false;
+    for i in 0..50 {
+        publish_b(format!("probe{i}")).await;
+        if let Ok(Some(Event::Frame(_))) = timeout(Duration::from_millis(100), rx.recv()).await {
+            receiving = true;
+            break;
+        }
+    }
+    assert!(
+        receiving,
+        "the client never received a notification after subscribing"
+    );
+
+    let pid = a.child.id().expect("pid").to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "SIGTERM sent");
+    assert_eq!(until_connected(&mut rx, 2).await, Some(1012));
+    for i in 0..AFTER {
+        publish_b(format!("after{i}")).await;
+    }
+    let got = collect(&mut rx, AFTER, Duration::from_secs(3)).await;
+    assert_eq!(got.len(), AFTER, "missing {} of {AFTER}", AFTER - got.len());
+    let status = timeout(Duration::from_secs(10), a.child.wait())
+        .await
+        .expect("the drained binary exits")
+        .expect("exit status");
+    assert!(status.success(), "exit 0 after the drain");
+}
+
+#[tokio::test]
 async fn without_a_window_the_same_client_goes_deaf() {
     // The control: what the test above would measure without remembered topics.
     let (received, _b, _) = drain_and_count(Duration::ZERO).await;
