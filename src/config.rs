@@ -183,6 +183,10 @@ pub struct ServeArgs {
     #[arg(long, env = "WSGATE_UNSUBSCRIBE_DELAY", default_value = "2s", value_parser = duration)]
     pub unsubscribe_delay: Duration,
 
+    /// How long a user's /notws topics are remembered for a reconnect that sends no subscribe frame (0 = off).
+    #[arg(long, env = "WSGATE_RESUBSCRIBE_WINDOW", default_value = "10m", value_parser = duration)]
+    pub resubscribe_window: Duration,
+
     /// Bearer token of the publish API. Without it the API answers 403.
     #[arg(long, env = "WSGATE_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
@@ -302,6 +306,8 @@ pub struct Config {
     pub node_id: String,
     pub presence_ttl: Duration,
     pub unsubscribe_delay: Duration,
+    /// Zero: nothing is remembered.
+    pub resubscribe_window: Duration,
     pub api_token: Option<String>,
     pub max_frame_size: usize,
     pub max_api_body: usize,
@@ -484,6 +490,12 @@ impl ServeArgs {
         if presence_ttl < Duration::from_secs(3) || presence_ttl > Duration::from_secs(30) {
             return Err(bad("--presence-ttl", "must be between 3s and 30s"));
         }
+        if self.resubscribe_window > Duration::from_secs(24 * 3600) {
+            return Err(bad(
+                "--resubscribe-window",
+                "must be at most 24h (0 turns it off)",
+            ));
+        }
         let node_id = match &self.node_id {
             Some(id) if id.is_empty() || id.contains(char::is_whitespace) => {
                 return Err(bad("--node-id", "must be non-empty without spaces"));
@@ -516,6 +528,7 @@ impl ServeArgs {
             node_id,
             presence_ttl,
             unsubscribe_delay: self.unsubscribe_delay,
+            resubscribe_window: self.resubscribe_window,
             api_token: self.api_token.clone(),
             max_frame_size: self.max_frame_size,
             max_api_body: self.max_api_body,

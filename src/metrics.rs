@@ -156,6 +156,12 @@ pub struct Metrics {
     pub outbound_dropped: IntCounter,
     pub slow_consumer_disconnects: IntCounter,
     pub api_requests: IntCounterVec,
+    /// Remembered-topic look-ups at handshake, by outcome (see `hub/remembered.rs`).
+    pub remembered_restored: IntCounter,
+    pub remembered_empty: IntCounter,
+    pub remembered_errors: IntCounter,
+    pub remembered_topics_restored: IntCounter,
+    pub remembered_write_errors: IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -311,6 +317,12 @@ impl Metrics {
                 backend_errors.with_label_values(&[call, kind]);
             }
         }
+        let remembered = counter_vec(
+            &r,
+            "wsgate_remembered_topics_restores_total",
+            "/notws handshakes that looked up their user's remembered topics, by outcome (restored, empty, error).",
+            &["outcome"],
+        );
         let api_requests = counter_vec(
             &r,
             "wsgate_api_requests_total",
@@ -412,6 +424,19 @@ impl Metrics {
                 "Connections closed because they did not read fast enough (close 4008).",
             ),
             api_requests,
+            remembered_restored: remembered.with_label_values(&["restored"]),
+            remembered_empty: remembered.with_label_values(&["empty"]),
+            remembered_errors: remembered.with_label_values(&["error"]),
+            remembered_topics_restored: counter(
+                &r,
+                "wsgate_remembered_topics_restored_total",
+                "Topics given to /notws connections from their user's remembered set.",
+            ),
+            remembered_write_errors: counter(
+                &r,
+                "wsgate_remembered_topics_write_errors_total",
+                "Writes of a user's remembered /notws topics that the broker did not accept.",
+            ),
             registry: r,
         }
     }

@@ -82,6 +82,7 @@ impl AppState {
             unsubscribe_delay: config.unsubscribe_delay,
             ping_interval: config.ping_interval,
             max_topics: config.max_topics,
+            resubscribe_window: config.resubscribe_window,
         };
         let session_limits = session::SessionLimits {
             frames_per_second: config.max_frames_per_second,
@@ -433,6 +434,9 @@ async fn upgrade(
             return reject(&state, endpoint, RejectReason::BrokerUnavailable);
         }
     };
+    // Before the 101: whatever is published once the client sees the handshake matches the
+    // topics it had before its reconnect.
+    state.hub.restore_remembered(&registration.conn).await;
     // Taken now, so a drain that starts before the socket runs still waits for it.
     let token = state.sessions.token();
     let session = Session {

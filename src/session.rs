@@ -155,6 +155,11 @@ pub async fn run(mut socket: WebSocket, session: Session, node: &Node) {
         }
     };
 
+    // Before the close frame goes out: a client that reconnects when it sees the close finds
+    // its topics remembered.
+    // Boxed: this future exists once per connection, at its end; inlined it would enlarge
+    // every idle connection's task.
+    Box::pin(session.registration.hub().remember_on_close(&conn)).await;
     // Unregister from the hub (and release its channels) now: the closing handshake below may
     // take up to two close timeouts with a peer that does not read.
     drop(session);
@@ -285,18 +290,16 @@ async fn handle_text(
     match endpoint {
         Endpoint::Notws => match protocol::parse_notws(text.as_str()) {
             NotwsCommand::Subscribe(topics) => {
-                session
-                    .registration
-                    .hub()
-                    .set_topics(conn, &topics, TopicChange::Subscribe)
+                let hub = session.registration.hub();
+                hub.set_topics(conn, &topics, TopicChange::Subscribe)
                     .map_err(|_| CloseReason::TooManyTopics)?;
+                hub.remember_explicit(conn).await;
             }
             NotwsCommand::Unsubscribe(topics) => {
-                session
-                    .registration
-                    .hub()
-                    .set_topics(conn, &topics, TopicChange::Unsubscribe)
+                let hub = session.registration.hub();
+                hub.set_topics(conn, &topics, TopicChange::Unsubscribe)
                     .map_err(|_| CloseReason::TooManyTopics)?;
+                hub.remember_explicit(conn).await;
             }
             NotwsCommand::Unknown => {
                 tracing::debug!(user = %conn.identity.user_id, "unknown command prefix");

@@ -45,6 +45,8 @@ KNOWN_ENV = {
     "WSGATE_API_TOKEN", "WSGATE_MAX_FRAME_SIZE", "WSGATE_OUTBOUND_QUEUE",
     "WSGATE_OUTBOUND_QUEUE_BYTES", "WSGATE_MAX_CONNECTIONS_PER_USER", "WSGATE_PING_INTERVAL",
     "WSGATE_DRAIN_TIMEOUT", "WSGATE_LOG_FORMAT", "WSGATE_LOG_LEVEL",
+    "WSGATE_SESSION_COOKIES", "WSGATE_SESSION_AUTH_PATH", "WSGATE_SESSION_USER_POINTER",
+    "WSGATE_SESSION_TENANT_POINTER", "WSGATE_ALLOWED_ORIGINS", "WSGATE_RESUBSCRIBE_WINDOW",
 }
 
 # Recognisable secrets: they must reach the Secret and nothing else.
@@ -63,6 +65,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "ingress": {
         "apiToken": {"value": TOKEN},
+        "allowedOrigins": ["https://erp.example.com", "http://127.0.0.1:5173"],
         "ingress": {
             "enabled": True,
             "hosts": [{"host": "erp.example.com"}, {"host": "erp2.example.com"}],
@@ -120,6 +123,8 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "autoscaling without Redis": ({"autoscaling": {"enabled": True}}, "needs Redis"),
     "two Redis sources": ({"redis": {"url": "redis://r:6379", "existingSecret": "x"}}, "only one"),
     "two token sources": ({"apiToken": {"value": "a", "existingSecret": "x"}}, "only one"),
+    "allowed origin without scheme": ({"allowedOrigins": ["erp.example.com"]}, "allowedOrigins"),
+    "malformed resubscribe window": ({"resubscribeWindow": "ten minutes"}, "resubscribeWindow"),
 }
 
 

@@ -19,6 +19,8 @@ struct State {
 pub struct MemoryBroker {
     state: Mutex<State>,
     sink: Arc<dyn MessageSink>,
+    /// Named sets with a TTL (`sets.rs`).
+    pub(super) sets: Mutex<super::sets::Sets>,
 }
 
 impl MemoryBroker {
@@ -26,6 +28,7 @@ impl MemoryBroker {
         MemoryBroker {
             state: Mutex::new(State::default()),
             sink,
+            sets: Mutex::default(),
         }
     }
 

@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 
 pub mod memory;
 pub mod redis;
+mod sets;
 
 use memory::MemoryBroker;
 use redis::RedisBroker;

@@ -220,6 +220,15 @@ impl RedisBroker {
         self.shared.queued.fetch_add(1, Ordering::Relaxed);
         self.cmds.send(cmd).map_err(|_| BrokerError::Closed)
     }
+
+    /// Runs one pipeline on the pool, with the command timeout.
+    pub(super) async fn query<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, BrokerError> {
+        let mut conn = self.pool.get().await.map_err(pool_down)?;
+        timed(pipe.query_async::<T>(&mut conn)).await
+    }
 }
 
 impl RedisBroker {

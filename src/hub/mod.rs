@@ -35,6 +35,7 @@ mod channels;
 mod fanout;
 pub mod outbound;
 pub mod registry;
+mod remembered;
 mod sweep;
 #[cfg(test)]
 mod tests;
@@ -44,6 +45,8 @@ use channel::ChannelNames;
 pub use outbound::{Outbound, Outgoing, Wake};
 use registry::{now_ms, ConnEntry, Inner, TopicFilter, UserEntry};
 pub use registry::{Connection, Registry};
+use remembered::{Remembered, TopicOrigin};
+pub use remembered::{Restore, MAX_REMEMBERED_TOPICS};
 
 /// What a `subscribe:` / `unsubscribe:` command does to a connection's topics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +76,8 @@ pub struct Hub {
     unsubscribe_delay: Duration,
     ping_interval: Duration,
     max_topics: usize,
+    /// Topics remembered across reconnects (`remembered.rs`).
+    remembered: Remembered,
     /// The lingering-channel reaper; aborted when the hub goes.
     reaper: Mutex<Option<AbortOnDropHandle<()>>>,
 }
@@ -87,6 +92,8 @@ pub struct HubLimits {
     pub ping_interval: Duration,
     /// Topics one connection may hold (`--max-topics`).
     pub max_topics: usize,
+    /// How long a user's topics are remembered for a reconnect (zero: off).
+    pub resubscribe_window: Duration,
 }
 
 /// A subscribe would take a connection over `--max-topics`; nothing was applied.
@@ -119,6 +126,7 @@ impl Hub {
             unsubscribe_delay: limits.unsubscribe_delay,
             ping_interval: limits.ping_interval,
             max_topics: limits.max_topics,
+            remembered: Remembered::new(prefix, limits.resubscribe_window),
             reaper: Mutex::new(None),
         })
     }
@@ -320,6 +328,11 @@ impl Hub {
         let Some(entry) = user.conns.iter_mut().find(|c| c.conn.id == conn.id) else {
             return Ok(());
         };
+        if entry.topics.origin == TopicOrigin::Restored && change == TopicChange::Subscribe {
+            // A client that asks for topics gets exactly those, not what it was given.
+            entry.topics.topics.clear();
+        }
+        entry.topics.origin = TopicOrigin::Explicit;
         let set = &mut entry.topics.topics;
         let before = set.len() as i64;
         match change {

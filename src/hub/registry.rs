@@ -42,6 +42,8 @@ pub(super) struct TopicFilter {
     pub(super) all: bool,
     /// An empty set allocates nothing.
     pub(super) topics: HashSet<Box<str>>,
+    /// Whether the topics were sent by the client or restored (`remembered.rs`).
+    pub(super) origin: super::remembered::TopicOrigin,
 }
 
 impl TopicFilter {

@@ -30,6 +30,7 @@ fn hub(delay_ms: u64) -> (Arc<Hub>, Mem) {
             unsubscribe_delay: Duration::from_millis(delay_ms),
             ping_interval: Duration::from_secs(30),
             max_topics: 3,
+            resubscribe_window: Duration::from_secs(600),
         },
         |sink| Broker::Memory(MemoryBroker::new(sink)),
     );
