@@ -16,9 +16,11 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
 
 use crate::auth::bearer_token;
 use crate::hub::{Channel, Hub};
@@ -33,7 +35,7 @@ pub struct Api {
     pub hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
     /// `--api-token`; `None` disables the API. Never logged.
-    pub token: Option<String>,
+    pub token: Option<SecretString>,
     /// `--max-api-body`, in bytes.
     pub max_body: usize,
 }
@@ -81,9 +83,10 @@ fn route_of(path: &str) -> &'static str {
     }
 }
 
-/// Constant-time comparison, so the token cannot be guessed byte by byte from timings.
+/// Constant-time comparison (`subtle`), so the token cannot be guessed byte by byte from
+/// timings; only the length can differ in time.
 fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.ct_eq(b).into()
 }
 
 async fn require_token(State(state): ApiState, req: Request, next: Next) -> Response {
@@ -96,7 +99,9 @@ async fn require_token(State(state): ApiState, req: Request, next: Next) -> Resp
         Some(token) => {
             let given = bearer_token::<false>(req.headers());
             match given {
-                Some(g) if same(g.as_bytes(), token.as_bytes()) => next.run(req).await,
+                Some(g) if same(g.as_bytes(), token.expose_secret().as_bytes()) => {
+                    next.run(req).await
+                }
                 Some(_) => error(StatusCode::UNAUTHORIZED, "wrong API token"),
                 None => error(
                     StatusCode::UNAUTHORIZED,

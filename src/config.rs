@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use ipnet::IpNet;
 use reqwest::Url;
+use secrecy::{ExposeSecret, SecretString};
 
 /// Exit code for a configuration error (EX_USAGE from sysexits.h).
 pub const EXIT_CONFIG: i32 = 64;
@@ -207,6 +209,24 @@ pub struct ServeArgs {
     #[arg(long, env = "WSGATE_MAX_CONNECTIONS_PER_USER", default_value_t = 32)]
     pub max_connections_per_user: usize,
 
+    /// Longest time a client may take to send a request's headers; slower connections are
+    /// dropped (slowloris). Also bounds an idle keep-alive connection.
+    #[arg(long, env = "WSGATE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub handshake_timeout: Duration,
+
+    /// Open WebSocket connections on this node (0 = unlimited); more are refused with 503.
+    #[arg(long, env = "WSGATE_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+
+    /// WebSocket handshakes per second from one client IP, with a burst of as many (0 = unlimited); more get 429.
+    #[arg(long, env = "WSGATE_MAX_HANDSHAKES_PER_IP", default_value_t = 100)]
+    pub max_handshakes_per_ip: u32,
+
+    /// Proxies (comma-separated IPs or CIDRs, e.g. 10.0.0.0/8) whose X-Forwarded-For names the
+    /// client IP; from any other peer the header is ignored and the TCP peer is the client.
+    #[arg(long, env = "WSGATE_TRUSTED_PROXIES")]
+    pub trusted_proxies: Option<String>,
+
     /// Interval between pings; a peer silent for two intervals is closed (4000).
     #[arg(long, env = "WSGATE_PING_INTERVAL", default_value = "30s", value_parser = duration)]
     pub ping_interval: Duration,
@@ -282,13 +302,15 @@ pub struct Config {
     pub auth_serve_stale: Duration,
     pub auth_cache_capacity: u64,
     pub chat_room_ttl: Duration,
-    pub redis_url: Option<String>,
+    /// May hold a password: typed so that `Debug` shows `[REDACTED]`.
+    pub redis_url: Option<SecretString>,
     pub redis_prefix: String,
     pub redis_pool_size: usize,
     pub node_id: String,
     pub presence_ttl: Duration,
     pub unsubscribe_delay: Duration,
-    pub api_token: Option<String>,
+    /// The publish API's bearer token: typed so that `Debug` shows `[REDACTED]`.
+    pub api_token: Option<SecretString>,
     pub max_frame_size: usize,
     pub max_api_body: usize,
     pub outbound_queue: usize,
@@ -296,6 +318,34 @@ pub struct Config {
     pub max_connections_per_user: usize,
     pub ping_interval: Duration,
     pub drain_timeout: Duration,
+    pub handshake_timeout: Duration,
+    /// WebSocket connections on this node; 0 = unlimited.
+    pub max_connections: usize,
+    /// Handshakes per second per client IP; 0 = unlimited.
+    pub max_handshakes_per_ip: u32,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+/// Trusted proxies: IPs or CIDRs, comma-separated.
+fn proxies(list: &str) -> Result<Vec<IpNet>, ConfigError> {
+    let mut out = Vec::new();
+    for p in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let net = match p.parse::<IpNet>() {
+            Ok(n) => n,
+            Err(_) => match p.parse::<std::net::IpAddr>() {
+                Ok(ip) => IpNet::from(ip),
+                Err(_) => {
+                    return Err(bad(
+                        "--trusted-proxies",
+                        format!("'{p}' is not an IP address or CIDR (e.g. 10.0.0.0/8)"),
+                    ))
+                }
+            },
+        };
+        out.push(net);
+    }
+    Ok(out)
 }
 
 fn pointer(flag: &'static str, p: &str) -> Result<String, ConfigError> {
@@ -487,13 +537,13 @@ impl ServeArgs {
             auth_serve_stale: self.auth_serve_stale,
             auth_cache_capacity: self.auth_cache_capacity,
             chat_room_ttl: nonzero("--chat-room-ttl", self.chat_room_ttl)?,
-            redis_url: self.redis_url.clone(),
+            redis_url: self.redis_url.as_deref().map(SecretString::from),
             redis_prefix: self.redis_prefix.clone(),
             redis_pool_size: self.redis_pool_size,
             node_id,
             presence_ttl,
             unsubscribe_delay: self.unsubscribe_delay,
-            api_token: self.api_token.clone(),
+            api_token: self.api_token.as_deref().map(SecretString::from),
             max_frame_size: self.max_frame_size,
             max_api_body: self.max_api_body,
             outbound_queue: self.outbound_queue,
@@ -501,6 +551,10 @@ impl ServeArgs {
             max_connections_per_user: self.max_connections_per_user,
             ping_interval: nonzero("--ping-interval", self.ping_interval)?,
             drain_timeout: self.drain_timeout,
+            handshake_timeout: nonzero("--handshake-timeout", self.handshake_timeout)?,
+            max_connections: self.max_connections,
+            max_handshakes_per_ip: self.max_handshakes_per_ip,
+            trusted_proxies: proxies(self.trusted_proxies.as_deref().unwrap_or(""))?,
         })
     }
 }
@@ -520,6 +574,11 @@ fn default_node_id() -> String {
 }
 
 impl Config {
+    /// The Redis URL, credentials included: only for connecting.
+    pub fn redis_url_secret(&self) -> Option<&str> {
+        self.redis_url.as_ref().map(|u| u.expose_secret())
+    }
+
     /// A configuration for tests and embedding: defaults with the given back-end, listeners on
     /// loopback port 0.
     pub fn for_backend(backend_url: &str) -> Result<Config, ConfigError> {
@@ -538,5 +597,33 @@ impl Config {
             Command::Serve(a) => a.validate(),
             _ => Err(bad("arguments", "not serve")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_shows_no_secret() {
+        let mut cfg = Config::for_backend("http://127.0.0.1:1").expect("config");
+        cfg.api_token = Some("tok-very-secret".into());
+        cfg.redis_url = Some("redis://user:pw-very-secret@127.0.0.1:6379".into());
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("very-secret"), "{shown}");
+        assert!(shown.contains("REDACTED"), "{shown}");
+        assert_eq!(
+            cfg.redis_url_secret(),
+            Some("redis://user:pw-very-secret@127.0.0.1:6379")
+        );
+    }
+
+    #[test]
+    fn trusted_proxies_take_ips_and_cidrs() {
+        let p = proxies("10.0.0.0/8, 192.168.1.7,::1").expect("valid");
+        assert_eq!(p.len(), 3);
+        assert!(p[1].contains(&"192.168.1.7".parse::<std::net::IpAddr>().expect("ip")));
+        assert!(proxies("10.0.0.0/33").is_err());
+        assert!(proxies("proxy.local").is_err());
     }
 }

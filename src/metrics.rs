@@ -24,10 +24,14 @@ pub enum RejectReason {
     Draining,
     TooManyConnections,
     Origin,
+    /// The node holds `--max-connections` sockets.
+    NodeFull,
+    /// The client IP is over `--max-handshakes-per-ip`.
+    HandshakeRate,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 8] = [
+    pub const ALL: [RejectReason; 10] = [
         RejectReason::MissingKey,
         RejectReason::InvalidKey,
         RejectReason::UserMismatch,
@@ -36,6 +40,8 @@ impl RejectReason {
         RejectReason::Draining,
         RejectReason::TooManyConnections,
         RejectReason::Origin,
+        RejectReason::NodeFull,
+        RejectReason::HandshakeRate,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -47,6 +53,8 @@ impl RejectReason {
             RejectReason::Draining => "draining",
             RejectReason::TooManyConnections => "too_many_connections",
             RejectReason::Origin => "origin",
+            RejectReason::NodeFull => "max_connections",
+            RejectReason::HandshakeRate => "handshake_rate",
         }
     }
 }
@@ -156,6 +164,7 @@ pub struct Metrics {
     pub outbound_dropped: IntCounter,
     pub slow_consumer_disconnects: IntCounter,
     pub api_requests: IntCounterVec,
+    pub handshake_timeouts: IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -337,6 +346,11 @@ impl Metrics {
             auth_miss: auth.with_label_values(&["miss"]),
             auth_negative_hit: auth.with_label_values(&["negative_hit"]),
             auth_stale: auth.with_label_values(&["stale"]),
+            handshake_timeouts: counter(
+                &r,
+                "wsgate_handshake_timeouts_total",
+                "Public connections dropped because the request headers did not arrive within --handshake-timeout.",
+            ),
             room_hit: room.with_label_values(&["hit"]),
             room_miss: room.with_label_values(&["miss"]),
             backend_duration,

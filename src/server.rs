@@ -15,16 +15,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{RawQuery, State};
+use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::serve::ListenerExt;
 use axum::Router;
+use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::{client_ip, ConnectionSlots, HandshakeLimiter};
 use crate::api::Api;
 use crate::auth::{bearer_token, Auth, AuthError};
 use crate::backend::{Backend, Credential};
@@ -56,6 +58,10 @@ pub struct AppState {
     pub sessions_node: Arc<session::Node>,
     draining: AtomicBool,
     sessions: TaskTracker,
+    /// `--max-connections`: a slot per WebSocket, taken before the upgrade.
+    slots: ConnectionSlots,
+    /// `--max-handshakes-per-ip`.
+    handshakes: HandshakeLimiter,
 }
 
 /// Errors that stop a node from starting.
@@ -92,7 +98,7 @@ impl AppState {
                     None => Broker::Memory(MemoryBroker::new(sink)),
                     Some(url) => match RedisBroker::start(
                         &RedisSettings {
-                            url: url.clone(),
+                            url: url.expose_secret().to_owned(),
                             prefix: config.redis_prefix.clone(),
                             node_id: config.node_id.clone(),
                             pool_size: config.redis_pool_size,
@@ -117,7 +123,6 @@ impl AppState {
             .await
             .map_err(|e| StartError::Broker(e.to_string()))?;
         Ok(Arc::new(AppState {
-            config,
             metrics: metrics.clone(),
             auth,
             sessions_node: Arc::new(session::Node {
@@ -127,6 +132,9 @@ impl AppState {
             hub,
             draining: AtomicBool::new(false),
             sessions: TaskTracker::new(),
+            slots: ConnectionSlots::new(config.max_connections),
+            handshakes: HandshakeLimiter::new(config.max_handshakes_per_ip),
+            config,
         }))
     }
 
@@ -199,20 +207,22 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 
 async fn notws(
     State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    upgrade(state, Endpoint::Notws, query, headers, ws).await
+    upgrade(state, Endpoint::Notws, peer, query, headers, ws).await
 }
 
 async fn chat(
     State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    upgrade(state, Endpoint::Chat, query, headers, ws).await
+    upgrade(state, Endpoint::Chat, peer, query, headers, ws).await
 }
 
 /// Where the API key and the claimed user id came from.
@@ -310,6 +320,25 @@ fn origin_allowed(origin: &str, host: Option<&str>, allowed: &[String]) -> bool 
     }
 }
 
+/// Longest API key accepted; a longer one cannot be a key and is refused without a back-end call.
+pub const MAX_API_KEY: usize = 512;
+/// Longest session cookie value accepted (what browsers store at most).
+pub const MAX_COOKIE_VALUE: usize = 4096;
+
+/// Whether a credential could be one at all: not too long, no control characters. Anything else
+/// is refused (401) before the back-end sees it, so a hostile client cannot turn garbage into
+/// back-end errors, `Retry-After` loops or warnings.
+fn plausible(credential: &Credential) -> bool {
+    let no_controls = |v: &str| !v.chars().any(char::is_control);
+    match credential {
+        Credential::ApiKey(k) => k.len() <= MAX_API_KEY && no_controls(k),
+        Credential::SessionCookies(c) => c.split("; ").all(|pair| {
+            let value = pair.split_once('=').map_or(pair, |(_, v)| v);
+            value.len() <= MAX_COOKIE_VALUE && no_controls(pair)
+        }),
+    }
+}
+
 /// Which credential a handshake presents, after the Origin check: an API key first, then the
 /// session cookies, else 401. A cookie handshake must come from an allowed origin (cookies ride
 /// along with cross-site requests); a key handshake only when `--allowed-origins` is set and the
@@ -326,6 +355,9 @@ fn credential_of(
             None => return Err(RejectReason::MissingKey),
         },
     };
+    if !plausible(&credential) {
+        return Err(RejectReason::InvalidKey);
+    }
     if check_origin {
         if let Some(origin) = headers.get(header::ORIGIN) {
             let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
@@ -373,11 +405,22 @@ fn reject(state: &AppState, endpoint: Endpoint, reason: RejectReason) -> Respons
             StatusCode::TOO_MANY_REQUESTS,
             "too many connections for this user\n",
         ),
+        RejectReason::NodeFull => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "node connection limit reached, retry later\n",
+        ),
+        RejectReason::HandshakeRate => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many handshakes from this address, slow down\n",
+        ),
     };
     let mut resp = (status, body).into_response();
     if status == StatusCode::SERVICE_UNAVAILABLE {
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    } else if reason == RejectReason::HandshakeRate {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     resp
 }
@@ -388,6 +431,7 @@ fn reject(state: &AppState, endpoint: Endpoint, reason: RejectReason) -> Respons
 async fn upgrade(
     state: Arc<AppState>,
     endpoint: Endpoint,
+    peer: SocketAddr,
     query: Option<String>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
@@ -395,6 +439,14 @@ async fn upgrade(
     if state.is_draining() {
         return reject(&state, endpoint, RejectReason::Draining);
     }
+    // Cheapest refusals first, before any credential is read or the back-end is asked.
+    let ip = client_ip(peer.ip(), &headers, &state.config.trusted_proxies);
+    if !state.handshakes.allow(ip) {
+        return reject(&state, endpoint, RejectReason::HandshakeRate);
+    }
+    let Some(slot) = state.slots.take() else {
+        return reject(&state, endpoint, RejectReason::NodeFull);
+    };
     if !state.hub.broker().is_up() {
         // Consistent with /readyz: a node that cannot deliver takes no new sockets, even for
         // users whose channels it still holds from before the outage.
@@ -441,6 +493,7 @@ async fn upgrade(
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
             session::run(socket, session, &node).await;
+            drop(slot);
             drop(token);
         })
 }
@@ -468,16 +521,25 @@ pub async fn run(
             tracing::debug!(error = %e, "TCP_NODELAY not set");
         }
     };
-    let public = public.tap_io(nodelay);
     let admin = admin.tap_io(nodelay);
     let stop_http = CancellationToken::new();
-    let public_srv = {
+    let public_srv = tokio::spawn(serve_public(
+        public,
+        public_app(state.clone()),
+        state.clone(),
+        stop_http.clone(),
+    ));
+    let forget = {
         let stop = stop_http.clone();
-        let app = public_app(state.clone());
+        let state = state.clone();
         tokio::spawn(async move {
-            axum::serve(public, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
+            let mut every = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tokio::select! {
+                    _ = every.tick() => state.handshakes.forget_idle(),
+                    _ = stop.cancelled() => break,
+                }
+            }
         })
     };
     let admin_srv = {
@@ -496,10 +558,77 @@ pub async fn run(
     let grace = Duration::from_secs(2);
     let _ = tokio::time::timeout(grace, public_srv).await;
     let _ = tokio::time::timeout(grace, admin_srv).await;
+    let _ = forget.await;
     if let Err(e) = tokio::time::timeout(grace, state.hub.broker().shutdown()).await {
         tracing::warn!(error = %e, "broker did not shut down in time");
     }
     Ok(())
+}
+
+/// Serves the public listener with hyper directly (axum's `serve` runs hyper without a timer,
+/// so it cannot time out a client that never finishes its headers): every connection gets
+/// `--handshake-timeout` to send its request headers, then keeps its upgrade. On `stop` the
+/// listener closes and open HTTP connections finish gracefully; upgraded sockets have left
+/// hyper by then and are drained by [`drain`].
+async fn serve_public(
+    listener: TcpListener,
+    app: Router,
+    state: Arc<AppState>,
+    stop: CancellationToken,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower_service::Service;
+
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(state.config.handshake_timeout);
+    let connections = TaskTracker::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::debug!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => break,
+        };
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+        let router = app.clone();
+        let service = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            router.clone().call(req)
+        });
+        let conn = http
+            .serve_connection(TokioIo::new(tcp), service)
+            .with_upgrades();
+        let stop = stop.clone();
+        let metrics = state.metrics.clone();
+        connections.spawn(async move {
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                if e.is_timeout() {
+                    metrics.handshake_timeouts.inc();
+                }
+                tracing::debug!(error = %e, "public connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
 }
 
 /// Drains the node: unready at once, refuse upgrades, close sessions (1012) spread over the
@@ -585,6 +714,22 @@ mod tests {
         let allowed = vec!["http://127.0.0.1:5173".to_string()];
         assert!(origin_allowed("http://127.0.0.1:5173", host, &allowed));
         assert!(!origin_allowed("http://127.0.0.1:5174", host, &allowed));
+    }
+
+    #[test]
+    fn implausible_credentials_are_refused() {
+        let key = |k: &str| Credential::ApiKey(k.into());
+        assert!(plausible(&key("demo-key-john")));
+        assert!(plausible(&key(&"k".repeat(MAX_API_KEY))));
+        assert!(!plausible(&key(&"k".repeat(MAX_API_KEY + 1))));
+        assert!(!plausible(&key("\nbad")));
+        assert!(!plausible(&key("bad\u{7f}")));
+        let cookie = |c: String| Credential::SessionCookies(c);
+        assert!(plausible(&cookie("JSESSIONID=abc; x=y".into())));
+        assert!(!plausible(&cookie(format!(
+            "JSESSIONID={}",
+            "c".repeat(MAX_COOKIE_VALUE + 1)
+        ))));
     }
 
     #[test]

@@ -365,7 +365,7 @@ pub struct Node {
 /// A configuration for tests: the stub back-end, an API token, fast timers.
 pub fn config(backend: &Backend) -> Config {
     let mut c = Config::for_backend(&backend.url()).expect("valid test config");
-    c.api_token = Some(TOKEN.to_string());
+    c.api_token = Some(TOKEN.into());
     c.unsubscribe_delay = Duration::from_millis(100);
     c.backend_timeout = Duration::from_millis(500);
     c.presence_ttl = Duration::from_secs(3);

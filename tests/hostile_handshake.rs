@@ -1,0 +1,199 @@
+//! Hostile clients before the upgrade, with real sockets: slowloris, the node's connection cap,
+//! the per-IP handshake rate (with and without a trusted proxy), credentials that cannot be
+//! credentials.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[tokio::test]
+async fn slowloris_connections_are_closed_within_the_handshake_timeout() {
+    let backend = Backend::start().await;
+    let mut cfg = config(&backend);
+    cfg.handshake_timeout = Duration::from_secs(1);
+    let node = Node::start(cfg).await;
+
+    // A few hundred connections that send half a request line and stall.
+    let started = Instant::now();
+    let mut stalled = Vec::new();
+    for _ in 0..300 {
+        let mut tcp = TcpStream::connect(node.public).await.expect("connect");
+        tcp.write_all(b"GET /notws?api_key=key-alice HTT")
+            .await
+            .expect("half a request line");
+        stalled.push(tcp);
+    }
+
+    // Meanwhile a normal client still gets in and is served.
+    let mut alice = Client::subscribed(&node.notws("alice")).await;
+
+    // Every stalled connection is closed by the gateway within the timeout (plus slack).
+    let deadline = started + Duration::from_secs(4);
+    for tcp in &mut stalled {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut buf = [0u8; 256];
+        let read = tokio::time::timeout(left, async {
+            loop {
+                match tcp.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    // hyper may answer 408 before closing; read until the end.
+                    Ok(_) => continue,
+                }
+            }
+        })
+        .await;
+        assert!(
+            read.is_ok(),
+            "a stalled connection was still open {:?} after it started",
+            started.elapsed()
+        );
+    }
+    let scrape = node.metrics().await;
+    assert!(metric(&scrape, "wsgate_handshake_timeouts_total") >= 300.0);
+
+    // The honest client is unaffected.
+    let (status, _) = node
+        .notify(serde_json::json!({"userIds": ["alice"], "notification": notification("Orders", "still here")}))
+        .await;
+    assert_eq!(status, 202);
+    assert!(alice.recv_within(Duration::from_secs(2)).await.is_some());
+}
+
+#[tokio::test]
+async fn the_node_connection_cap_answers_503_before_the_upgrade() {
+    let backend = Backend::start().await;
+    let mut cfg = config(&backend);
+    cfg.max_connections = 2;
+    let node = Node::start(cfg).await;
+    let first = Client::connect(&node.notws("alice")).await;
+    let _second = Client::connect(&node.notws("bob")).await;
+    let calls = backend.auth_calls();
+    let (status, body) = refused(&node.notws("carol")).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("connection limit"), "{body}");
+    assert_eq!(backend.auth_calls(), calls, "refused before the back-end");
+    let scrape = node.metrics().await;
+    assert_eq!(
+        metric(
+            &scrape,
+            r#"wsgate_connections_rejected_total{endpoint="notws",reason="max_connections"}"#
+        ),
+        1.0
+    );
+    // A closed socket frees its slot.
+    drop(first);
+    let url = node.notws("carol");
+    eventually(Duration::from_secs(3), "a slot frees up", || async {
+        tokio_tungstenite::connect_async(&url).await.is_ok()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_per_ip_handshake_rate_answers_429() {
+    let backend = Backend::start().await;
+    let mut cfg = config(&backend);
+    cfg.max_handshakes_per_ip = 3;
+    let node = Node::start(cfg).await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(Client::connect(&node.notws("alice")).await);
+    }
+    let (status, body) = refused(&node.notws("alice")).await;
+    assert_eq!(status, 429, "{body}");
+    let scrape = node.metrics().await;
+    assert_eq!(
+        metric(
+            &scrape,
+            r#"wsgate_connections_rejected_total{endpoint="notws",reason="handshake_rate"}"#
+        ),
+        1.0
+    );
+    // The bucket refills: after a second the same address gets in again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    Client::connect(&node.notws("alice")).await;
+}
+
+async fn handshake_via(url: &str, forwarded_for: &str) -> u16 {
+    match connect_with_header(url, "x-forwarded-for", forwarded_for).await {
+        Ok(_) => 101,
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+        Err(e) => panic!("handshake failed without a status: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn a_trusted_proxy_is_limited_per_forwarded_ip_and_an_untrusted_one_is_not_believed() {
+    let backend = Backend::start().await;
+
+    // The test client (127.0.0.1) is a trusted proxy: each forwarded IP has its own bucket.
+    let mut cfg = config(&backend);
+    cfg.max_handshakes_per_ip = 2;
+    cfg.trusted_proxies = vec!["127.0.0.1/32".parse().expect("cidr")];
+    let node = Node::start(cfg).await;
+    let url = node.notws("alice");
+    for _ in 0..2 {
+        assert_eq!(handshake_via(&url, "203.0.113.1").await, 101);
+    }
+    assert_eq!(handshake_via(&url, "203.0.113.1").await, 429);
+    assert_eq!(handshake_via(&url, "203.0.113.2").await, 101);
+    // A client-written entry left of the proxy's does not buy a new bucket.
+    assert_eq!(handshake_via(&url, "198.51.100.7, 203.0.113.1").await, 429);
+
+    // The same header from a peer that is not trusted is ignored: one bucket for the peer.
+    let mut cfg = config(&backend);
+    cfg.max_handshakes_per_ip = 2;
+    cfg.trusted_proxies = vec!["10.0.0.0/8".parse().expect("cidr")];
+    let node = Node::start(cfg).await;
+    let url = node.notws("alice");
+    assert_eq!(handshake_via(&url, "203.0.113.1").await, 101);
+    assert_eq!(handshake_via(&url, "203.0.113.2").await, 101);
+    assert_eq!(handshake_via(&url, "203.0.113.3").await, 429);
+}
+
+#[tokio::test]
+async fn credentials_that_cannot_be_credentials_are_401_without_a_backend_call() {
+    let backend = Backend::start().await;
+    let node = Node::start(config(&backend)).await;
+
+    let (status, _) = refused(&node.ws("/notws?api_key=%0Abad")).await;
+    assert_eq!(status, 401, "control character in the key");
+    let (status, _) = refused(&node.ws("/notws?api_key=bad%7F")).await;
+    assert_eq!(status, 401, "DEL in the key");
+    let long = "k".repeat(600);
+    let (status, _) = refused(&node.ws(&format!("/notws?api_key={long}"))).await;
+    assert_eq!(status, 401, "600-byte key");
+    let status = match connect_with_header(&node.ws("/notws"), "api_key", &long).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => r.status().as_u16(),
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    };
+    assert_eq!(status, 401, "600-byte key in a header");
+    let cookie = format!("JSESSIONID={}", "c".repeat(5000));
+    let status = match connect_with_header(&node.ws("/notws"), "cookie", &cookie).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => r.status().as_u16(),
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    };
+    assert_eq!(status, 401, "over-long session cookie");
+
+    assert_eq!(backend.auth_calls(), 0, "no Authenticate call");
+    assert_eq!(
+        backend.state.whoami_calls.load(Ordering::SeqCst),
+        0,
+        "no whoami call"
+    );
+    let scrape = node.metrics().await;
+    assert_eq!(
+        metric(
+            &scrape,
+            r#"wsgate_connections_rejected_total{endpoint="notws",reason="invalid_key"}"#
+        ),
+        5.0
+    );
+    // A real key still works.
+    Client::connect(&node.notws("alice")).await;
+}
