@@ -23,7 +23,9 @@ use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
 use crate::auth::bearer_token;
-use crate::hub::{Channel, Hub};
+use crate::auth::credential_hash;
+use crate::backend::Credential;
+use crate::hub::{Channel, Hub, Revocation};
 use crate::metrics::Metrics;
 use crate::protocol::{self, Kind};
 
@@ -49,6 +51,7 @@ pub fn router<S: Clone + Send + Sync + 'static>(api: Arc<Api>) -> Router<S> {
         .route("/notifications", post(notifications))
         .route("/chat", post(chat))
         .route("/presence", get(presence))
+        .route("/revocations", post(revocations))
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(api.clone(), require_token))
         .with_state(api)
@@ -78,6 +81,8 @@ fn route_of(path: &str) -> &'static str {
         "chat"
     } else if path.ends_with("/presence") {
         "presence"
+    } else if path.ends_with("/revocations") {
+        "revocations"
     } else {
         "other"
     }
@@ -264,6 +269,52 @@ async fn publish(
 ) -> Response {
     match state.hub.publish(channels, payload).await {
         Ok(()) => (StatusCode::ACCEPTED, Json(answer)).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevocationRequest {
+    #[serde(rename = "userId")]
+    user_id: Option<String>,
+    #[serde(rename = "apiKey")]
+    api_key: Option<String>,
+}
+
+/// `{"userId"}` or `{"apiKey"}`: every node forgets the cached identities of that user (every
+/// key and cookie that resolved to it) or of that key, and closes their sockets with 1008.
+/// The key is sent to the other nodes only as its SHA-256.
+async fn revocations(State(state): ApiState, body: Result<Bytes, BytesRejection>) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return body_error(e),
+    };
+    // Not `parse`: serde's message could quote the body, and the body may hold a key.
+    let Ok(req) = serde_json::from_slice::<RevocationRequest>(&body) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid request: expected a JSON object {\"userId\": \"...\"} or {\"apiKey\": \"...\"}",
+        );
+    };
+    let (revocation, target) = match (req.user_id, req.api_key) {
+        (Some(u), None) if !u.is_empty() => (Revocation::User(Arc::from(u.as_str())), "user"),
+        (None, Some(k)) if !k.is_empty() => (
+            Revocation::Credential(credential_hash(&Credential::ApiKey(k))),
+            "apiKey",
+        ),
+        (Some(_), None) | (None, Some(_)) => {
+            return error(StatusCode::BAD_REQUEST, "userId or apiKey is empty")
+        }
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "name exactly one of userId or apiKey",
+            )
+        }
+    };
+    match state.hub.revoke(&revocation).await {
+        Ok(()) => (StatusCode::ACCEPTED, Json(json!({ "revoked": target }))).into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }

@@ -3,6 +3,7 @@
 //! | code | reason text            | when                                                        | client should |
 //! |------|------------------------|-------------------------------------------------------------|---------------|
 //! | 1000 | (none)                 | the client closed, or the gateway answers a client close    | nothing       |
+//! | 1008 | `credentials revoked`  | `POST /api/v1/revocations` named the user or the key        | log in again  |
 //! | 1009 | `frame too large`      | a client frame exceeded `--max-frame-size`                  | send less     |
 //! | 1011 | `internal error`       | the gateway could not serve the connection                  | reconnect     |
 //! | 1012 | `service restart`      | the node is draining (SIGTERM); spread over the drain window | reconnect     |
@@ -27,16 +28,19 @@ pub enum CloseReason {
     Drain,
     /// An I/O or protocol error.
     Error,
+    /// The connection's user or credential was revoked.
+    Revoked,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 6] = [
+    pub const ALL: [CloseReason; 7] = [
         CloseReason::Client,
         CloseReason::SlowConsumer,
         CloseReason::PingTimeout,
         CloseReason::FrameTooLarge,
         CloseReason::Drain,
         CloseReason::Error,
+        CloseReason::Revoked,
     ];
 
     /// The metric label.
@@ -48,6 +52,7 @@ impl CloseReason {
             CloseReason::FrameTooLarge => "frame_too_large",
             CloseReason::Drain => "drain",
             CloseReason::Error => "error",
+            CloseReason::Revoked => "revoked",
         }
     }
 
@@ -60,6 +65,7 @@ impl CloseReason {
             CloseReason::FrameTooLarge => 1009,
             CloseReason::Drain => 1012,
             CloseReason::Error => 1011,
+            CloseReason::Revoked => 1008,
         }
     }
 
@@ -72,6 +78,7 @@ impl CloseReason {
             CloseReason::FrameTooLarge => "frame too large",
             CloseReason::Drain => "service restart",
             CloseReason::Error => "internal error",
+            CloseReason::Revoked => "credentials revoked",
         }
     }
 }

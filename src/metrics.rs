@@ -165,6 +165,7 @@ pub struct Metrics {
     pub slow_consumer_disconnects: IntCounter,
     pub api_requests: IntCounterVec,
     pub handshake_timeouts: IntCounter,
+    pub revocations: IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -330,6 +331,7 @@ impl Metrics {
             ("notifications", "202"),
             ("chat", "202"),
             ("presence", "200"),
+            ("revocations", "202"),
         ] {
             api_requests.with_label_values(&[route, ok]);
         }
@@ -350,6 +352,11 @@ impl Metrics {
                 &r,
                 "wsgate_handshake_timeouts_total",
                 "Public connections dropped because the request headers did not arrive within --handshake-timeout.",
+            ),
+            revocations: counter(
+                &r,
+                "wsgate_revocations_total",
+                "Credential revocations applied on this node (cached identities forgotten, sockets closed 1008).",
             ),
             room_hit: room.with_label_values(&["hit"]),
             room_miss: room.with_label_values(&["miss"]),

@@ -28,14 +28,14 @@ use tokio_util::task::TaskTracker;
 
 use crate::admission::{client_ip, ConnectionSlots, HandshakeLimiter};
 use crate::api::Api;
-use crate::auth::{bearer_token, Auth, AuthError};
+use crate::auth::{bearer_token, credential_hash, Auth, AuthError};
 use crate::backend::{Backend, Credential};
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::{RedisBroker, RedisSettings};
 use crate::broker::Broker;
 use crate::chat::Chat;
 use crate::config::Config;
-use crate::hub::{Hub, HubLimits, RegisterError};
+use crate::hub::{Hub, HubLimits, RegisterError, Revocation};
 use crate::metrics::{Metrics, RejectReason};
 use crate::protocol::Endpoint;
 use crate::session::{self, Session};
@@ -52,7 +52,7 @@ const WRITE_BUFFER_SIZE: usize = 16 * 1024;
 pub struct AppState {
     pub config: Config,
     pub metrics: Arc<Metrics>,
-    pub auth: Auth,
+    pub auth: Arc<Auth>,
     pub hub: Arc<Hub>,
     /// What each session uses of the node (chat routing, metrics).
     pub sessions_node: Arc<session::Node>,
@@ -79,7 +79,7 @@ impl AppState {
     pub async fn new(config: Config) -> Result<Arc<AppState>, StartError> {
         let metrics = Arc::new(Metrics::new());
         let backend = Arc::new(Backend::new(&config, metrics.clone())?);
-        let auth = Auth::new(&config, backend.clone(), metrics.clone());
+        let auth = Arc::new(Auth::new(&config, backend.clone(), metrics.clone()));
         let chat = Chat::new(backend, metrics.clone(), config.chat_room_ttl);
         let limits = HubLimits {
             max_connections_per_user: config.max_connections_per_user,
@@ -118,6 +118,13 @@ impl AppState {
         );
         if let Some(e) = broker_error {
             return Err(StartError::Broker(e.to_string()));
+        }
+        {
+            let auth = auth.clone();
+            hub.on_revoke(Box::new(move |r: &Revocation| match r {
+                Revocation::User(u) => auth.forget_user(u),
+                Revocation::Credential(h) => auth.forget_credential(*h),
+            }));
         }
         hub.start()
             .await
@@ -469,7 +476,11 @@ async fn upgrade(
             return reject(&state, endpoint, RejectReason::UserMismatch);
         }
     }
-    let registration = match state.hub.register(identity, endpoint).await {
+    let registration = match state
+        .hub
+        .register_with(identity, endpoint, Some(credential_hash(&credential)))
+        .await
+    {
         Ok(r) => r,
         Err(RegisterError::TooManyConnections) => {
             return reject(&state, endpoint, RejectReason::TooManyConnections)

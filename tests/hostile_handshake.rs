@@ -197,3 +197,176 @@ async fn credentials_that_cannot_be_credentials_are_401_without_a_backend_call()
     // A real key still works.
     Client::connect(&node.notws("alice")).await;
 }
+
+// ---------------------------------------------------------------- revocation
+
+async fn revoke(node: &Node, body: serde_json::Value) -> (u16, serde_json::Value) {
+    post(&node.admin_url("/api/v1/revocations"), body).await
+}
+
+/// Each client's close code, waited for at most one second after the revocation was accepted.
+async fn all_closed_1008(clients: &mut [Client]) {
+    for c in clients {
+        assert_eq!(
+            c.close_code(Duration::from_secs(1)).await,
+            Some(1008),
+            "closed with 1008 within 1 s"
+        );
+    }
+}
+
+#[tokio::test]
+async fn revoking_a_user_on_the_in_process_broker_closes_its_sockets_and_forgets_it() {
+    let backend = Backend::start().await;
+    let node = Node::start(config(&backend)).await;
+    let mut alice = vec![
+        Client::subscribed(&node.notws("alice")).await,
+        Client::connect(&node.chat("alice")).await,
+        Client {
+            ws: connect_with_header(&node.ws("/notws"), "cookie", "JSESSIONID=sess-alice")
+                .await
+                .expect("cookie handshake"),
+        },
+    ];
+    let mut bob = Client::subscribed(&node.notws("bob")).await;
+    let calls = backend.auth_calls();
+    let whoami = backend.state.whoami_calls.load(Ordering::SeqCst);
+    // A cached key does not ask the back-end again.
+    Client::connect(&node.notws("alice")).await;
+    assert_eq!(backend.auth_calls(), calls);
+
+    let (status, body) = revoke(&node, serde_json::json!({"userId": "alice"})).await;
+    assert_eq!(status, 202, "{body}");
+    all_closed_1008(&mut alice).await;
+
+    // Others stay; the next handshake of the revoked user asks the back-end again.
+    bob.sync().await;
+    Client::connect(&node.notws("alice")).await;
+    assert_eq!(backend.auth_calls(), calls + 1, "asked the back-end again");
+    // The cookie that resolved to the user is forgotten too.
+    connect_with_header(&node.ws("/notws"), "cookie", "JSESSIONID=sess-alice")
+        .await
+        .expect("cookie handshake");
+    assert_eq!(
+        backend.state.whoami_calls.load(Ordering::SeqCst),
+        whoami + 1,
+        "whoami asked again"
+    );
+    let scrape = node.metrics().await;
+    assert_eq!(metric(&scrape, "wsgate_revocations_total"), 1.0);
+    assert!(
+        metric(
+            &scrape,
+            r#"wsgate_connections_closed_total{endpoint="notws",reason="revoked"}"#
+        ) >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn revoking_a_key_closes_only_that_keys_sockets() {
+    let backend = Backend::start().await;
+    let node = Node::start(config(&backend)).await;
+    let mut by_key = vec![Client::subscribed(&node.notws("alice")).await];
+    let mut by_cookie = Client {
+        ws: connect_with_header(&node.ws("/notws"), "cookie", "JSESSIONID=sess-alice")
+            .await
+            .expect("cookie handshake"),
+    };
+    let calls = backend.auth_calls();
+    let (status, body) = revoke(&node, serde_json::json!({"apiKey": "key-alice"})).await;
+    assert_eq!(status, 202, "{body}");
+    assert!(
+        !body.to_string().contains("key-alice"),
+        "the key is not echoed"
+    );
+    all_closed_1008(&mut by_key).await;
+    // The same user's session cookie is another credential: it stays.
+    by_cookie.sync().await;
+    Client::connect(&node.notws("alice")).await;
+    assert_eq!(backend.auth_calls(), calls + 1, "asked the back-end again");
+}
+
+#[tokio::test]
+async fn bad_revocation_requests_are_400_with_a_message() {
+    let backend = Backend::start().await;
+    let node = Node::start(config(&backend)).await;
+    let url = node.admin_url("/api/v1/revocations");
+    for body in [
+        serde_json::json!({}),
+        serde_json::json!({"userId": "a", "apiKey": "b"}),
+        serde_json::json!({"userId": ""}),
+        serde_json::json!({"userId": 5}),
+        serde_json::json!({"user": "a"}),
+        serde_json::json!(["a"]),
+    ] {
+        let (status, answer) = post(&url, body.clone()).await;
+        assert_eq!(status, 400, "{body}");
+        assert!(answer["error"].as_str().is_some_and(|e| !e.is_empty()));
+    }
+    let resp = http()
+        .post(&url)
+        .bearer_auth(TOKEN)
+        .body("not json")
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(resp.status().as_u16(), 400);
+    let resp = http()
+        .post(&url)
+        .json(&serde_json::json!({"userId": "alice"}))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(resp.status().as_u16(), 401, "same token auth as the API");
+}
+
+#[tokio::test]
+async fn revocation_reaches_every_node_over_redis() {
+    let redis = Redis::start();
+    let backend = Backend::start().await;
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        let mut c = config(&backend);
+        c.redis_url = Some(redis.url().into());
+        c.redis_prefix = "rev".to_string();
+        c.node_id = format!("n{i}");
+        let node = Node::start(c).await;
+        eventually(Duration::from_secs(10), "node ready", || async {
+            node.readyz().await == 200
+        })
+        .await;
+        nodes.push(node);
+    }
+    let mut alice = Vec::new();
+    for n in &nodes {
+        alice.push(Client::subscribed(&n.notws("alice")).await);
+        alice.push(Client::connect(&n.chat("alice")).await);
+    }
+    let mut bob = Client::subscribed(&nodes[2].notws("bob")).await;
+    let calls = backend.auth_calls();
+
+    let (status, body) = revoke(&nodes[0], serde_json::json!({"userId": "alice"})).await;
+    assert_eq!(status, 202, "{body}");
+    all_closed_1008(&mut alice).await;
+    bob.sync().await;
+    for n in &nodes {
+        Client::connect(&n.notws("alice")).await;
+    }
+    assert_eq!(
+        backend.auth_calls(),
+        calls + 3,
+        "every node asked the back-end again"
+    );
+
+    // By key, published on another node.
+    let mut again = Vec::new();
+    for n in &nodes {
+        again.push(Client::subscribed(&n.notws("alice")).await);
+    }
+    let (status, body) = revoke(&nodes[1], serde_json::json!({"apiKey": "key-alice"})).await;
+    assert_eq!(status, 202, "{body}");
+    all_closed_1008(&mut again).await;
+    for n in nodes {
+        n.stop().await;
+    }
+}

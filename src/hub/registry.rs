@@ -20,6 +20,9 @@ pub struct Connection {
     pub endpoint: Endpoint,
     pub identity: Identity,
     pub outbound: Outbound,
+    /// SHA-256 of the credential the connection authenticated with (as the auth cache keys
+    /// it), so that a revoked key closes exactly its sockets.
+    pub credential: Option<[u8; 32]>,
     /// When the peer last sent anything (ms since the epoch), for the node's ping sweep.
     pub(super) last_seen: AtomicU64,
 }
@@ -74,4 +77,5 @@ pub struct Registry {
     pub(super) inner: Mutex<Inner>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) names: ChannelNames,
+    pub(super) on_revoke: std::sync::OnceLock<super::RevokeHook>,
 }
