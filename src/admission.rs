@@ -41,7 +41,23 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
     client
 }
 
-/// Handshakes per second per client IP, with a burst of the same size. Memory stays bounded:
+/// The rate-limit key of an address: an IPv4 address itself, an IPv6 address's /64 (one host
+/// usually holds a whole /64, and rotating through it must not buy fresh buckets or memory).
+fn bucket(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
+/// Handshakes per second per client IP (per /64 for IPv6), with a burst of the same size.
+/// Memory stays bounded:
 /// [`HandshakeLimiter::forget_idle`] drops every IP whose bucket is full again, so only the IPs
 /// seen within about a second are held.
 pub struct HandshakeLimiter {
@@ -60,7 +76,7 @@ impl HandshakeLimiter {
     pub fn allow(&self, ip: IpAddr) -> bool {
         self.limiter
             .as_ref()
-            .is_none_or(|l| l.check_key(&ip).is_ok())
+            .is_none_or(|l| l.check_key(&bucket(ip)).is_ok())
     }
 
     /// Drops the IPs whose state equals a fresh one; called periodically.
@@ -166,5 +182,10 @@ mod tests {
         assert!(!l.allow(ip("192.0.2.1")));
         assert!(l.allow(ip("192.0.2.2")));
         assert!(HandshakeLimiter::new(0).allow(ip("192.0.2.1")));
+        // One IPv6 /64 is one bucket.
+        let l = HandshakeLimiter::new(1);
+        assert!(l.allow(ip("2001:db8:1:2::1")));
+        assert!(!l.allow(ip("2001:db8:1:2:ffff::9")));
+        assert!(l.allow(ip("2001:db8:1:3::1")));
     }
 }
