@@ -464,6 +464,7 @@ async fn upgrade(
         Ok(c) => c,
         Err(reason) => return reject(&state, endpoint, reason),
     };
+    let revocations = state.hub.revocations();
     let identity = match state.auth.authenticate(&credential).await {
         Ok(id) => id,
         Err(AuthError::Rejected) => return reject(&state, endpoint, RejectReason::InvalidKey),
@@ -490,6 +491,21 @@ async fn upgrade(
             return reject(&state, endpoint, RejectReason::BrokerUnavailable);
         }
     };
+    if state.hub.revocations() != revocations {
+        // A revocation arrived while this handshake was in flight: its identity (and the cache
+        // entry it left, inserted after the revocation's forget) may come from before it.
+        // Forget it and ask the back-end again.
+        state.auth.forget_credential(credential_hash(&credential));
+        match state.auth.authenticate(&credential).await {
+            Ok(id) if id.user_id == registration.conn.identity.user_id => {}
+            Ok(_) | Err(AuthError::Rejected) => {
+                return reject(&state, endpoint, RejectReason::InvalidKey)
+            }
+            Err(AuthError::Unavailable) => {
+                return reject(&state, endpoint, RejectReason::BackendUnavailable)
+            }
+        }
+    }
     // Taken now, so a drain that starts before the socket runs still waits for it.
     let token = state.sessions.token();
     let session = Session {

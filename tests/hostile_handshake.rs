@@ -370,3 +370,22 @@ async fn revocation_reaches_every_node_over_redis() {
         n.stop().await;
     }
 }
+
+#[tokio::test]
+async fn a_handshake_in_flight_during_a_revocation_asks_the_backend_again() {
+    let backend = Backend::start().await;
+    let node = Node::start(config(&backend)).await;
+    backend.state.auth_delay_ms.store(400, Ordering::SeqCst);
+    let url = node.notws("alice");
+    let handshake = tokio::spawn(async move { Client::connect(&url).await });
+    // The Authenticate call is under way (its answer predates the revocation)...
+    eventually(Duration::from_secs(2), "Authenticate called", || async {
+        backend.auth_calls() == 1
+    })
+    .await;
+    let (status, body) = revoke(&node, serde_json::json!({"userId": "alice"})).await;
+    assert_eq!(status, 202, "{body}");
+    // ...so before the 101 the gateway asks once more (the stub still accepts the key).
+    handshake.await.expect("handshake task");
+    assert_eq!(backend.auth_calls(), 2, "the credential was checked again");
+}

@@ -101,6 +101,7 @@ impl Hub {
             metrics: metrics.clone(),
             names: ChannelNames::new(prefix),
             on_revoke: std::sync::OnceLock::new(),
+            revocations: AtomicU64::new(0),
         });
         let broker = make_broker(registry.clone());
         Arc::new(Hub {
@@ -349,6 +350,13 @@ impl Hub {
         if self.registry.on_revoke.set(hook).is_err() {
             tracing::warn!("revocation hook set twice; the first one stays");
         }
+    }
+
+    /// How many revocations this node has applied. A handshake reads it before authenticating
+    /// and again after registering: if it moved, a revocation may have passed between the two
+    /// (too late for the cache, too early for the close), so the credential is checked again.
+    pub fn revocations(&self) -> u64 {
+        self.registry.revocations.load(Ordering::SeqCst)
     }
 
     /// Revokes a user or a credential on every node: published on the everyone channel, which

@@ -78,4 +78,7 @@ pub struct Registry {
     pub(super) metrics: Arc<Metrics>,
     pub(super) names: ChannelNames,
     pub(super) on_revoke: std::sync::OnceLock<super::RevokeHook>,
+    /// Revocations applied so far; a handshake that saw it change while it was authenticating
+    /// checks its credential again (see [`Hub::revocations`](super::Hub::revocations)).
+    pub(super) revocations: AtomicU64,
 }

@@ -57,6 +57,8 @@ impl Revocation {
 impl Registry {
     /// Applies a revocation on this node: forget, then close with 1008.
     pub(super) fn revoke(&self, r: &Revocation) {
+        self.revocations
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if let Some(hook) = self.on_revoke.get() {
             hook(r);
         }
