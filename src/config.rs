@@ -45,6 +45,12 @@ pub struct ClientArgs {
     pub send: Vec<String>,
 }
 
+/// A secret flag: kept as a `SecretString` from the start, so no `Debug` of the arguments
+/// prints it.
+fn secret(s: &str) -> Result<SecretString, String> {
+    Ok(SecretString::from(s))
+}
+
 fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 10s, 2m)"))
 }
@@ -162,8 +168,8 @@ pub struct ServeArgs {
     pub chat_room_ttl: Duration,
 
     /// Redis URL (redis:// or rediss://). Absent: a single node on the in-process broker.
-    #[arg(long, env = "WSGATE_REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<String>,
+    #[arg(long, env = "WSGATE_REDIS_URL", hide_env_values = true, value_parser = secret)]
+    pub redis_url: Option<SecretString>,
 
     /// Prefix of every Redis channel and key, so several installations can share one Redis.
     #[arg(long, env = "WSGATE_REDIS_PREFIX", default_value = "wsgate")]
@@ -186,8 +192,8 @@ pub struct ServeArgs {
     pub unsubscribe_delay: Duration,
 
     /// Bearer token of the publish API. Without it the API answers 403.
-    #[arg(long, env = "WSGATE_API_TOKEN", hide_env_values = true)]
-    pub api_token: Option<String>,
+    #[arg(long, env = "WSGATE_API_TOKEN", hide_env_values = true, value_parser = secret)]
+    pub api_token: Option<SecretString>,
 
     /// Largest client frame in bytes; a larger one closes the connection with 1009.
     #[arg(long, env = "WSGATE_MAX_FRAME_SIZE", default_value_t = 65_536)]
@@ -455,7 +461,7 @@ impl ServeArgs {
             )?)
         };
         let allowed_origins = origins(self.allowed_origins.as_deref().unwrap_or(""))?;
-        if let Some(url) = &self.redis_url {
+        if let Some(url) = self.redis_url.as_ref().map(|u| u.expose_secret()) {
             let scheme = url.split("://").next().unwrap_or_default();
             if !matches!(scheme, "redis" | "rediss") || !url.contains("://") {
                 return Err(bad(
@@ -463,7 +469,7 @@ impl ServeArgs {
                     "must be a redis:// or rediss:// URL (credentials are not shown here)",
                 ));
             }
-            if redis::IntoConnectionInfo::into_connection_info(url.as_str()).is_err() {
+            if redis::IntoConnectionInfo::into_connection_info(url).is_err() {
                 return Err(bad(
                     "--redis-url",
                     "cannot be parsed as a Redis URL (credentials are not shown here)",
@@ -485,7 +491,7 @@ impl ServeArgs {
             return Err(bad("--redis-pool-size", "must be at least 1"));
         }
         if let Some(t) = &self.api_token {
-            if t.trim().is_empty() {
+            if t.expose_secret().trim().is_empty() {
                 return Err(bad(
                     "--api-token",
                     "is empty; leave it unset to disable the publish API",
@@ -537,13 +543,13 @@ impl ServeArgs {
             auth_serve_stale: self.auth_serve_stale,
             auth_cache_capacity: self.auth_cache_capacity,
             chat_room_ttl: nonzero("--chat-room-ttl", self.chat_room_ttl)?,
-            redis_url: self.redis_url.as_deref().map(SecretString::from),
+            redis_url: self.redis_url.clone(),
             redis_prefix: self.redis_prefix.clone(),
             redis_pool_size: self.redis_pool_size,
             node_id,
             presence_ttl,
             unsubscribe_delay: self.unsubscribe_delay,
-            api_token: self.api_token.as_deref().map(SecretString::from),
+            api_token: self.api_token.clone(),
             max_frame_size: self.max_frame_size,
             max_api_body: self.max_api_body,
             outbound_queue: self.outbound_queue,
@@ -615,6 +621,29 @@ mod tests {
         assert_eq!(
             cfg.redis_url_secret(),
             Some("redis://user:pw-very-secret@127.0.0.1:6379")
+        );
+    }
+
+    #[test]
+    fn parsed_arguments_show_no_secret_either() {
+        let cli = Cli::try_parse_from([
+            "wsgate",
+            "serve",
+            "--api-token",
+            "tok-very-secret",
+            "--redis-url",
+            "redis://:pw-very-secret@127.0.0.1:6379",
+        ])
+        .expect("parses");
+        let shown = format!("{cli:?}");
+        assert!(!shown.contains("very-secret"), "{shown}");
+        let Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
+        let cfg = args.validate().expect("valid");
+        assert_eq!(
+            cfg.api_token.as_ref().map(|t| t.expose_secret()),
+            Some("tok-very-secret")
         );
     }
 
