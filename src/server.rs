@@ -48,6 +48,9 @@ const READ_BUFFER_SIZE: usize = 1024;
 /// big enough to coalesce a burst into one syscall, allocated only while there is output.
 const WRITE_BUFFER_SIZE: usize = 16 * 1024;
 
+/// Largest request head (request line and headers) on the public listener; larger → 431.
+pub const MAX_REQUEST_HEAD: usize = 64 * 1024;
+
 /// Everything a node shares between its tasks. One per node: no global state.
 pub struct AppState {
     pub config: Config,
@@ -608,7 +611,10 @@ async fn serve_public(
 
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(state.config.handshake_timeout);
+        .header_read_timeout(state.config.handshake_timeout)
+        // A handshake is a URL and a few headers (cookies at most a few KiB); hyper's default
+        // (about 400 KiB per connection) would let each stalled connection hold far more.
+        .max_buf_size(MAX_REQUEST_HEAD);
     let connections = TaskTracker::new();
     loop {
         let (tcp, peer) = tokio::select! {

@@ -389,3 +389,28 @@ async fn a_handshake_in_flight_during_a_revocation_asks_the_backend_again() {
     handshake.await.expect("handshake task");
     assert_eq!(backend.auth_calls(), 2, "the credential was checked again");
 }
+
+#[tokio::test]
+async fn an_oversized_request_head_is_refused() {
+    let backend = Backend::start().await;
+    let node = Node::start(config(&backend)).await;
+    let mut tcp = TcpStream::connect(node.public).await.expect("connect");
+    let head = format!(
+        "GET /notws HTTP/1.1\r\nHost: x\r\nX-Junk: {}\r\n\r\n",
+        "j".repeat(100 * 1024)
+    );
+    // The gateway may answer and close before it read everything: a failed write is fine.
+    let _ = tcp.write_all(head.as_bytes()).await;
+    let mut answer = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(3), tcp.read_exact(&mut answer))
+        .await
+        .expect("an answer within 3 s")
+        .expect("a status line");
+    let answer = String::from_utf8_lossy(&answer);
+    // hyper refuses a head over the limit with 400 or 431, before the router sees it.
+    assert!(
+        answer == "HTTP/1.1 400" || answer == "HTTP/1.1 431",
+        "expected a 400/431 refusal, got {answer:?}"
+    );
+    assert_eq!(backend.auth_calls(), 0);
+}
