@@ -11,7 +11,8 @@
 //! | 4008 | `slow consumer`        | the outbound queue was full: the client did not read        | reconnect     |
 //!
 //! Authentication failures never appear here: they are answered with HTTP 401/403/503 before the
-//! upgrade, so a client never sees an accepted socket closed for an auth reason.
+//! upgrade, so a client never sees an accepted socket closed for an auth reason, except when its
+//! credential is explicitly revoked afterwards (1008).
 
 /// Why a connection was closed; each maps to a close code and a metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
