@@ -119,6 +119,7 @@ start_server() {
     [[ -n "$redis" ]] && extra+=(--redis-url "redis://127.0.0.1:$port_redis")
     "$WSGATE" serve --listen "127.0.0.1:$pub" --admin-listen "127.0.0.1:$adm" \
       --backend-url "$backend_url" --api-token "$token" --log-level warn \
+      --max-handshakes-per-ip 0 \
       --node-id "node$idx" "${extra[@]}" >"$logs/wsgate-$idx.log" 2>&1 &
   else
     local extra=()

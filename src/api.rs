@@ -16,12 +16,16 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
 
 use crate::auth::bearer_token;
-use crate::hub::{Channel, Hub};
+use crate::auth::credential_hash;
+use crate::backend::Credential;
+use crate::hub::{Channel, Hub, Revocation};
 use crate::metrics::Metrics;
 use crate::protocol::{self, Kind};
 
@@ -33,7 +37,7 @@ pub struct Api {
     pub hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
     /// `--api-token`; `None` disables the API. Never logged.
-    pub token: Option<String>,
+    pub token: Option<SecretString>,
     /// `--max-api-body`, in bytes.
     pub max_body: usize,
 }
@@ -47,6 +51,7 @@ pub fn router<S: Clone + Send + Sync + 'static>(api: Arc<Api>) -> Router<S> {
         .route("/notifications", post(notifications))
         .route("/chat", post(chat))
         .route("/presence", get(presence))
+        .route("/revocations", post(revocations))
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(api.clone(), require_token))
         .with_state(api)
@@ -76,14 +81,17 @@ fn route_of(path: &str) -> &'static str {
         "chat"
     } else if path.ends_with("/presence") {
         "presence"
+    } else if path.ends_with("/revocations") {
+        "revocations"
     } else {
         "other"
     }
 }
 
-/// Constant-time comparison, so the token cannot be guessed byte by byte from timings.
+/// Constant-time comparison (`subtle`), so the token cannot be guessed byte by byte from
+/// timings; only the length can differ in time.
 fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.ct_eq(b).into()
 }
 
 async fn require_token(State(state): ApiState, req: Request, next: Next) -> Response {
@@ -96,7 +104,9 @@ async fn require_token(State(state): ApiState, req: Request, next: Next) -> Resp
         Some(token) => {
             let given = bearer_token::<false>(req.headers());
             match given {
-                Some(g) if same(g.as_bytes(), token.as_bytes()) => next.run(req).await,
+                Some(g) if same(g.as_bytes(), token.expose_secret().as_bytes()) => {
+                    next.run(req).await
+                }
                 Some(_) => error(StatusCode::UNAUTHORIZED, "wrong API token"),
                 None => error(
                     StatusCode::UNAUTHORIZED,
@@ -259,6 +269,52 @@ async fn publish(
 ) -> Response {
     match state.hub.publish(channels, payload).await {
         Ok(()) => (StatusCode::ACCEPTED, Json(answer)).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevocationRequest {
+    #[serde(rename = "userId")]
+    user_id: Option<String>,
+    #[serde(rename = "apiKey")]
+    api_key: Option<String>,
+}
+
+/// `{"userId"}` or `{"apiKey"}`: every node forgets the cached identities of that user (every
+/// key and cookie that resolved to it) or of that key, and closes their sockets with 1008.
+/// The key is sent to the other nodes only as its SHA-256.
+async fn revocations(State(state): ApiState, body: Result<Bytes, BytesRejection>) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return body_error(e),
+    };
+    // Not `parse`: serde's message could quote the body, and the body may hold a key.
+    let Ok(req) = serde_json::from_slice::<RevocationRequest>(&body) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid request: expected a JSON object {\"userId\": \"...\"} or {\"apiKey\": \"...\"}",
+        );
+    };
+    let (revocation, target) = match (req.user_id, req.api_key) {
+        (Some(u), None) if !u.is_empty() => (Revocation::User(Arc::from(u.as_str())), "user"),
+        (None, Some(k)) if !k.is_empty() => (
+            Revocation::Credential(credential_hash(&Credential::ApiKey(k))),
+            "apiKey",
+        ),
+        (Some(_), None) | (None, Some(_)) => {
+            return error(StatusCode::BAD_REQUEST, "userId or apiKey is empty")
+        }
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "name exactly one of userId or apiKey",
+            )
+        }
+    };
+    match state.hub.revoke(&revocation).await {
+        Ok(()) => (StatusCode::ACCEPTED, Json(json!({ "revoked": target }))).into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }

@@ -104,6 +104,11 @@ pub struct Auth {
 }
 
 /// The cache key: a tag for the kind, so that a key and a cookie with the same text differ.
+/// Also how a revocation names a key on the broker, never in clear.
+pub fn credential_hash(credential: &Credential) -> KeyHash {
+    hash(credential)
+}
+
 fn hash(credential: &Credential) -> KeyHash {
     let (tag, value): (&[u8], &str) = match credential {
         Credential::ApiKey(k) => (b"key\0", k),
@@ -119,6 +124,7 @@ impl Auth {
     pub fn new(cfg: &Config, backend: Arc<Backend>, metrics: Arc<Metrics>) -> Auth {
         let cache = Cache::builder()
             .max_capacity(cfg.auth_cache_capacity)
+            .support_invalidation_closures()
             .expire_after(TtlByOutcome {
                 positive: cfg.auth_ttl,
                 negative: cfg.auth_negative_ttl,
@@ -127,6 +133,7 @@ impl Auth {
         let stale = (!cfg.auth_serve_stale.is_zero()).then(|| {
             Cache::builder()
                 .max_capacity(cfg.auth_cache_capacity)
+                .support_invalidation_closures()
                 .time_to_live(cfg.auth_ttl + cfg.auth_serve_stale)
                 .build()
         });
@@ -135,6 +142,37 @@ impl Auth {
             cache,
             stale,
             metrics,
+        }
+    }
+
+    /// Forgets every cached answer that resolved to `user_id` (keys and cookies alike, fresh and
+    /// serve-stale): the next handshake with any of them asks the back-end again.
+    pub fn forget_user(&self, user_id: &str) {
+        let user: Arc<str> = Arc::from(user_id);
+        let u = user.clone();
+        let fresh = self.cache.invalidate_entries_if(
+            move |_, v| matches!(v, Outcome::Valid(id) if *id.user_id == *u),
+        );
+        if let Err(e) = fresh {
+            tracing::warn!(error = %e, "forgetting a revoked user's cached identities failed");
+        }
+        if let Some(stale) = &self.stale {
+            let u = user.clone();
+            if let Err(e) = stale.invalidate_entries_if(move |_, id| *id.user_id == *u) {
+                tracing::warn!(error = %e, "forgetting a revoked user's stale identities failed");
+            }
+        }
+    }
+
+    /// Forgets one credential, by its [`credential_hash`].
+    pub fn forget_credential(&self, h: KeyHash) {
+        if let Err(e) = self.cache.invalidate_entries_if(move |k, _| *k == h) {
+            tracing::warn!(error = %e, "forgetting a revoked credential failed");
+        }
+        if let Some(stale) = &self.stale {
+            if let Err(e) = stale.invalidate_entries_if(move |k, _| *k == h) {
+                tracing::warn!(error = %e, "forgetting a revoked credential failed");
+            }
         }
     }
 

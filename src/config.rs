@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use ipnet::IpNet;
 use reqwest::Url;
+use secrecy::{ExposeSecret, SecretString};
 
 /// Exit code for a configuration error (EX_USAGE from sysexits.h).
 pub const EXIT_CONFIG: i32 = 64;
@@ -41,6 +43,12 @@ pub struct ClientArgs {
     /// Frames to send right after connecting (repeatable), e.g. --send 'subscribe: ALL'
     #[arg(long)]
     pub send: Vec<String>,
+}
+
+/// A secret flag: kept as a `SecretString` from the start, so no `Debug` of the arguments
+/// prints it.
+fn secret(s: &str) -> Result<SecretString, String> {
+    Ok(SecretString::from(s))
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -160,8 +168,8 @@ pub struct ServeArgs {
     pub chat_room_ttl: Duration,
 
     /// Redis URL (redis:// or rediss://). Absent: a single node on the in-process broker.
-    #[arg(long, env = "WSGATE_REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<String>,
+    #[arg(long, env = "WSGATE_REDIS_URL", hide_env_values = true, value_parser = secret)]
+    pub redis_url: Option<SecretString>,
 
     /// Prefix of every Redis channel and key, so several installations can share one Redis.
     #[arg(long, env = "WSGATE_REDIS_PREFIX", default_value = "wsgate")]
@@ -188,8 +196,8 @@ pub struct ServeArgs {
     pub resubscribe_window: Duration,
 
     /// Bearer token of the publish API. Without it the API answers 403.
-    #[arg(long, env = "WSGATE_API_TOKEN", hide_env_values = true)]
-    pub api_token: Option<String>,
+    #[arg(long, env = "WSGATE_API_TOKEN", hide_env_values = true, value_parser = secret)]
+    pub api_token: Option<SecretString>,
 
     /// Largest client frame in bytes; a larger one closes the connection with 1009.
     #[arg(long, env = "WSGATE_MAX_FRAME_SIZE", default_value_t = 65_536)]
@@ -224,6 +232,23 @@ pub struct ServeArgs {
     /// dropped (4008).
     #[arg(long, env = "WSGATE_WRITE_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub write_timeout: Duration,
+    /// Longest time a client may take to send a request's headers; slower connections are
+    /// dropped (slowloris). Also bounds an idle keep-alive connection.
+    #[arg(long, env = "WSGATE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub handshake_timeout: Duration,
+
+    /// Open WebSocket connections on this node (0 = unlimited); more are refused with 503.
+    #[arg(long, env = "WSGATE_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+
+    /// WebSocket handshakes per second from one client IP, with a burst of as many (0 = unlimited); more get 429.
+    #[arg(long, env = "WSGATE_MAX_HANDSHAKES_PER_IP", default_value_t = 100)]
+    pub max_handshakes_per_ip: u32,
+
+    /// Proxies (comma-separated IPs or CIDRs, e.g. 10.0.0.0/8) whose X-Forwarded-For names the
+    /// client IP; from any other peer the header is ignored and the TCP peer is the client.
+    #[arg(long, env = "WSGATE_TRUSTED_PROXIES")]
+    pub trusted_proxies: Option<String>,
 
     /// Interval between pings; a peer silent for two intervals is closed (4000).
     #[arg(long, env = "WSGATE_PING_INTERVAL", default_value = "30s", value_parser = duration)]
@@ -300,7 +325,8 @@ pub struct Config {
     pub auth_serve_stale: Duration,
     pub auth_cache_capacity: u64,
     pub chat_room_ttl: Duration,
-    pub redis_url: Option<String>,
+    /// May hold a password: typed so that `Debug` shows `[REDACTED]`.
+    pub redis_url: Option<SecretString>,
     pub redis_prefix: String,
     pub redis_pool_size: usize,
     pub node_id: String,
@@ -308,7 +334,8 @@ pub struct Config {
     pub unsubscribe_delay: Duration,
     /// Zero: nothing is remembered.
     pub resubscribe_window: Duration,
-    pub api_token: Option<String>,
+    /// The publish API's bearer token: typed so that `Debug` shows `[REDACTED]`.
+    pub api_token: Option<SecretString>,
     pub max_frame_size: usize,
     pub max_api_body: usize,
     pub outbound_queue: usize,
@@ -319,6 +346,34 @@ pub struct Config {
     pub write_timeout: Duration,
     pub ping_interval: Duration,
     pub drain_timeout: Duration,
+    pub handshake_timeout: Duration,
+    /// WebSocket connections on this node; 0 = unlimited.
+    pub max_connections: usize,
+    /// Handshakes per second per client IP; 0 = unlimited.
+    pub max_handshakes_per_ip: u32,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+/// Trusted proxies: IPs or CIDRs, comma-separated.
+fn proxies(list: &str) -> Result<Vec<IpNet>, ConfigError> {
+    let mut out = Vec::new();
+    for p in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let net = match p.parse::<IpNet>() {
+            Ok(n) => n,
+            Err(_) => match p.parse::<std::net::IpAddr>() {
+                Ok(ip) => IpNet::from(ip),
+                Err(_) => {
+                    return Err(bad(
+                        "--trusted-proxies",
+                        format!("'{p}' is not an IP address or CIDR (e.g. 10.0.0.0/8)"),
+                    ))
+                }
+            },
+        };
+        out.push(net);
+    }
+    Ok(out)
 }
 
 fn pointer(flag: &'static str, p: &str) -> Result<String, ConfigError> {
@@ -428,7 +483,7 @@ impl ServeArgs {
             )?)
         };
         let allowed_origins = origins(self.allowed_origins.as_deref().unwrap_or(""))?;
-        if let Some(url) = &self.redis_url {
+        if let Some(url) = self.redis_url.as_ref().map(|u| u.expose_secret()) {
             let scheme = url.split("://").next().unwrap_or_default();
             if !matches!(scheme, "redis" | "rediss") || !url.contains("://") {
                 return Err(bad(
@@ -436,7 +491,7 @@ impl ServeArgs {
                     "must be a redis:// or rediss:// URL (credentials are not shown here)",
                 ));
             }
-            if redis::IntoConnectionInfo::into_connection_info(url.as_str()).is_err() {
+            if redis::IntoConnectionInfo::into_connection_info(url).is_err() {
                 return Err(bad(
                     "--redis-url",
                     "cannot be parsed as a Redis URL (credentials are not shown here)",
@@ -458,7 +513,7 @@ impl ServeArgs {
             return Err(bad("--redis-pool-size", "must be at least 1"));
         }
         if let Some(t) = &self.api_token {
-            if t.trim().is_empty() {
+            if t.expose_secret().trim().is_empty() {
                 return Err(bad(
                     "--api-token",
                     "is empty; leave it unset to disable the publish API",
@@ -540,6 +595,10 @@ impl ServeArgs {
             write_timeout: nonzero("--write-timeout", self.write_timeout)?,
             ping_interval: nonzero("--ping-interval", self.ping_interval)?,
             drain_timeout: self.drain_timeout,
+            handshake_timeout: nonzero("--handshake-timeout", self.handshake_timeout)?,
+            max_connections: self.max_connections,
+            max_handshakes_per_ip: self.max_handshakes_per_ip,
+            trusted_proxies: proxies(self.trusted_proxies.as_deref().unwrap_or(""))?,
         })
     }
 }
@@ -559,6 +618,11 @@ fn default_node_id() -> String {
 }
 
 impl Config {
+    /// The Redis URL, credentials included: only for connecting.
+    pub fn redis_url_secret(&self) -> Option<&str> {
+        self.redis_url.as_ref().map(|u| u.expose_secret())
+    }
+
     /// A configuration for tests and embedding: defaults with the given back-end, listeners on
     /// loopback port 0.
     pub fn for_backend(backend_url: &str) -> Result<Config, ConfigError> {
@@ -577,5 +641,56 @@ impl Config {
             Command::Serve(a) => a.validate(),
             _ => Err(bad("arguments", "not serve")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_shows_no_secret() {
+        let mut cfg = Config::for_backend("http://127.0.0.1:1").expect("config");
+        cfg.api_token = Some("tok-very-secret".into());
+        cfg.redis_url = Some("redis://user:pw-very-secret@127.0.0.1:6379".into());
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("very-secret"), "{shown}");
+        assert!(shown.contains("REDACTED"), "{shown}");
+        assert_eq!(
+            cfg.redis_url_secret(),
+            Some("redis://user:pw-very-secret@127.0.0.1:6379")
+        );
+    }
+
+    #[test]
+    fn parsed_arguments_show_no_secret_either() {
+        let cli = Cli::try_parse_from([
+            "wsgate",
+            "serve",
+            "--api-token",
+            "tok-very-secret",
+            "--redis-url",
+            "redis://:pw-very-secret@127.0.0.1:6379",
+        ])
+        .expect("parses");
+        let shown = format!("{cli:?}");
+        assert!(!shown.contains("very-secret"), "{shown}");
+        let Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
+        let cfg = args.validate().expect("valid");
+        assert_eq!(
+            cfg.api_token.as_ref().map(|t| t.expose_secret()),
+            Some("tok-very-secret")
+        );
+    }
+
+    #[test]
+    fn trusted_proxies_take_ips_and_cidrs() {
+        let p = proxies("10.0.0.0/8, 192.168.1.7,::1").expect("valid");
+        assert_eq!(p.len(), 3);
+        assert!(p[1].contains(&"192.168.1.7".parse::<std::net::IpAddr>().expect("ip")));
+        assert!(proxies("10.0.0.0/33").is_err());
+        assert!(proxies("proxy.local").is_err());
     }
 }

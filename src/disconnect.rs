@@ -7,6 +7,7 @@
 //! | 1007 | `invalid utf-8`        | a text frame was not UTF-8                                  | fix the client |
 //! | 1008 | `too many topics`      | the connection asked for more than `--max-topics` topics    | subscribe less |
 //! | 1008 | `too many frames`      | the client sent faster than `--max-frames-per-second` (after its burst) | send less |
+//! | 1008 | `credentials revoked`  | `POST /api/v1/revocations` named the user or the key        | log in again  |
 //! | 1009 | `frame too large`      | a client frame exceeded `--max-frame-size`                  | send less     |
 //! | 1011 | `internal error`       | the gateway could not serve the connection                  | reconnect     |
 //! | 1012 | `service restart`      | the node is draining (SIGTERM); spread over the drain window | reconnect     |
@@ -15,7 +16,8 @@
 //! | 4008 | `write timeout`        | one socket write (message, ping) took over `--write-timeout` | reconnect     |
 //!
 //! Authentication failures never appear here: they are answered with HTTP 401/403/503 before the
-//! upgrade, so a client never sees an accepted socket closed for an auth reason.
+//! upgrade, so a client never sees an accepted socket closed for an auth reason, except when its
+//! credential is explicitly revoked afterwards (1008).
 
 /// Why a connection was closed; each maps to a close code and a metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,10 +44,12 @@ pub enum CloseReason {
     FrameRate,
     /// A socket write did not finish within `--write-timeout`.
     WriteTimeout,
+    /// The connection's user or credential was revoked.
+    Revoked,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 11] = [
+    pub const ALL: [CloseReason; 12] = [
         CloseReason::Client,
         CloseReason::SlowConsumer,
         CloseReason::PingTimeout,
@@ -57,6 +61,7 @@ impl CloseReason {
         CloseReason::TooManyTopics,
         CloseReason::FrameRate,
         CloseReason::WriteTimeout,
+        CloseReason::Revoked,
     ];
 
     /// The metric label.
@@ -73,6 +78,7 @@ impl CloseReason {
             CloseReason::TooManyTopics => "too_many_topics",
             CloseReason::FrameRate => "frame_rate",
             CloseReason::WriteTimeout => "write_timeout",
+            CloseReason::Revoked => "revoked",
         }
     }
 
@@ -89,6 +95,7 @@ impl CloseReason {
             CloseReason::InvalidUtf8 => 1007,
             CloseReason::TooManyTopics | CloseReason::FrameRate => 1008,
             CloseReason::WriteTimeout => 4008,
+            CloseReason::Revoked => 1008,
         }
     }
 
@@ -106,6 +113,7 @@ impl CloseReason {
             CloseReason::TooManyTopics => "too many topics",
             CloseReason::FrameRate => "too many frames",
             CloseReason::WriteTimeout => "write timeout",
+            CloseReason::Revoked => "credentials revoked",
         }
     }
 }

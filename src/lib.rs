@@ -23,6 +23,7 @@
 //! - [`disconnect`]: the close-code table.
 //! - [`demo`]: the built-in demo back-end; [`client`]: a small client for trying it by hand.
 
+pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod backend;

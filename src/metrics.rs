@@ -24,10 +24,14 @@ pub enum RejectReason {
     Draining,
     TooManyConnections,
     Origin,
+    /// The node holds `--max-connections` sockets.
+    NodeFull,
+    /// The client IP is over `--max-handshakes-per-ip`.
+    HandshakeRate,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 8] = [
+    pub const ALL: [RejectReason; 10] = [
         RejectReason::MissingKey,
         RejectReason::InvalidKey,
         RejectReason::UserMismatch,
@@ -36,6 +40,8 @@ impl RejectReason {
         RejectReason::Draining,
         RejectReason::TooManyConnections,
         RejectReason::Origin,
+        RejectReason::NodeFull,
+        RejectReason::HandshakeRate,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -47,6 +53,8 @@ impl RejectReason {
             RejectReason::Draining => "draining",
             RejectReason::TooManyConnections => "too_many_connections",
             RejectReason::Origin => "origin",
+            RejectReason::NodeFull => "max_connections",
+            RejectReason::HandshakeRate => "handshake_rate",
         }
     }
 }
@@ -162,6 +170,8 @@ pub struct Metrics {
     pub remembered_errors: IntCounter,
     pub remembered_topics_restored: IntCounter,
     pub remembered_write_errors: IntCounter,
+    pub handshake_timeouts: IntCounter,
+    pub revocations: IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -333,6 +343,7 @@ impl Metrics {
             ("notifications", "202"),
             ("chat", "202"),
             ("presence", "200"),
+            ("revocations", "202"),
         ] {
             api_requests.with_label_values(&[route, ok]);
         }
@@ -349,6 +360,16 @@ impl Metrics {
             auth_miss: auth.with_label_values(&["miss"]),
             auth_negative_hit: auth.with_label_values(&["negative_hit"]),
             auth_stale: auth.with_label_values(&["stale"]),
+            handshake_timeouts: counter(
+                &r,
+                "wsgate_handshake_timeouts_total",
+                "Public connections dropped because the request headers did not arrive within --handshake-timeout.",
+            ),
+            revocations: counter(
+                &r,
+                "wsgate_revocations_total",
+                "Credential revocations applied on this node (cached identities forgotten, sockets closed 1008).",
+            ),
             room_hit: room.with_label_values(&["hit"]),
             room_miss: room.with_label_values(&["miss"]),
             backend_duration,

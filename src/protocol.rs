@@ -121,6 +121,9 @@ pub enum Kind {
     Chat = 2,
     /// A node's own liveness probe through the broker; never delivered to clients.
     Canary = 3,
+    /// A credential revocation for every node (topic `user` or `key`, frame the user id or the
+    /// credential's hex SHA-256); never delivered to clients.
+    Revoke = 4,
 }
 
 const VERSION: u8 = 1;
@@ -182,6 +185,7 @@ pub fn decode(payload: Bytes) -> Result<Envelope, EnvelopeError> {
         1 => Kind::Notification,
         2 => Kind::Chat,
         3 => Kind::Canary,
+        4 => Kind::Revoke,
         _ => return Err(EnvelopeError::Unknown),
     };
     let mut ts = [0u8; 8];

@@ -15,25 +15,27 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{RawQuery, State};
+use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::serve::ListenerExt;
 use axum::Router;
+use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::{client_ip, ConnectionSlots, HandshakeLimiter};
 use crate::api::Api;
-use crate::auth::{bearer_token, Auth, AuthError};
+use crate::auth::{bearer_token, credential_hash, Auth, AuthError};
 use crate::backend::{Backend, Credential};
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::{RedisBroker, RedisSettings};
 use crate::broker::Broker;
 use crate::chat::Chat;
 use crate::config::Config;
-use crate::hub::{Hub, HubLimits, RegisterError};
+use crate::hub::{Hub, HubLimits, RegisterError, Revocation};
 use crate::metrics::{Metrics, RejectReason};
 use crate::protocol::Endpoint;
 use crate::session::{self, Session};
@@ -46,16 +48,23 @@ const READ_BUFFER_SIZE: usize = 1024;
 /// big enough to coalesce a burst into one syscall, allocated only while there is output.
 const WRITE_BUFFER_SIZE: usize = 16 * 1024;
 
+/// Largest request head (request line and headers) on the public listener; larger → 431.
+pub const MAX_REQUEST_HEAD: usize = 64 * 1024;
+
 /// Everything a node shares between its tasks. One per node: no global state.
 pub struct AppState {
     pub config: Config,
     pub metrics: Arc<Metrics>,
-    pub auth: Auth,
+    pub auth: Arc<Auth>,
     pub hub: Arc<Hub>,
     /// What each session uses of the node (chat routing, metrics).
     pub sessions_node: Arc<session::Node>,
     draining: AtomicBool,
     sessions: TaskTracker,
+    /// `--max-connections`: a slot per WebSocket, taken before the upgrade.
+    slots: ConnectionSlots,
+    /// `--max-handshakes-per-ip`.
+    handshakes: HandshakeLimiter,
 }
 
 /// Errors that stop a node from starting.
@@ -73,7 +82,7 @@ impl AppState {
     pub async fn new(config: Config) -> Result<Arc<AppState>, StartError> {
         let metrics = Arc::new(Metrics::new());
         let backend = Arc::new(Backend::new(&config, metrics.clone())?);
-        let auth = Auth::new(&config, backend.clone(), metrics.clone());
+        let auth = Arc::new(Auth::new(&config, backend.clone(), metrics.clone()));
         let chat = Chat::new(backend, metrics.clone(), config.chat_room_ttl);
         let limits = HubLimits {
             max_connections_per_user: config.max_connections_per_user,
@@ -98,7 +107,7 @@ impl AppState {
                     None => Broker::Memory(MemoryBroker::new(sink)),
                     Some(url) => match RedisBroker::start(
                         &RedisSettings {
-                            url: url.clone(),
+                            url: url.expose_secret().to_owned(),
                             prefix: config.redis_prefix.clone(),
                             node_id: config.node_id.clone(),
                             pool_size: config.redis_pool_size,
@@ -119,11 +128,17 @@ impl AppState {
         if let Some(e) = broker_error {
             return Err(StartError::Broker(e.to_string()));
         }
+        {
+            let auth = auth.clone();
+            hub.on_revoke(Box::new(move |r: &Revocation| match r {
+                Revocation::User(u) => auth.forget_user(u),
+                Revocation::Credential(h) => auth.forget_credential(*h),
+            }));
+        }
         hub.start()
             .await
             .map_err(|e| StartError::Broker(e.to_string()))?;
         Ok(Arc::new(AppState {
-            config,
             metrics: metrics.clone(),
             auth,
             sessions_node: Arc::new(session::Node {
@@ -134,6 +149,9 @@ impl AppState {
             hub,
             draining: AtomicBool::new(false),
             sessions: TaskTracker::new(),
+            slots: ConnectionSlots::new(config.max_connections),
+            handshakes: HandshakeLimiter::new(config.max_handshakes_per_ip),
+            config,
         }))
     }
 
@@ -206,20 +224,22 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 
 async fn notws(
     State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    upgrade(state, Endpoint::Notws, query, headers, ws).await
+    upgrade(state, Endpoint::Notws, peer, query, headers, ws).await
 }
 
 async fn chat(
     State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    upgrade(state, Endpoint::Chat, query, headers, ws).await
+    upgrade(state, Endpoint::Chat, peer, query, headers, ws).await
 }
 
 /// Where the API key and the claimed user id came from.
@@ -317,6 +337,25 @@ fn origin_allowed(origin: &str, host: Option<&str>, allowed: &[String]) -> bool 
     }
 }
 
+/// Longest API key accepted; a longer one cannot be a key and is refused without a back-end call.
+pub const MAX_API_KEY: usize = 512;
+/// Longest session cookie value accepted (what browsers store at most).
+pub const MAX_COOKIE_VALUE: usize = 4096;
+
+/// Whether a credential could be one at all: not too long, no control characters. Anything else
+/// is refused (401) before the back-end sees it, so a hostile client cannot turn garbage into
+/// back-end errors, `Retry-After` loops or warnings.
+fn plausible(credential: &Credential) -> bool {
+    let no_controls = |v: &str| !v.chars().any(char::is_control);
+    match credential {
+        Credential::ApiKey(k) => k.len() <= MAX_API_KEY && no_controls(k),
+        Credential::SessionCookies(c) => c.split("; ").all(|pair| {
+            let value = pair.split_once('=').map_or(pair, |(_, v)| v);
+            value.len() <= MAX_COOKIE_VALUE && no_controls(pair)
+        }),
+    }
+}
+
 /// Which credential a handshake presents, after the Origin check: an API key first, then the
 /// session cookies, else 401. A cookie handshake must come from an allowed origin (cookies ride
 /// along with cross-site requests); a key handshake only when `--allowed-origins` is set and the
@@ -333,6 +372,9 @@ fn credential_of(
             None => return Err(RejectReason::MissingKey),
         },
     };
+    if !plausible(&credential) {
+        return Err(RejectReason::InvalidKey);
+    }
     if check_origin {
         if let Some(origin) = headers.get(header::ORIGIN) {
             let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
@@ -380,11 +422,22 @@ fn reject(state: &AppState, endpoint: Endpoint, reason: RejectReason) -> Respons
             StatusCode::TOO_MANY_REQUESTS,
             "too many connections for this user\n",
         ),
+        RejectReason::NodeFull => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "node connection limit reached, retry later\n",
+        ),
+        RejectReason::HandshakeRate => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many handshakes from this address, slow down\n",
+        ),
     };
     let mut resp = (status, body).into_response();
     if status == StatusCode::SERVICE_UNAVAILABLE {
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    } else if reason == RejectReason::HandshakeRate {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     resp
 }
@@ -395,6 +448,7 @@ fn reject(state: &AppState, endpoint: Endpoint, reason: RejectReason) -> Respons
 async fn upgrade(
     state: Arc<AppState>,
     endpoint: Endpoint,
+    peer: SocketAddr,
     query: Option<String>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
@@ -402,6 +456,14 @@ async fn upgrade(
     if state.is_draining() {
         return reject(&state, endpoint, RejectReason::Draining);
     }
+    // Cheapest refusals first, before any credential is read or the back-end is asked.
+    let ip = client_ip(peer.ip(), &headers, &state.config.trusted_proxies);
+    if !state.handshakes.allow(ip) {
+        return reject(&state, endpoint, RejectReason::HandshakeRate);
+    }
+    let Some(slot) = state.slots.take() else {
+        return reject(&state, endpoint, RejectReason::NodeFull);
+    };
     if !state.hub.broker().is_up() {
         // Consistent with /readyz: a node that cannot deliver takes no new sockets, even for
         // users whose channels it still holds from before the outage.
@@ -412,6 +474,7 @@ async fn upgrade(
         Ok(c) => c,
         Err(reason) => return reject(&state, endpoint, reason),
     };
+    let revocations = state.hub.revocations();
     let identity = match state.auth.authenticate(&credential).await {
         Ok(id) => id,
         Err(AuthError::Rejected) => return reject(&state, endpoint, RejectReason::InvalidKey),
@@ -424,7 +487,11 @@ async fn upgrade(
             return reject(&state, endpoint, RejectReason::UserMismatch);
         }
     }
-    let registration = match state.hub.register(identity, endpoint).await {
+    let registration = match state
+        .hub
+        .register_with(identity, endpoint, Some(credential_hash(&credential)))
+        .await
+    {
         Ok(r) => r,
         Err(RegisterError::TooManyConnections) => {
             return reject(&state, endpoint, RejectReason::TooManyConnections)
@@ -434,6 +501,21 @@ async fn upgrade(
             return reject(&state, endpoint, RejectReason::BrokerUnavailable);
         }
     };
+    if state.hub.revocations() != revocations {
+        // A revocation arrived while this handshake was in flight: its identity (and the cache
+        // entry it left, inserted after the revocation's forget) may come from before it.
+        // Forget it and ask the back-end again.
+        state.auth.forget_credential(credential_hash(&credential));
+        match state.auth.authenticate(&credential).await {
+            Ok(id) if id.user_id == registration.conn.identity.user_id => {}
+            Ok(_) | Err(AuthError::Rejected) => {
+                return reject(&state, endpoint, RejectReason::InvalidKey)
+            }
+            Err(AuthError::Unavailable) => {
+                return reject(&state, endpoint, RejectReason::BackendUnavailable)
+            }
+        }
+    }
     // Before the 101: whatever is published once the client sees the handshake matches the
     // topics it had before its reconnect.
     state.hub.restore_remembered(&registration.conn).await;
@@ -451,6 +533,7 @@ async fn upgrade(
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {
             session::run(socket, session, &node).await;
+            drop(slot);
             drop(token);
         })
 }
@@ -478,16 +561,25 @@ pub async fn run(
             tracing::debug!(error = %e, "TCP_NODELAY not set");
         }
     };
-    let public = public.tap_io(nodelay);
     let admin = admin.tap_io(nodelay);
     let stop_http = CancellationToken::new();
-    let public_srv = {
+    let public_srv = tokio::spawn(serve_public(
+        public,
+        public_app(state.clone()),
+        state.clone(),
+        stop_http.clone(),
+    ));
+    let forget = {
         let stop = stop_http.clone();
-        let app = public_app(state.clone());
+        let state = state.clone();
         tokio::spawn(async move {
-            axum::serve(public, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
+            let mut every = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tokio::select! {
+                    _ = every.tick() => state.handshakes.forget_idle(),
+                    _ = stop.cancelled() => break,
+                }
+            }
         })
     };
     let admin_srv = {
@@ -506,10 +598,80 @@ pub async fn run(
     let grace = Duration::from_secs(2);
     let _ = tokio::time::timeout(grace, public_srv).await;
     let _ = tokio::time::timeout(grace, admin_srv).await;
+    let _ = forget.await;
     if let Err(e) = tokio::time::timeout(grace, state.hub.broker().shutdown()).await {
         tracing::warn!(error = %e, "broker did not shut down in time");
     }
     Ok(())
+}
+
+/// Serves the public listener with hyper directly (axum's `serve` runs hyper without a timer,
+/// so it cannot time out a client that never finishes its headers): every connection gets
+/// `--handshake-timeout` to send its request headers, then keeps its upgrade. On `stop` the
+/// listener closes and open HTTP connections finish gracefully; upgraded sockets have left
+/// hyper by then and are drained by [`drain`].
+async fn serve_public(
+    listener: TcpListener,
+    app: Router,
+    state: Arc<AppState>,
+    stop: CancellationToken,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower_service::Service;
+
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(state.config.handshake_timeout)
+        // A handshake is a URL and a few headers (cookies at most a few KiB); hyper's default
+        // (about 400 KiB per connection) would let each stalled connection hold far more.
+        .max_buf_size(MAX_REQUEST_HEAD);
+    let connections = TaskTracker::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::debug!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => break,
+        };
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+        let router = app.clone();
+        let service = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            router.clone().call(req)
+        });
+        let conn = http
+            .serve_connection(TokioIo::new(tcp), service)
+            .with_upgrades();
+        let stop = stop.clone();
+        let metrics = state.metrics.clone();
+        connections.spawn(async move {
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                if e.is_timeout() {
+                    metrics.handshake_timeouts.inc();
+                }
+                tracing::debug!(error = %e, "public connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
 }
 
 /// Drains the node: unready at once, refuse upgrades, close sessions (1012) spread over the
@@ -595,6 +757,22 @@ mod tests {
         let allowed = vec!["http://127.0.0.1:5173".to_string()];
         assert!(origin_allowed("http://127.0.0.1:5173", host, &allowed));
         assert!(!origin_allowed("http://127.0.0.1:5174", host, &allowed));
+    }
+
+    #[test]
+    fn implausible_credentials_are_refused() {
+        let key = |k: &str| Credential::ApiKey(k.into());
+        assert!(plausible(&key("demo-key-john")));
+        assert!(plausible(&key(&"k".repeat(MAX_API_KEY))));
+        assert!(!plausible(&key(&"k".repeat(MAX_API_KEY + 1))));
+        assert!(!plausible(&key("\nbad")));
+        assert!(!plausible(&key("bad\u{7f}")));
+        let cookie = |c: String| Credential::SessionCookies(c);
+        assert!(plausible(&cookie("JSESSIONID=abc; x=y".into())));
+        assert!(!plausible(&cookie(format!(
+            "JSESSIONID={}",
+            "c".repeat(MAX_COOKIE_VALUE + 1)
+        ))));
     }
 
     #[test]

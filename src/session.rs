@@ -161,8 +161,11 @@ pub async fn run(mut socket: WebSocket, session: Session, node: &Node) {
     // every idle connection's task.
     Box::pin(session.registration.hub().remember_on_close(&conn)).await;
     // Unregister from the hub (and release its channels) now: the closing handshake below may
-    // take up to two close timeouts with a peer that does not read.
+    // take up to two close timeouts with a peer that does not read. Counted closed now too, so
+    // the metrics agree with the hub whatever the peer does with the close frame.
     drop(session);
+    m.connections.dec();
+    m.closed(reason).inc();
     let close_timeout = CLOSE_TIMEOUT.min(limits.write_timeout);
     if reason == CloseReason::Client {
         // tungstenite queued the reply to the client's close frame; it goes out only when the
@@ -196,8 +199,6 @@ pub async fn run(mut socket: WebSocket, session: Session, node: &Node) {
             .await;
         }
     }
-    m.connections.dec();
-    m.closed(reason).inc();
 }
 
 /// How a bounded socket write ended.

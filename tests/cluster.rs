@@ -18,7 +18,7 @@ fn redis_config(
     node: &str,
 ) -> wsgate::config::Config {
     let mut c = config(backend);
-    c.redis_url = Some(redis.url());
+    c.redis_url = Some(redis.url().into());
     c.redis_prefix = prefix.to_string();
     c.node_id = node.to_string();
     c

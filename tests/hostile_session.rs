@@ -307,7 +307,7 @@ async fn a_failed_redis_command_leaves_nothing_stale() {
     let backend =
         Backend::start_with(&[("okalice", "ACME"), ("okbob", "ACME"), ("bad", "ACME")]).await;
     let mut config = common::config(&backend);
-    config.redis_url = Some(format!("redis://gate:gate-pw@127.0.0.1:{}", redis.port));
+    config.redis_url = Some(format!("redis://gate:gate-pw@127.0.0.1:{}", redis.port).into());
     let node = Node::start(config).await;
     eventually(Duration::from_secs(5), "the node is ready", || async {
         node.readyz().await == 200
@@ -394,7 +394,7 @@ async fn a_connection_killed_mid_batch_leaves_nothing_stale() {
     let extra: Vec<(&str, &str)> = users.iter().map(|u| (u.as_str(), "ACME")).collect();
     let backend = Backend::start_with(&extra).await;
     let mut config = common::config(&backend);
-    config.redis_url = Some(redis.url());
+    config.redis_url = Some(redis.url().into());
     let node = Node::start(config).await;
     eventually(Duration::from_secs(5), "the node is ready", || async {
         node.readyz().await == 200

@@ -188,14 +188,9 @@ fn component_xml_is_well_formed_and_names_real_methods() {
     }
 }
 
-/// What the revocation endpoint answered the component. Until the gateway serves
-/// `POST /api/v1/revocations` the route is unknown (404); once it does, make this
-/// `assert_eq!(status, 202, ...)` (202 is the contract).
+/// What the revocation endpoint answered the component: 202 is the contract.
 fn check_revocation_answer(status: &str) {
-    assert!(
-        status == "202" || status == "404",
-        "POST /api/v1/revocations answered {status}; expected 202 (or 404 before the endpoint exists)"
-    );
+    assert_eq!(status, "202", "POST /api/v1/revocations answered {status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,7 +27,7 @@ fn redis_config(
     window: Duration,
 ) -> wsgate::config::Config {
     let mut c = config(backend);
-    c.redis_url = Some(redis.url());
+    c.redis_url = Some(redis.url().into());
     c.redis_prefix = "rs".to_string();
     c.node_id = node.to_string();
     c.resubscribe_window = window;

@@ -231,8 +231,12 @@ cmd_start() {
   spawn backend "$bin" demo-backend --listen "127.0.0.1:$backend_port"
   wait_for backend "$backend_port" /stats 200
 
+  # Every client of a local cluster (load generators included) comes from one address through
+  # nginx: nginx is a trusted proxy, and the per-IP handshake limit is off unless set.
   for (( i = 1; i <= nodes; i++ )); do
-    spawn "node$i" env WSGATE_LOG_FORMAT="${WSGATE_LOG_FORMAT:-text}" "$bin" serve \
+    spawn "node$i" env WSGATE_LOG_FORMAT="${WSGATE_LOG_FORMAT:-text}" \
+      WSGATE_MAX_HANDSHAKES_PER_IP="${WSGATE_MAX_HANDSHAKES_PER_IP:-0}" "$bin" serve \
+      --trusted-proxies 127.0.0.1 \
       --listen "127.0.0.1:${ws_ports[i-1]}" \
       --admin-listen "127.0.0.1:${admin_ports[i-1]}" \
       --backend-url "http://127.0.0.1:$backend_port" \

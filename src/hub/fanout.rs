@@ -23,6 +23,12 @@ impl MessageSink for Registry {
             Kind::Notification => (Endpoint::Notws, env.topic.as_str()),
             Kind::Chat => (Endpoint::Chat, ""),
             Kind::Canary => return,
+            Kind::Revoke => {
+                if let Some(r) = super::Revocation::decode(&env.topic, &env.frame) {
+                    self.revoke(&r);
+                }
+                return;
+            }
         };
         let msg = Outgoing {
             frame: env.frame.clone(),

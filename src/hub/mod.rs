@@ -36,6 +36,7 @@ mod fanout;
 pub mod outbound;
 pub mod registry;
 mod remembered;
+mod revocation;
 mod sweep;
 #[cfg(test)]
 mod tests;
@@ -47,6 +48,7 @@ use registry::{now_ms, ConnEntry, Inner, TopicFilter, UserEntry};
 pub use registry::{Connection, Registry};
 use remembered::{Remembered, TopicOrigin};
 pub use remembered::{Restore, MAX_REMEMBERED_TOPICS};
+pub use revocation::{Revocation, RevokeHook};
 
 /// What a `subscribe:` / `unsubscribe:` command does to a connection's topics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +115,8 @@ impl Hub {
             inner: Mutex::new(Inner::default()),
             metrics: metrics.clone(),
             names: ChannelNames::new(prefix),
+            on_revoke: std::sync::OnceLock::new(),
+            revocations: AtomicU64::new(0),
         });
         let broker = make_broker(registry.clone());
         Arc::new(Hub {
@@ -168,11 +172,23 @@ impl Hub {
         identity: Identity,
         endpoint: Endpoint,
     ) -> Result<Registration, RegisterError> {
+        self.register_with(identity, endpoint, None).await
+    }
+
+    /// [`Hub::register`], remembering the SHA-256 of the connection's credential so that a
+    /// revocation of that credential closes it.
+    pub async fn register_with(
+        self: &Arc<Self>,
+        identity: Identity,
+        endpoint: Endpoint,
+        credential: Option<[u8; 32]>,
+    ) -> Result<Registration, RegisterError> {
         let conn = Arc::new(Connection {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             endpoint,
             identity: identity.clone(),
             outbound: Outbound::new(self.queue_messages, self.queue_bytes),
+            credential,
             last_seen: AtomicU64::new(now_ms()),
         });
         let names = &self.registry.names;
@@ -378,6 +394,32 @@ impl Hub {
             .observe(started.elapsed().as_secs_f64());
         match &result {
             Ok(()) => self.metrics.broker_published.inc_by(n),
+            Err(_) => self.metrics.broker_publish_errors.inc(),
+        }
+        result
+    }
+
+    /// Sets what every revocation does first on this node (forget cached identities). Once.
+    pub fn on_revoke(&self, hook: RevokeHook) {
+        if self.registry.on_revoke.set(hook).is_err() {
+            tracing::warn!("revocation hook set twice; the first one stays");
+        }
+    }
+
+    /// How many revocations this node has applied. A handshake reads it before authenticating
+    /// and again after registering: if it moved, a revocation may have passed between the two
+    /// (too late for the cache, too early for the close), so the credential is checked again.
+    pub fn revocations(&self) -> u64 {
+        self.registry.revocations.load(Ordering::SeqCst)
+    }
+
+    /// Revokes a user or a credential on every node: published on the everyone channel, which
+    /// every node (this one included) subscribes; each forgets and closes with 1008.
+    pub async fn revoke(&self, r: &Revocation) -> Result<(), BrokerError> {
+        let name = self.registry.names.render(Channel::Everyone);
+        let result = self.broker.publish(vec![name], r.encode()).await;
+        match &result {
+            Ok(()) => self.metrics.broker_published.inc(),
             Err(_) => self.metrics.broker_publish_errors.inc(),
         }
         result

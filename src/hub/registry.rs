@@ -20,6 +20,9 @@ pub struct Connection {
     pub endpoint: Endpoint,
     pub identity: Identity,
     pub outbound: Outbound,
+    /// SHA-256 of the credential the connection authenticated with (as the auth cache keys
+    /// it), so that a revoked key closes exactly its sockets.
+    pub credential: Option<[u8; 32]>,
     /// When the peer last sent anything (ms since the epoch), for the node's ping sweep.
     pub(super) last_seen: AtomicU64,
 }
@@ -76,4 +79,8 @@ pub struct Registry {
     pub(super) inner: Mutex<Inner>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) names: ChannelNames,
+    pub(super) on_revoke: std::sync::OnceLock<super::RevokeHook>,
+    /// Revocations applied so far; a handshake that saw it change while it was authenticating
+    /// checks its credential again (see [`Hub::revocations`](super::Hub::revocations)).
+    pub(super) revocations: AtomicU64,
 }
