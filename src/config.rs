@@ -179,6 +179,10 @@ pub struct ServeArgs {
     #[arg(long, env = "WSGATE_PRESENCE_TTL", default_value = "15s", value_parser = duration)]
     pub presence_ttl: Duration,
 
+    /// How long each channel keeps its messages for recovery (0 turns recovery off).
+    #[arg(long, env = "WSGATE_HISTORY_TTL", default_value = "60s", value_parser = duration)]
+    pub history_ttl: Duration,
+
     /// How long the last unsubscribe of a channel is delayed, to absorb reconnect churn.
     #[arg(long, env = "WSGATE_UNSUBSCRIBE_DELAY", default_value = "2s", value_parser = duration)]
     pub unsubscribe_delay: Duration,
@@ -287,6 +291,7 @@ pub struct Config {
     pub redis_pool_size: usize,
     pub node_id: String,
     pub presence_ttl: Duration,
+    pub history_ttl: Duration,
     pub unsubscribe_delay: Duration,
     pub api_token: Option<String>,
     pub max_frame_size: usize,
@@ -461,6 +466,9 @@ impl ServeArgs {
         if presence_ttl < Duration::from_secs(3) || presence_ttl > Duration::from_secs(30) {
             return Err(bad("--presence-ttl", "must be between 3s and 30s"));
         }
+        if self.history_ttl > Duration::from_secs(24 * 3600) {
+            return Err(bad("--history-ttl", "must be at most 24h"));
+        }
         let node_id = match &self.node_id {
             Some(id) if id.is_empty() || id.contains(char::is_whitespace) => {
                 return Err(bad("--node-id", "must be non-empty without spaces"));
@@ -492,6 +500,7 @@ impl ServeArgs {
             redis_pool_size: self.redis_pool_size,
             node_id,
             presence_ttl,
+            history_ttl: self.history_ttl,
             unsubscribe_delay: self.unsubscribe_delay,
             api_token: self.api_token.clone(),
             max_frame_size: self.max_frame_size,

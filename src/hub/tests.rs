@@ -30,7 +30,7 @@ fn hub(delay_ms: u64) -> (Arc<Hub>, Mem) {
             unsubscribe_delay: Duration::from_millis(delay_ms),
             ping_interval: Duration::from_secs(30),
         },
-        |sink| Broker::Memory(MemoryBroker::new(sink)),
+        |sink| Broker::Memory(MemoryBroker::new(sink, Duration::from_secs(60))),
     );
     (hub.clone(), Mem(hub))
 }
