@@ -168,3 +168,164 @@ async fn history_off_records_nothing_and_still_delivers() {
         .expect("KEYS");
     assert!(keys.is_empty(), "no history with --history-ttl 0: {keys:?}");
 }
+
+/// A TCP forwarder in front of Redis, standing in for the address clients use for "the master"
+/// (a virtual IP or a DNS name moved by the failover tooling): `switch` points it at another
+/// server and cuts every open connection, as moving the address does.
+struct MasterAddress {
+    port: u16,
+    upstream: std::sync::Arc<std::sync::atomic::AtomicU16>,
+    conns: std::sync::Arc<parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    _accept: tokio_util::task::AbortOnDropHandle<()>,
+}
+
+impl MasterAddress {
+    async fn start(upstream: u16) -> MasterAddress {
+        use std::sync::atomic::{AtomicU16, Ordering};
+        use std::sync::Arc;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the master address");
+        let port = listener.local_addr().expect("addr").port();
+        let up = Arc::new(AtomicU16::new(upstream));
+        let conns = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let accept = {
+            let (up, conns) = (up.clone(), conns.clone());
+            tokio::spawn(async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    let to = up.load(Ordering::SeqCst);
+                    conns.lock().push(tokio::spawn(async move {
+                        if let Ok(mut server) =
+                            tokio::net::TcpStream::connect(("127.0.0.1", to)).await
+                        {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        }
+                    }));
+                }
+            })
+        };
+        MasterAddress {
+            port,
+            upstream: up,
+            conns,
+            _accept: tokio_util::task::AbortOnDropHandle::new(accept),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn switch(&self, upstream: u16) {
+        self.upstream
+            .store(upstream, std::sync::atomic::Ordering::SeqCst);
+        for c in self.conns.lock().drain(..) {
+            c.abort();
+        }
+    }
+}
+
+fn info_field(redis: &Redis, section: &str, field: &str) -> String {
+    let info: String = redis::cmd("INFO")
+        .arg(section)
+        .query(&mut redis.conn())
+        .expect("INFO");
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or("")
+        .trim()
+        .to_string()
+}
+
+/// A coordinated failover (`FAILOVER`: the master pauses writes until its replica has them all,
+/// then the roles swap) while 300 notifications a second flow; the master address moves to the
+/// promoted replica. Every acknowledged message arrives, in order, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_failover_to_a_replica_loses_nothing_acknowledged() {
+    let master = Redis::start();
+    let replica = Redis::start();
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(master.port)
+        .query(&mut replica.conn())
+        .expect("REPLICAOF");
+    eventually(Duration::from_secs(10), "replica in sync", || async {
+        info_field(&replica, "replication", "master_link_status") == "up"
+    })
+    .await;
+    let address = MasterAddress::start(master.port).await;
+    let backend = Backend::start().await;
+    let node = |id: &str| {
+        let mut c = config(&backend);
+        c.redis_url = Some(address.url());
+        c.redis_prefix = "zl".to_string();
+        c.node_id = id.to_string();
+        c
+    };
+    let a = Node::start(node("a")).await;
+    let b = Node::start(node("b")).await;
+    ready(&a).await;
+    ready(&b).await;
+    let mut alice = Client::subscribed(&a.notws("alice")).await;
+
+    const N: usize = 1500;
+    let publisher = async {
+        let mut acked = Vec::new();
+        let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / 300));
+        for i in 0..N {
+            tick.tick().await;
+            if i == N / 2 {
+                let _: () = redis::cmd("FAILOVER")
+                    .query(&mut master.conn())
+                    .expect("FAILOVER");
+                eventually(Duration::from_secs(10), "replica promoted", || async {
+                    info_field(&replica, "replication", "role") == "master"
+                })
+                .await;
+                address.switch(replica.port);
+            }
+            let (s, _) = b
+                .notify(json!({"userIds": ["alice"], "notification": notification("T", &i.to_string())}))
+                .await;
+            if s == 202 {
+                acked.push(i);
+            }
+        }
+        acked
+    };
+    let receiver = async {
+        let mut got: Vec<usize> = Vec::new();
+        while let Some(text) = alice.recv_within(Duration::from_secs(10)).await {
+            let v: serde_json::Value = serde_json::from_str(&text).expect("a JSON frame");
+            let i: usize = v["title"]
+                .as_str()
+                .and_then(|t| t.parse().ok())
+                .expect("a numbered title");
+            got.push(i);
+            if i == N - 1 {
+                break;
+            }
+        }
+        got
+    };
+    let (acked, got) = tokio::join!(publisher, receiver);
+    assert!(
+        acked.len() > N / 2,
+        "most publishes were acknowledged ({} of {N})",
+        acked.len()
+    );
+    assert!(
+        got.windows(2).all(|w| w[0] < w[1]),
+        "in order and without duplicates"
+    );
+    let received: std::collections::BTreeSet<usize> = got.iter().copied().collect();
+    let lost: Vec<usize> = acked
+        .iter()
+        .copied()
+        .filter(|i| !received.contains(i))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "acknowledged but never delivered: {lost:?}"
+    );
+}
