@@ -145,3 +145,33 @@ fn trim(h: &mut VecDeque<(u64, Instant, Bytes)>, now: Instant, ttl: Duration) {
         h.pop_front();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Nothing;
+    impl MessageSink for Nothing {
+        fn deliver(&self, _: &[&str], _: Bytes) {}
+    }
+
+    #[test]
+    fn history_keeps_the_window_per_channel_and_forgets_the_rest() {
+        let b = MemoryBroker::new(Arc::new(Nothing), Duration::from_millis(50));
+        b.publish(vec!["a".into(), "b".into()], Bytes::from_static(b"1"))
+            .expect("publish");
+        b.publish(vec!["a".into()], Bytes::from_static(b"2"))
+            .expect("publish");
+        let a = b.history("a", 0);
+        assert_eq!(a.len(), 2);
+        assert_eq!(b.history("a", a[0].0).len(), 1, "after a position");
+        assert_eq!(b.history("b", 0).len(), 1);
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(b.history("a", 0).is_empty(), "older than the window");
+        assert_eq!(b.history_len(), 0, "nothing grows without bound");
+        let off = MemoryBroker::new(Arc::new(Nothing), Duration::ZERO);
+        off.publish(vec!["a".into()], Bytes::from_static(b"1"))
+            .expect("publish");
+        assert_eq!(off.history_len(), 0, "history off keeps nothing");
+    }
+}
