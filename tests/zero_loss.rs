@@ -244,6 +244,19 @@ fn info_field(redis: &Redis, section: &str, field: &str) -> String {
 async fn a_redis_failover_to_a_replica_loses_nothing_acknowledged() {
     let master = Redis::start();
     let replica = Redis::start();
+    // The initial sync goes over the socket, not through an RDB file in the working directory.
+    for (server, name, value) in [
+        (&master, "repl-diskless-sync", "yes"),
+        (&master, "repl-diskless-sync-delay", "0"),
+        (&replica, "repl-diskless-load", "on-empty-db"),
+    ] {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query(&mut server.conn())
+            .expect("CONFIG SET");
+    }
     let _: () = redis::cmd("REPLICAOF")
         .arg("127.0.0.1")
         .arg(master.port)
