@@ -187,6 +187,10 @@ pub struct ServeArgs {
     #[arg(long, env = "WSGATE_PRESENCE_TTL", default_value = "15s", value_parser = duration)]
     pub presence_ttl: Duration,
 
+    /// How long each channel keeps its messages for recovery (0 turns recovery off).
+    #[arg(long, env = "WSGATE_HISTORY_TTL", default_value = "60s", value_parser = duration)]
+    pub history_ttl: Duration,
+
     /// How long the last unsubscribe of a channel is delayed, to absorb reconnect churn.
     #[arg(long, env = "WSGATE_UNSUBSCRIBE_DELAY", default_value = "2s", value_parser = duration)]
     pub unsubscribe_delay: Duration,
@@ -331,6 +335,7 @@ pub struct Config {
     pub redis_pool_size: usize,
     pub node_id: String,
     pub presence_ttl: Duration,
+    pub history_ttl: Duration,
     pub unsubscribe_delay: Duration,
     /// Zero: nothing is remembered.
     pub resubscribe_window: Duration,
@@ -551,6 +556,9 @@ impl ServeArgs {
                 "must be at most 24h (0 turns it off)",
             ));
         }
+        if self.history_ttl > Duration::from_secs(24 * 3600) {
+            return Err(bad("--history-ttl", "must be at most 24h"));
+        }
         let node_id = match &self.node_id {
             Some(id) if id.is_empty() || id.contains(char::is_whitespace) => {
                 return Err(bad("--node-id", "must be non-empty without spaces"));
@@ -582,6 +590,7 @@ impl ServeArgs {
             redis_pool_size: self.redis_pool_size,
             node_id,
             presence_ttl,
+            history_ttl: self.history_ttl,
             unsubscribe_delay: self.unsubscribe_delay,
             resubscribe_window: self.resubscribe_window,
             api_token: self.api_token.clone(),

@@ -158,6 +158,7 @@ pub struct Metrics {
     pub broker_publish_duration: Histogram,
     pub broker_publish_errors: IntCounter,
     pub broker_reconnects: IntCounter,
+    pub broker_recovered: IntCounter,
     pub broker_canary_failures: IntCounter,
     pub fanout_recipients: Histogram,
     pub delivery_latency: Histogram,
@@ -414,6 +415,11 @@ impl Metrics {
                 &r,
                 "wsgate_broker_reconnects_total",
                 "Times the broker subscription connection was re-established.",
+            ),
+            broker_recovered: counter(
+                &r,
+                "wsgate_broker_recovered_messages_total",
+                "Messages the node read from channel history because pub/sub had lost them.",
             ),
             broker_canary_failures: counter(
                 &r,

@@ -104,7 +104,7 @@ impl AppState {
             limits,
             |sink| -> Broker {
                 match &config.redis_url {
-                    None => Broker::Memory(MemoryBroker::new(sink)),
+                    None => Broker::Memory(MemoryBroker::new(sink, config.history_ttl)),
                     Some(url) => match RedisBroker::start(
                         &RedisSettings {
                             url: url.expose_secret().to_owned(),
@@ -112,6 +112,7 @@ impl AppState {
                             node_id: config.node_id.clone(),
                             pool_size: config.redis_pool_size,
                             presence_ttl: config.presence_ttl,
+                            history_ttl: config.history_ttl,
                         },
                         sink,
                         metrics.clone(),
@@ -119,7 +120,7 @@ impl AppState {
                         Ok(b) => Broker::Redis(b),
                         Err(e) => {
                             broker_error = Some(e);
-                            Broker::Memory(MemoryBroker::new(Arc::new(NullSink)))
+                            Broker::Memory(MemoryBroker::new(Arc::new(NullSink), Duration::ZERO))
                         }
                     },
                 }

@@ -2,8 +2,9 @@
 //! everything above the seam runs unchanged; publishing delivers synchronously in the publisher's
 //! task.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -14,6 +15,9 @@ use super::{Ack, BrokerError, MessageSink, Presence};
 struct State {
     channels: HashSet<String>,
     online: HashMap<Arc<str>, ()>,
+    /// Per channel: (position, time, payload), oldest first, within `history_ttl`.
+    history: HashMap<String, VecDeque<(u64, Instant, Bytes)>>,
+    next_position: u64,
 }
 
 pub struct MemoryBroker {
@@ -21,15 +25,46 @@ pub struct MemoryBroker {
     sink: Arc<dyn MessageSink>,
     /// Named sets with a TTL (`sets.rs`).
     pub(super) sets: Mutex<super::sets::Sets>,
+    history_ttl: Duration,
 }
 
 impl MemoryBroker {
-    pub fn new(sink: Arc<dyn MessageSink>) -> MemoryBroker {
+    /// `history_ttl` is the window each channel's messages are kept (zero: none kept), the same
+    /// window the Redis broker keeps in its streams.
+    pub fn new(sink: Arc<dyn MessageSink>, history_ttl: Duration) -> MemoryBroker {
         MemoryBroker {
             state: Mutex::new(State::default()),
             sink,
             sets: Mutex::default(),
+            history_ttl,
         }
+    }
+
+    /// Messages recorded on `channel` after position `after`, oldest first, within the window.
+    pub fn history(&self, channel: &str, after: u64) -> Vec<(u64, Bytes)> {
+        let mut state = self.state.lock();
+        let now = Instant::now();
+        let ttl = self.history_ttl;
+        let Some(h) = state.history.get_mut(channel) else {
+            return Vec::new();
+        };
+        trim(h, now, ttl);
+        h.iter()
+            .filter(|(p, _, _)| *p > after)
+            .map(|(p, _, b)| (*p, b.clone()))
+            .collect()
+    }
+
+    /// Messages held in history over all channels (tests: nothing grows without bound).
+    pub fn history_len(&self) -> usize {
+        let mut state = self.state.lock();
+        let now = Instant::now();
+        let ttl = self.history_ttl;
+        state.history.retain(|_, h| {
+            trim(h, now, ttl);
+            !h.is_empty()
+        });
+        state.history.values().map(VecDeque::len).sum()
     }
 
     /// Channels currently subscribed (for tests and metrics).
@@ -53,7 +88,25 @@ impl MemoryBroker {
 
     pub fn publish(&self, channels: Vec<String>, payload: Bytes) -> Result<(), BrokerError> {
         let targets: Vec<&str> = {
-            let state = self.state.lock();
+            let mut state = self.state.lock();
+            if !self.history_ttl.is_zero() {
+                let now = Instant::now();
+                state.next_position += 1;
+                let position = state.next_position;
+                for c in &channels {
+                    let h = state.history.entry(c.clone()).or_default();
+                    trim(h, now, self.history_ttl);
+                    h.push_back((position, now, payload.clone()));
+                }
+                // Channels nobody published to within the window go (bounded memory).
+                if position % 1024 == 0 {
+                    let ttl = self.history_ttl;
+                    state.history.retain(|_, h| {
+                        trim(h, now, ttl);
+                        !h.is_empty()
+                    });
+                }
+            }
             channels
                 .iter()
                 .filter(|c| state.channels.contains(*c))
@@ -84,5 +137,44 @@ impl MemoryBroker {
             .map(|u| state.online.contains_key(u.as_str()))
             .collect();
         Ok(v)
+    }
+}
+
+fn trim(h: &mut VecDeque<(u64, Instant, Bytes)>, now: Instant, ttl: Duration) {
+    while h
+        .front()
+        .is_some_and(|(_, at, _)| now.duration_since(*at) > ttl)
+    {
+        h.pop_front();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Nothing;
+    impl MessageSink for Nothing {
+        fn deliver(&self, _: &[&str], _: Bytes) {}
+    }
+
+    #[test]
+    fn history_keeps_the_window_per_channel_and_forgets_the_rest() {
+        let b = MemoryBroker::new(Arc::new(Nothing), Duration::from_millis(50));
+        b.publish(vec!["a".into(), "b".into()], Bytes::from_static(b"1"))
+            .expect("publish");
+        b.publish(vec!["a".into()], Bytes::from_static(b"2"))
+            .expect("publish");
+        let a = b.history("a", 0);
+        assert_eq!(a.len(), 2);
+        assert_eq!(b.history("a", a[0].0).len(), 1, "after a position");
+        assert_eq!(b.history("b", 0).len(), 1);
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(b.history("a", 0).is_empty(), "older than the window");
+        assert_eq!(b.history_len(), 0, "nothing grows without bound");
+        let off = MemoryBroker::new(Arc::new(Nothing), Duration::ZERO);
+        off.publish(vec!["a".into()], Bytes::from_static(b"1"))
+            .expect("publish");
+        assert_eq!(off.history_len(), 0, "history off keeps nothing");
     }
 }

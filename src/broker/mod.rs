@@ -15,6 +15,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
+pub mod history;
 pub mod memory;
 pub mod redis;
 mod sets;

@@ -33,6 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
 
+use super::history::{self, Positions, StreamId, Verdict};
 use super::{Ack, BrokerError, MessageSink, Outage, Presence};
 use crate::metrics::Metrics;
 use crate::protocol::{self, Kind};
@@ -82,6 +83,8 @@ pub struct RedisBroker {
     pool: Pool,
     keys: Keys,
     presence_ttl: Duration,
+    history_ttl: Duration,
+    publish_script: redis::Script,
 }
 
 #[derive(Clone)]
@@ -139,6 +142,8 @@ pub struct RedisSettings {
     pub pool_size: usize,
     /// How long a node's presence set outlives its last heartbeat.
     pub presence_ttl: Duration,
+    /// How long each channel's history is kept (zero: no history, no recovery).
+    pub history_ttl: Duration,
 }
 
 impl std::fmt::Debug for RedisSettings {
@@ -149,6 +154,7 @@ impl std::fmt::Debug for RedisSettings {
             .field("node_id", &self.node_id)
             .field("pool_size", &self.pool_size)
             .field("presence_ttl", &self.presence_ttl)
+            .field("history_ttl", &self.history_ttl)
             .finish()
     }
 }
@@ -198,6 +204,7 @@ impl RedisBroker {
             channels: HashSet::new(),
             online: HashSet::new(),
             resync_presence: false,
+            positions: Arc::new(parking_lot::Mutex::new(Positions::default())),
         };
         tokio::spawn(actor.run(rx));
         Ok(RedisBroker {
@@ -206,6 +213,8 @@ impl RedisBroker {
             pool,
             keys,
             presence_ttl: cfg.presence_ttl,
+            history_ttl: cfg.history_ttl,
+            publish_script: redis::Script::new(history::PUBLISH_SCRIPT),
         })
     }
 
@@ -244,13 +253,45 @@ impl RedisBroker {
         let _ = self.send(Cmd::Unsubscribe(channels));
     }
 
+    /// Publishes in one round trip; with history, each channel's message is appended to its
+    /// history in the same atomic step, so success means Redis holds it for the window.
     pub async fn publish(&self, channels: Vec<String>, payload: Bytes) -> Result<(), BrokerError> {
         let mut conn = self.pool.get().await.map_err(pool_down)?;
-        let mut pipe = redis::pipe();
-        for ch in &channels {
-            pipe.publish(ch, payload.as_ref()).ignore();
+        if self.history_ttl.is_zero() {
+            let framed = history::frame_without_history(&payload);
+            let mut pipe = redis::pipe();
+            for ch in &channels {
+                pipe.publish(ch, &framed[..]).ignore();
+            }
+            return timed(pipe.query_async::<()>(&mut conn)).await;
         }
-        timed(pipe.query_async::<()>(&mut conn)).await
+        let ttl_ms = self.history_ttl.as_millis() as u64;
+        let pipe = |cmd: &str| {
+            let mut pipe = redis::pipe();
+            for ch in &channels {
+                pipe.cmd(cmd)
+                    .arg(if cmd == "EVAL" {
+                        history::PUBLISH_SCRIPT
+                    } else {
+                        self.publish_script.get_hash()
+                    })
+                    .arg(1)
+                    .arg(history::key(ch))
+                    .arg(ch)
+                    .arg(payload.as_ref())
+                    .arg(ttl_ms)
+                    .ignore();
+            }
+            pipe
+        };
+        match timed(pipe("EVALSHA").query_async::<()>(&mut conn)).await {
+            // The script cache is empty (a restarted or failed-over Redis): EVAL loads it;
+            // nothing ran, since a missing script fails every call of the pipeline.
+            Err(BrokerError::Unavailable(Outage::Redis(e))) if e.code() == Some("NOSCRIPT") => {
+                timed(pipe("EVAL").query_async::<()>(&mut conn)).await
+            }
+            other => other,
+        }
     }
 
     pub fn set_online(&self, user_id: Arc<str>, presence: Presence) -> Ack {
@@ -318,6 +359,8 @@ struct Actor {
     online: HashSet<Arc<str>>,
     /// A presence write failed: the next heartbeat rewrites this node's set in full.
     resync_presence: bool,
+    /// Last delivered position per subscribed channel, shared with each connection's reader.
+    positions: Arc<parking_lot::Mutex<Positions>>,
 }
 
 /// Why a connected session of the actor ended.
@@ -336,7 +379,11 @@ impl Actor {
             match self.connect_and_serve(&mut rx, &mut connected_before).await {
                 End::Stopped => return,
                 End::Lost(why) => {
-                    self.shared.up.store(false, Ordering::Relaxed);
+                    // A connection that worked starts the backoff over: a blip after an hour
+                    // of service is retried at once, so the gap history must fill stays small.
+                    if self.shared.up.swap(false, Ordering::Relaxed) {
+                        backoff = Duration::from_millis(100);
+                    }
                     self.shared.metrics.broker_up.set(0);
                     tracing::warn!(reason = %why, retry_in = ?backoff, "Redis pub/sub connection lost");
                 }
@@ -364,10 +411,12 @@ impl Actor {
     fn record_while_down(&mut self, cmd: Cmd) {
         match cmd {
             Cmd::Subscribe(chs, tx) => {
+                self.positions.lock().subscribed(&chs);
                 self.channels.extend(chs);
                 let _ = tx.send(Err(Outage::Unreachable.into()));
             }
             Cmd::Unsubscribe(chs) => {
+                self.positions.lock().unsubscribed(&chs);
                 for c in chs {
                     self.channels.remove(&c);
                 }
@@ -393,22 +442,22 @@ impl Actor {
         };
         let (mut sink, mut stream) = pubsub.split();
 
-        // Reader: decode nothing here, hand bytes to the hub; intercept the canary.
+        // Reader: decode nothing here, hand bytes to the hub; intercept the canary. It starts
+        // reading once the whole set is subscribed again, and first catches up on what the
+        // node missed while it was disconnected.
         let (lost_tx, mut lost_rx) = oneshot::channel::<()>();
+        let (restored_tx, restored_rx) = oneshot::channel::<()>();
         let reader = {
-            let deliver = self.sink.clone();
-            let shared = self.shared.clone();
-            let canary = self.keys.canary.clone();
+            let reader = Reader {
+                sink: self.sink.clone(),
+                shared: self.shared.clone(),
+                canary: self.keys.canary.clone(),
+                pool: self.pool.clone(),
+                positions: self.positions.clone(),
+            };
             tokio::spawn(async move {
-                while let Some(msg) = stream.next().await {
-                    let channel = msg.get_channel_name();
-                    if channel == canary {
-                        shared
-                            .canary_seen
-                            .store(shared.since_epoch(), Ordering::Relaxed);
-                        continue;
-                    }
-                    deliver.deliver(&[channel], Bytes::copy_from_slice(msg.get_payload_bytes()));
+                if restored_rx.await.is_ok() && reader.catch_up().await.is_ok() {
+                    reader.read(&mut stream).await;
                 }
                 let _ = lost_tx.send(());
             })
@@ -436,6 +485,7 @@ impl Actor {
         if let Err(e) = self.heartbeat(true).await {
             return End::Lost(e.to_string());
         }
+        let _ = restored_tx.send(());
         self.shared
             .canary_seen
             .store(self.shared.since_epoch(), Ordering::Relaxed);
@@ -610,6 +660,7 @@ impl Actor {
                         .collect();
                     chs.sort_unstable();
                     chs.dedup();
+                    self.positions.lock().subscribed(&chs);
                     self.channels.extend(chs.iter().cloned());
                     let refused = match timed(sink.subscribe(&chs)).await {
                         Ok(()) => Vec::new(),
@@ -637,6 +688,7 @@ impl Actor {
                             chs.extend(more);
                         }
                     }
+                    self.positions.lock().unsubscribed(&chs);
                     for c in &chs {
                         self.channels.remove(c);
                     }
@@ -695,5 +747,92 @@ impl Actor {
             }
         }
         Ok(())
+    }
+}
+
+/// The receiving half of one pub/sub connection: positions, gaps, catch-up.
+struct Reader {
+    sink: Arc<dyn MessageSink>,
+    shared: Arc<Shared>,
+    canary: String,
+    pool: Pool,
+    positions: Arc<parking_lot::Mutex<Positions>>,
+}
+
+impl Reader {
+    /// Delivers, in order, what each channel's history holds after the last delivered position.
+    async fn catch_up(&self) -> Result<(), BrokerError> {
+        let known = self.positions.lock().known();
+        for (channel, after) in known {
+            self.recover(&channel, after, None).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads history after `after` (and before `before`) and delivers it.
+    async fn recover(
+        &self,
+        channel: &str,
+        after: StreamId,
+        before: Option<StreamId>,
+    ) -> Result<(), BrokerError> {
+        let mut conn = self.pool.get().await.map_err(pool_down)?;
+        let end = before.map_or_else(|| "+".to_owned(), |b| format!("({b}"));
+        let entries: Vec<(String, Vec<Vec<u8>>)> = timed(
+            redis::cmd("XRANGE")
+                .arg(history::key(channel))
+                .arg(format!("({after}"))
+                .arg(end)
+                .query_async(&mut conn),
+        )
+        .await?;
+        let mut recovered = 0u64;
+        for (id, fields) in entries {
+            let (Some(id), Some(payload)) = (StreamId::parse(id.as_bytes()), fields.get(1)) else {
+                continue;
+            };
+            self.sink
+                .deliver(&[channel], Bytes::copy_from_slice(payload));
+            self.positions.lock().delivered(channel, id);
+            recovered += 1;
+        }
+        if recovered > 0 {
+            self.shared.metrics.broker_recovered.inc_by(recovered);
+            tracing::info!(recovered, "messages recovered from history");
+        }
+        Ok(())
+    }
+
+    /// Reads the subscription until it ends; a failed recovery ends it too, so that the
+    /// reconnect catches up from the last delivered position.
+    async fn read(&self, stream: &mut redis::aio::PubSubStream) {
+        while let Some(msg) = stream.next().await {
+            let channel = msg.get_channel_name();
+            if channel == self.canary {
+                self.shared
+                    .canary_seen
+                    .store(self.shared.since_epoch(), Ordering::Relaxed);
+                continue;
+            }
+            let Some(framed) = history::unframe(msg.get_payload_bytes()) else {
+                tracing::warn!(channel, "unframed broker message dropped");
+                continue;
+            };
+            let verdict = self.positions.lock().judge(channel, framed.prev, framed.id);
+            match verdict {
+                Verdict::Duplicate => continue,
+                Verdict::Gap { after } => {
+                    if let Err(e) = self.recover(channel, after, framed.id).await {
+                        tracing::warn!(error = %e, "recovering a gap failed; reconnecting");
+                        return;
+                    }
+                }
+                Verdict::Deliver => {}
+            }
+            self.sink.deliver(&[channel], framed.payload);
+            if let Some(id) = framed.id {
+                self.positions.lock().delivered(channel, id);
+            }
+        }
     }
 }

@@ -251,7 +251,7 @@ mod tests {
                 max_topics: usize::MAX,
                 resubscribe_window: window,
             },
-            |sink| Broker::Memory(MemoryBroker::new(sink)),
+            |sink| Broker::Memory(MemoryBroker::new(sink, Duration::from_secs(60))),
         )
     }
 

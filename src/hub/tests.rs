@@ -32,7 +32,7 @@ fn hub(delay_ms: u64) -> (Arc<Hub>, Mem) {
             max_topics: 3,
             resubscribe_window: Duration::from_secs(600),
         },
-        |sink| Broker::Memory(MemoryBroker::new(sink)),
+        |sink| Broker::Memory(MemoryBroker::new(sink, Duration::from_secs(60))),
     );
     (hub.clone(), Mem(hub))
 }

@@ -1,0 +1,193 @@
+//! Per-channel history (`--history-ttl`): what lets a node recover messages that pub/sub lost.
+//!
+//! With Redis, every publish runs one script per channel that appends the payload to the
+//! channel's stream (`{channel}:history`, a hash tag so it shares the channel's cluster slot),
+//! trims the stream to the window by time (`MINID`, Redis's clock), and publishes the payload
+//! with a small frame in front: the id of the previous entry and the new entry's id. Receivers
+//! therefore know every message's position and can see a gap (a previous id newer than the last
+//! one they delivered) without waiting for anything else.
+//!
+//! Frame on the pub/sub channel: `{previous id}\n{id}\n{payload}`; both ids are empty when
+//! history is off. The broker strips the frame; the envelope inside stays opaque.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+
+/// A Redis stream id: milliseconds and sequence. Ordered as Redis orders them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StreamId(pub u64, pub u64);
+
+impl StreamId {
+    pub fn parse(s: &[u8]) -> Option<StreamId> {
+        let s = std::str::from_utf8(s).ok()?;
+        let (ms, seq) = s.split_once('-')?;
+        Some(StreamId(ms.parse().ok()?, seq.parse().ok()?))
+    }
+}
+
+impl std::fmt::Display for StreamId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.0, self.1)
+    }
+}
+
+/// The history key of a channel: same hash slot as the channel.
+pub fn key(channel: &str) -> String {
+    format!("{{{channel}}}:history")
+}
+
+/// Appends to the history, trims it by time, publishes with the position frame; one call per
+/// channel, atomic, so the stream order is the pub/sub order. KEYS[1] history, ARGV[1] channel,
+/// ARGV[2] payload, ARGV[3] window in ms.
+pub const PUBLISH_SCRIPT: &str = r#"
+local ttl = tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local prev = ''
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if last[1] then prev = last[1][1] end
+local id = redis.call('XADD', KEYS[1], 'MINID', tostring(now - ttl), '*', 'm', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('PUBLISH', ARGV[1], prev .. '\n' .. id .. '\n' .. ARGV[2])
+return id
+"#;
+
+/// Frames a payload for publishing without history.
+pub fn frame_without_history(payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(payload.len() + 2);
+    v.extend_from_slice(b"\n\n");
+    v.extend_from_slice(payload);
+    v
+}
+
+/// A received pub/sub message, unframed.
+#[derive(Debug)]
+pub struct Framed {
+    pub prev: Option<StreamId>,
+    pub id: Option<StreamId>,
+    pub payload: Bytes,
+}
+
+/// Splits the position frame off; `None` if the message is not framed.
+pub fn unframe(raw: &[u8]) -> Option<Framed> {
+    let first = raw.iter().position(|b| *b == b'\n')?;
+    let rest = &raw[first + 1..];
+    let second = rest.iter().position(|b| *b == b'\n')?;
+    let prev = &raw[..first];
+    let id = &rest[..second];
+    let parse = |s: &[u8]| {
+        if s.is_empty() {
+            Ok(None)
+        } else {
+            StreamId::parse(s).map(Some).ok_or(())
+        }
+    };
+    Some(Framed {
+        prev: parse(prev).ok()?,
+        id: parse(id).ok()?,
+        payload: Bytes::copy_from_slice(&rest[second + 1..]),
+    })
+}
+
+/// What the receiving side knows about each subscribed channel.
+#[derive(Default)]
+pub struct Positions {
+    /// Subscribed channels → id of the last message delivered (None: nothing yet).
+    last: HashMap<String, Option<StreamId>>,
+}
+
+/// What to do with a received message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Deliver it.
+    Deliver,
+    /// Already delivered (recovered earlier): drop it.
+    Duplicate,
+    /// Messages after `after` and before this one are missing: recover them first.
+    Gap { after: StreamId },
+}
+
+impl Positions {
+    pub fn subscribed(&mut self, channels: &[String]) {
+        for c in channels {
+            self.last.entry(c.clone()).or_insert(None);
+        }
+    }
+
+    pub fn unsubscribed(&mut self, channels: &[String]) {
+        for c in channels {
+            self.last.remove(c);
+        }
+    }
+
+    /// Judges a message by its position (channels without history are always delivered).
+    pub fn judge(&self, channel: &str, prev: Option<StreamId>, id: Option<StreamId>) -> Verdict {
+        let (Some(id), Some(Some(last))) = (id, self.last.get(channel)) else {
+            return Verdict::Deliver;
+        };
+        if id <= *last {
+            return Verdict::Duplicate;
+        }
+        match prev {
+            Some(p) if p > *last => Verdict::Gap { after: *last },
+            _ => Verdict::Deliver,
+        }
+    }
+
+    /// Records a delivered position (only for channels still subscribed, only forwards).
+    pub fn delivered(&mut self, channel: &str, id: StreamId) {
+        if let Some(slot) = self.last.get_mut(channel) {
+            if slot.is_none_or(|l| l < id) {
+                *slot = Some(id);
+            }
+        }
+    }
+
+    /// Channels with a known position, to catch up after a reconnect.
+    pub fn known(&self) -> Vec<(String, StreamId)> {
+        self.last
+            .iter()
+            .filter_map(|(c, l)| l.map(|l| (c.clone(), l)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let f = unframe(b"1-0\n2-5\n\x01payload").expect("framed");
+        assert_eq!(f.prev, Some(StreamId(1, 0)));
+        assert_eq!(f.id, Some(StreamId(2, 5)));
+        assert_eq!(&f.payload[..], b"\x01payload");
+        let f = unframe(&frame_without_history(b"x\ny")).expect("framed");
+        assert_eq!((f.prev, f.id), (None, None));
+        assert_eq!(&f.payload[..], b"x\ny");
+        assert!(unframe(b"no frame").is_none());
+        assert!(unframe(b"bad\n1-1\nx").is_none());
+    }
+
+    #[test]
+    fn positions_find_gaps_and_duplicates() {
+        let mut p = Positions::default();
+        p.subscribed(&["c".into()]);
+        let id = |n| Some(StreamId(n, 0));
+        assert_eq!(p.judge("c", id(1), id(2)), Verdict::Deliver);
+        p.delivered("c", StreamId(2, 0));
+        assert_eq!(p.judge("c", id(2), id(3)), Verdict::Deliver);
+        assert_eq!(p.judge("c", id(1), id(2)), Verdict::Duplicate);
+        assert_eq!(
+            p.judge("c", id(4), id(5)),
+            Verdict::Gap {
+                after: StreamId(2, 0)
+            }
+        );
+        assert_eq!(p.judge("other", id(4), id(5)), Verdict::Deliver);
+        p.unsubscribed(&["c".into()]);
+        p.delivered("c", StreamId(9, 0));
+        assert!(p.known().is_empty());
+    }
+}

@@ -1,0 +1,344 @@
+//! Nothing acknowledged is lost: per-channel history (`--history-ttl`) lets a node recover what
+//! Redis pub/sub dropped. Real Redis, real WebSocket clients, nodes in this process.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+fn redis_config(backend: &Backend, redis: &Redis, node: &str) -> wsgate::config::Config {
+    let mut c = config(backend);
+    c.redis_url = Some(redis.url().into());
+    c.redis_prefix = "zl".to_string();
+    c.node_id = node.to_string();
+    c
+}
+
+async fn ready(node: &Node) {
+    eventually(Duration::from_secs(10), "node ready", || async {
+        node.readyz().await == 200
+    })
+    .await;
+}
+
+/// Publishes `n` notifications to `user` through `node` at about `rate` per second, in order;
+/// calls `midway` once half of them are acknowledged. Every publish must answer 202.
+async fn publish_stream(
+    node: &Node,
+    user: &str,
+    round: usize,
+    n: usize,
+    rate: u64,
+    midway: impl FnOnce(),
+) {
+    let mut midway = Some(midway);
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+    for i in 0..n {
+        tick.tick().await;
+        let (s, _) = node
+            .notify(json!({"userIds": [user], "notification": notification("T", &format!("{round}:{i}"))}))
+            .await;
+        assert_eq!(s, 202, "publish {i} of round {round}");
+        if i == n / 2 {
+            if let Some(f) = midway.take() {
+                f();
+            }
+        }
+    }
+}
+
+/// Reads `n` titles; each must be the next one expected: 0 lost, in order, no duplicates.
+async fn expect_stream(client: &mut Client, round: usize, n: usize) {
+    for i in 0..n {
+        let text = client
+            .recv_within(Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| panic!("round {round}: message {i} of {n} never arrived"));
+        let v: serde_json::Value = serde_json::from_str(&text).expect("a JSON frame");
+        assert_eq!(
+            v["title"],
+            format!("{round}:{i}"),
+            "round {round}: message {i} out of order, duplicated or lost"
+        );
+    }
+    client.expect_silence(Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_connections_killed_mid_stream_lose_nothing() {
+    let redis = Redis::start();
+    let backend = Backend::start().await;
+    let a = Node::start(redis_config(&backend, &redis, "a")).await;
+    let b = Node::start(redis_config(&backend, &redis, "b")).await;
+    ready(&a).await;
+    ready(&b).await;
+    let mut alice = Client::subscribed(&a.notws("alice")).await;
+    const N: usize = 1500;
+    for round in 0..5 {
+        let url = redis.url();
+        let kill = move || {
+            let killed: i64 = redis::Client::open(url)
+                .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
+                .and_then(|mut c| {
+                    redis::cmd("CLIENT")
+                        .arg("KILL")
+                        .arg("TYPE")
+                        .arg("pubsub")
+                        .query(&mut c)
+                })
+                .expect("CLIENT KILL TYPE pubsub");
+            assert!(
+                killed >= 2,
+                "both nodes' subscriptions were killed ({killed})"
+            );
+        };
+        let publisher = publish_stream(&b, "alice", round, N, 300, kill);
+        let receiver = expect_stream(&mut alice, round, N);
+        tokio::join!(publisher, receiver);
+    }
+    let m = a.metrics().await;
+    assert!(metric(&m, "wsgate_broker_reconnects_total") >= 5.0);
+    assert!(
+        metric(&m, "wsgate_broker_recovered_messages_total") >= 1.0,
+        "the kills lost messages that history recovered"
+    );
+}
+
+#[tokio::test]
+async fn history_is_trimmed_by_time_and_expires() {
+    let redis = Redis::start();
+    let backend = Backend::start().await;
+    let mut cfg = redis_config(&backend, &redis, "a");
+    cfg.history_ttl = Duration::from_millis(500);
+    let a = Node::start(cfg).await;
+    ready(&a).await;
+    let key = "{zl:u:alice}:history";
+    for i in 0..50 {
+        let (s, _) = a
+            .notify(
+                json!({"userIds": ["alice"], "notification": notification("T", &i.to_string())}),
+            )
+            .await;
+        assert_eq!(s, 202);
+    }
+    let mut conn = redis.conn();
+    let len: usize = redis::cmd("XLEN").arg(key).query(&mut conn).expect("XLEN");
+    assert_eq!(len, 50, "every acknowledged publish is in the history");
+    let ttl: i64 = redis::cmd("PTTL").arg(key).query(&mut conn).expect("PTTL");
+    assert!(
+        ttl > 0 && ttl <= 500,
+        "the history key expires with the window ({ttl} ms)"
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (s, _) = a
+        .notify(json!({"userIds": ["alice"], "notification": notification("T", "late")}))
+        .await;
+    assert_eq!(s, 202);
+    let len: usize = redis::cmd("XLEN").arg(key).query(&mut conn).expect("XLEN");
+    assert_eq!(len, 1, "older entries were trimmed by the next publish");
+    eventually(Duration::from_secs(3), "history key expired", || async {
+        let exists: i64 = redis::cmd("EXISTS")
+            .arg(key)
+            .query(&mut redis.conn())
+            .expect("EXISTS");
+        exists == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn history_off_records_nothing_and_still_delivers() {
+    let redis = Redis::start();
+    let backend = Backend::start().await;
+    let mut cfg = redis_config(&backend, &redis, "a");
+    cfg.history_ttl = Duration::ZERO;
+    let a = Node::start(cfg).await;
+    ready(&a).await;
+    let mut alice = Client::subscribed(&a.notws("alice")).await;
+    let (s, _) = a
+        .notify(json!({"userIds": ["alice"], "notification": notification("T", "x")}))
+        .await;
+    assert_eq!(s, 202);
+    assert_eq!(alice.recv_json().await["title"], "x");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*history*")
+        .query(&mut redis.conn())
+        .expect("KEYS");
+    assert!(keys.is_empty(), "no history with --history-ttl 0: {keys:?}");
+}
+
+/// A TCP forwarder in front of Redis, standing in for the address clients use for "the master"
+/// (a virtual IP or a DNS name moved by the failover tooling): `switch` points it at another
+/// server and cuts every open connection, as moving the address does.
+struct MasterAddress {
+    port: u16,
+    upstream: std::sync::Arc<std::sync::atomic::AtomicU16>,
+    conns: std::sync::Arc<parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    _accept: tokio_util::task::AbortOnDropHandle<()>,
+}
+
+impl MasterAddress {
+    async fn start(upstream: u16) -> MasterAddress {
+        use std::sync::atomic::{AtomicU16, Ordering};
+        use std::sync::Arc;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the master address");
+        let port = listener.local_addr().expect("addr").port();
+        let up = Arc::new(AtomicU16::new(upstream));
+        let conns = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let accept = {
+            let (up, conns) = (up.clone(), conns.clone());
+            tokio::spawn(async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    let to = up.load(Ordering::SeqCst);
+                    conns.lock().push(tokio::spawn(async move {
+                        if let Ok(mut server) =
+                            tokio::net::TcpStream::connect(("127.0.0.1", to)).await
+                        {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        }
+                    }));
+                }
+            })
+        };
+        MasterAddress {
+            port,
+            upstream: up,
+            conns,
+            _accept: tokio_util::task::AbortOnDropHandle::new(accept),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn switch(&self, upstream: u16) {
+        self.upstream
+            .store(upstream, std::sync::atomic::Ordering::SeqCst);
+        for c in self.conns.lock().drain(..) {
+            c.abort();
+        }
+    }
+}
+
+fn info_field(redis: &Redis, section: &str, field: &str) -> String {
+    let info: String = redis::cmd("INFO")
+        .arg(section)
+        .query(&mut redis.conn())
+        .expect("INFO");
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or("")
+        .trim()
+        .to_string()
+}
+
+/// A coordinated failover (`FAILOVER`: the master pauses writes until its replica has them all,
+/// then the roles swap) while 300 notifications a second flow; the master address moves to the
+/// promoted replica. Every acknowledged message arrives, in order, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_failover_to_a_replica_loses_nothing_acknowledged() {
+    let master = Redis::start();
+    let replica = Redis::start();
+    // The initial sync goes over the socket, not through an RDB file in the working directory.
+    for (server, name, value) in [
+        (&master, "repl-diskless-sync", "yes"),
+        (&master, "repl-diskless-sync-delay", "0"),
+        (&replica, "repl-diskless-load", "on-empty-db"),
+    ] {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query(&mut server.conn())
+            .expect("CONFIG SET");
+    }
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(master.port)
+        .query(&mut replica.conn())
+        .expect("REPLICAOF");
+    eventually(Duration::from_secs(10), "replica in sync", || async {
+        info_field(&replica, "replication", "master_link_status") == "up"
+    })
+    .await;
+    let address = MasterAddress::start(master.port).await;
+    let backend = Backend::start().await;
+    let node = |id: &str| {
+        let mut c = config(&backend);
+        c.redis_url = Some(address.url().into());
+        c.redis_prefix = "zl".to_string();
+        c.node_id = id.to_string();
+        c
+    };
+    let a = Node::start(node("a")).await;
+    let b = Node::start(node("b")).await;
+    ready(&a).await;
+    ready(&b).await;
+    let mut alice = Client::subscribed(&a.notws("alice")).await;
+
+    const N: usize = 1500;
+    let publisher = async {
+        let mut acked = Vec::new();
+        let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / 300));
+        for i in 0..N {
+            tick.tick().await;
+            if i == N / 2 {
+                let _: () = redis::cmd("FAILOVER")
+                    .query(&mut master.conn())
+                    .expect("FAILOVER");
+                eventually(Duration::from_secs(10), "replica promoted", || async {
+                    info_field(&replica, "replication", "role") == "master"
+                })
+                .await;
+                address.switch(replica.port);
+            }
+            let (s, _) = b
+                .notify(json!({"userIds": ["alice"], "notification": notification("T", &i.to_string())}))
+                .await;
+            if s == 202 {
+                acked.push(i);
+            }
+        }
+        acked
+    };
+    let receiver = async {
+        let mut got: Vec<usize> = Vec::new();
+        while let Some(text) = alice.recv_within(Duration::from_secs(10)).await {
+            let v: serde_json::Value = serde_json::from_str(&text).expect("a JSON frame");
+            let i: usize = v["title"]
+                .as_str()
+                .and_then(|t| t.parse().ok())
+                .expect("a numbered title");
+            got.push(i);
+            if i == N - 1 {
+                break;
+            }
+        }
+        got
+    };
+    let (acked, got) = tokio::join!(publisher, receiver);
+    assert!(
+        acked.len() > N / 2,
+        "most publishes were acknowledged ({} of {N})",
+        acked.len()
+    );
+    assert!(
+        got.windows(2).all(|w| w[0] < w[1]),
+        "in order and without duplicates"
+    );
+    let received: std::collections::BTreeSet<usize> = got.iter().copied().collect();
+    let lost: Vec<usize> = acked
+        .iter()
+        .copied()
+        .filter(|i| !received.contains(i))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "acknowledged but never delivered: {lost:?}"
+    );
+}
