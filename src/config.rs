@@ -167,9 +167,17 @@ pub struct ServeArgs {
     #[arg(long, env = "WSGATE_CHAT_ROOM_TTL", default_value = "10s", value_parser = duration)]
     pub chat_room_ttl: Duration,
 
-    /// Redis URL (redis:// or rediss://). Absent: a single node on the in-process broker.
+    /// Redis URL (redis:// or rediss://), or a comma-separated list of Sentinels or Cluster seed nodes (see --redis-mode). Absent: a single node on the in-process broker.
     #[arg(long, env = "WSGATE_REDIS_URL", hide_env_values = true, value_parser = secret)]
     pub redis_url: Option<SecretString>,
+
+    /// How --redis-url is used: one server (standalone), Sentinels that name the master (sentinel), or Cluster seed nodes with sharded pub/sub (cluster).
+    #[arg(long, env = "WSGATE_REDIS_MODE", value_enum, default_value_t = RedisMode::Standalone)]
+    pub redis_mode: RedisMode,
+
+    /// The master set the Sentinels watch (required with --redis-mode sentinel).
+    #[arg(long, env = "WSGATE_REDIS_SENTINEL_MASTER")]
+    pub redis_sentinel_master: Option<String>,
 
     /// Prefix of every Redis channel and key, so several installations can share one Redis.
     #[arg(long, env = "WSGATE_REDIS_PREFIX", default_value = "wsgate")]
@@ -331,6 +339,9 @@ pub struct Config {
     pub chat_room_ttl: Duration,
     /// May hold a password: typed so that `Debug` shows `[REDACTED]`.
     pub redis_url: Option<SecretString>,
+    pub redis_mode: RedisMode,
+    /// Set exactly when `redis_mode` is `Sentinel`.
+    pub redis_sentinel_master: Option<String>,
     pub redis_prefix: String,
     pub redis_pool_size: usize,
     pub node_id: String,
@@ -488,21 +499,7 @@ impl ServeArgs {
             )?)
         };
         let allowed_origins = origins(self.allowed_origins.as_deref().unwrap_or(""))?;
-        if let Some(url) = self.redis_url.as_ref().map(|u| u.expose_secret()) {
-            let scheme = url.split("://").next().unwrap_or_default();
-            if !matches!(scheme, "redis" | "rediss") || !url.contains("://") {
-                return Err(bad(
-                    "--redis-url",
-                    "must be a redis:// or rediss:// URL (credentials are not shown here)",
-                ));
-            }
-            if redis::IntoConnectionInfo::into_connection_info(url).is_err() {
-                return Err(bad(
-                    "--redis-url",
-                    "cannot be parsed as a Redis URL (credentials are not shown here)",
-                ));
-            }
-        }
+        self.validate_redis()?;
         if self.redis_prefix.is_empty()
             || self
                 .redis_prefix
@@ -586,6 +583,8 @@ impl ServeArgs {
             auth_cache_capacity: self.auth_cache_capacity,
             chat_room_ttl: nonzero("--chat-room-ttl", self.chat_room_ttl)?,
             redis_url: self.redis_url.clone(),
+            redis_mode: self.redis_mode,
+            redis_sentinel_master: self.redis_sentinel_master.clone(),
             redis_prefix: self.redis_prefix.clone(),
             redis_pool_size: self.redis_pool_size,
             node_id,
@@ -624,6 +623,89 @@ fn default_node_id() -> String {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "wsgate".to_owned());
     format!("{host}-{:06x}", rand::random::<u32>() & 0xff_ffff)
+}
+
+impl ServeArgs {
+    /// `--redis-url`, `--redis-mode` and `--redis-sentinel-master` agree; every URL parses.
+    fn validate_redis(&self) -> Result<(), ConfigError> {
+        let master = self
+            .redis_sentinel_master
+            .as_deref()
+            .map(str::trim)
+            .filter(|m| !m.is_empty());
+        match (self.redis_mode, master) {
+            (RedisMode::Sentinel, None) => {
+                return Err(bad(
+                    "--redis-sentinel-master",
+                    "is required with --redis-mode sentinel (the master set the Sentinels watch)",
+                ))
+            }
+            (RedisMode::Standalone | RedisMode::Cluster, Some(_)) => {
+                return Err(bad(
+                    "--redis-sentinel-master",
+                    "is only used with --redis-mode sentinel",
+                ))
+            }
+            _ => {}
+        }
+        if self.redis_mode == RedisMode::Cluster {
+            return Err(bad("--redis-mode", "cluster is not available yet"));
+        }
+        let Some(list) = self.redis_url.as_ref().map(|u| u.expose_secret()) else {
+            if self.redis_mode != RedisMode::Standalone {
+                return Err(bad(
+                    "--redis-mode",
+                    "sentinel and cluster need --redis-url (the Sentinels or the seed nodes)",
+                ));
+            }
+            return Ok(());
+        };
+        let urls = split_urls(list);
+        if urls.is_empty() {
+            return Err(bad("--redis-url", "is empty"));
+        }
+        if self.redis_mode == RedisMode::Standalone && urls.len() > 1 {
+            return Err(bad(
+                "--redis-url",
+                "takes one URL in standalone mode (a list needs --redis-mode sentinel or cluster)",
+            ));
+        }
+        for url in urls {
+            let scheme = url.split("://").next().unwrap_or_default();
+            if !matches!(scheme, "redis" | "rediss") || !url.contains("://") {
+                return Err(bad(
+                    "--redis-url",
+                    "must be redis:// or rediss:// URLs (credentials are not shown here)",
+                ));
+            }
+            if redis::IntoConnectionInfo::into_connection_info(url).is_err() {
+                return Err(bad(
+                    "--redis-url",
+                    "cannot be parsed as a Redis URL (credentials are not shown here)",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The URLs of a comma-separated `--redis-url`, trimmed, empty entries dropped.
+pub fn split_urls(list: &str) -> Vec<&str> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect()
+}
+
+/// How `--redis-url` is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RedisMode {
+    /// One Redis server.
+    Standalone,
+    /// Sentinels; they name the master of `--redis-sentinel-master`.
+    Sentinel,
+    /// Redis Cluster seed nodes; channels use sharded pub/sub.
+    Cluster,
 }
 
 impl Config {

@@ -32,9 +32,9 @@ use crate::auth::{bearer_token, credential_hash, Auth, AuthError};
 use crate::backend::{Backend, Credential};
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::{RedisBroker, RedisSettings};
-use crate::broker::Broker;
+use crate::broker::{Broker, Topology};
 use crate::chat::Chat;
-use crate::config::Config;
+use crate::config::{Config, RedisMode};
 use crate::hub::{Hub, HubLimits, RegisterError, Revocation};
 use crate::metrics::{Metrics, RejectReason};
 use crate::protocol::Endpoint;
@@ -107,7 +107,7 @@ impl AppState {
                     None => Broker::Memory(MemoryBroker::new(sink, config.history_ttl)),
                     Some(url) => match RedisBroker::start(
                         &RedisSettings {
-                            url: url.expose_secret().to_owned(),
+                            topology: topology(&config, url.expose_secret()),
                             prefix: config.redis_prefix.clone(),
                             node_id: config.node_id.clone(),
                             pool_size: config.redis_pool_size,
@@ -702,6 +702,21 @@ pub async fn drain(state: &AppState) {
             "drain window over, dropping remaining sockets"
         );
         state.hub.close_all(crate::disconnect::CloseReason::Drain);
+    }
+}
+
+/// Where the Redis broker connects, from the validated configuration.
+fn topology(config: &Config, urls: &str) -> Topology {
+    let urls: Vec<String> = crate::config::split_urls(urls)
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    match (config.redis_mode, &config.redis_sentinel_master) {
+        (RedisMode::Sentinel, Some(master)) => Topology::Sentinel {
+            sentinels: urls,
+            master: master.trim().to_owned(),
+        },
+        _ => Topology::Standalone(urls.into_iter().next().unwrap_or_default()),
     }
 }
 

@@ -26,6 +26,36 @@ fn config_errors_exit_64_with_one_line_naming_the_flag() {
         (&["serve", "--auth-ttl", "soon"], "--auth-ttl"),
         (&["serve", "--auth-ttl", "0s"], "--auth-ttl"),
         (&["serve", "--redis-url", "http://localhost"], "--redis-url"),
+        (
+            &["serve", "--redis-url", "redis://a:1,redis://b:1"],
+            "--redis-url",
+        ),
+        (
+            &["serve", "--redis-url", "redis://a:1,http://b:1"],
+            "--redis-url",
+        ),
+        (&["serve", "--redis-mode", "cluster"], "--redis-mode"),
+        (&["serve", "--redis-mode", "ring"], "--redis-mode"),
+        (
+            &[
+                "serve",
+                "--redis-mode",
+                "sentinel",
+                "--redis-url",
+                "redis://a:26379",
+            ],
+            "--redis-sentinel-master",
+        ),
+        (
+            &[
+                "serve",
+                "--redis-url",
+                "redis://a:6379",
+                "--redis-sentinel-master",
+                "m",
+            ],
+            "--redis-sentinel-master",
+        ),
         (&["serve", "--max-frame-size", "10"], "--max-frame-size"),
         (&["serve", "--max-topics", "0"], "--max-topics"),
         (

@@ -15,11 +15,13 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
+mod connect;
 pub mod history;
 pub mod memory;
 pub mod redis;
 mod sets;
 
+pub use connect::Topology;
 use memory::MemoryBroker;
 use redis::RedisBroker;
 

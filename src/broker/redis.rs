@@ -26,13 +26,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use deadpool_redis::{Pool, Runtime};
 use futures_util::StreamExt;
 use redis::AsyncCommands;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
 
+use super::connect::{self, Endpoint, Pool, Topology};
 use super::history::{self, Positions, StreamId, Verdict};
 use super::{Ack, BrokerError, MessageSink, Outage, Presence};
 use crate::metrics::Metrics;
@@ -132,8 +132,8 @@ fn refused_by_redis(e: &BrokerError) -> bool {
 /// What the Redis broker needs to know, and nothing else (no API token, no back-end).
 #[derive(Clone)]
 pub struct RedisSettings {
-    /// May carry credentials: never logged, never in Debug output.
-    pub url: String,
+    /// Where Redis is; its URLs may carry credentials: never logged, never in Debug output.
+    pub topology: Topology,
     /// Installation prefix of every key and channel.
     pub prefix: String,
     /// This node's id, in its presence keys and canary channel.
@@ -149,7 +149,7 @@ pub struct RedisSettings {
 impl std::fmt::Debug for RedisSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisSettings")
-            .field("url", &"<redacted>")
+            .field("topology", &self.topology)
             .field("prefix", &self.prefix)
             .field("node_id", &self.node_id)
             .field("pool_size", &self.pool_size)
@@ -167,18 +167,7 @@ impl RedisBroker {
         sink: Arc<dyn MessageSink>,
         metrics: Arc<Metrics>,
     ) -> Result<RedisBroker, BrokerError> {
-        let url = cfg.url.as_str();
-        let client = redis::Client::open(url).map_err(|_| Outage::BadUrl)?;
-        let pool = deadpool_redis::Config::from_url(url)
-            .builder()
-            .map_err(|_| Outage::BadUrl)?
-            .max_size(cfg.pool_size)
-            .wait_timeout(Some(COMMAND_TIMEOUT))
-            .create_timeout(Some(COMMAND_TIMEOUT))
-            .recycle_timeout(Some(COMMAND_TIMEOUT))
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|e| Outage::PoolSetup(Arc::new(e)))?;
+        let (endpoint, pool) = connect::open(&cfg.topology, cfg.pool_size, COMMAND_TIMEOUT)?;
         let prefix = cfg.prefix.clone();
         let keys = Keys {
             node_id: cfg.node_id.clone(),
@@ -195,7 +184,7 @@ impl RedisBroker {
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let actor = Actor {
-            client,
+            endpoint,
             pool: pool.clone(),
             shared: shared.clone(),
             sink,
@@ -347,7 +336,7 @@ impl RedisBroker {
 }
 
 struct Actor {
-    client: redis::Client,
+    endpoint: Endpoint,
     pool: Pool,
     shared: Arc<Shared>,
     sink: Arc<dyn MessageSink>,
@@ -436,7 +425,11 @@ impl Actor {
         rx: &mut mpsc::UnboundedReceiver<Cmd>,
         connected_before: &mut bool,
     ) -> End {
-        let pubsub = match timed(self.client.get_async_pubsub()).await {
+        let client = match timed(self.endpoint.client()).await {
+            Ok(c) => c,
+            Err(e) => return End::Lost(e.to_string()),
+        };
+        let pubsub = match timed(client.get_async_pubsub()).await {
             Ok(p) => p,
             Err(e) => return End::Lost(e.to_string()),
         };

@@ -142,6 +142,159 @@ impl Drop for Redis {
     }
 }
 
+/// Waits until `redis` is a replica of `master` with its link up. Replication runs over the
+/// socket (diskless sync and load), so nothing is written into the working directory.
+pub fn replicate(master: &Redis, replica: &Redis) {
+    for (server, name, value) in [
+        (master, "repl-diskless-sync", "yes"),
+        (master, "repl-diskless-sync-delay", "0"),
+        (replica, "repl-diskless-load", "on-empty-db"),
+    ] {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query(&mut server.conn())
+            .expect("CONFIG SET");
+    }
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(master.port)
+        .query(&mut replica.conn())
+        .expect("REPLICAOF");
+    wait_sync(Duration::from_secs(10), "replica in sync", || {
+        info_field(replica, "replication", "master_link_status") == "up"
+    });
+}
+
+/// One field of `INFO section`.
+pub fn info_field(redis: &Redis, section: &str, field: &str) -> String {
+    let info: String = redis::cmd("INFO")
+        .arg(section)
+        .query(&mut redis.conn())
+        .unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or("")
+        .trim()
+        .to_string()
+}
+
+/// Polls `f` (blocking) until true or `timeout`.
+pub fn wait_sync(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn spawn_or_explain(cmd: &mut Command, tool: &str) -> Child {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start {tool} ({e}). These tests need a real Redis 7: install it with \
+                 `apt-get install redis-server` (Debian/Ubuntu) or `brew install redis`, so that \
+                 `{tool}` is on PATH."
+            )
+        })
+}
+
+/// A Sentinel deployment: a master, one replica and three Sentinels (`redis-server --sentinel`, quorum 2) watching
+/// the master set `wsgate`, with a 1 s down-after, so a killed master fails over in seconds.
+pub struct SentinelSet {
+    pub master: Redis,
+    pub replica: Redis,
+    pub sentinel_ports: Vec<u16>,
+    sentinels: Vec<Child>,
+    dir: std::path::PathBuf,
+}
+
+pub const SENTINEL_MASTER: &str = "wsgate";
+
+impl SentinelSet {
+    pub fn start() -> SentinelSet {
+        let master = Redis::start();
+        let replica = Redis::start();
+        replicate(&master, &replica);
+        let dir = std::env::temp_dir().join(format!("wsgate-sentinel-{}", master.port));
+        std::fs::create_dir_all(&dir).expect("a temporary directory for the Sentinel configs");
+        let mut set = SentinelSet {
+            master,
+            replica,
+            sentinel_ports: Vec::new(),
+            sentinels: Vec::new(),
+            dir,
+        };
+        for _ in 0..3 {
+            let port = free_port();
+            let file = set.dir.join(format!("{port}.conf"));
+            std::fs::write(
+                &file,
+                format!(
+                    "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
+                     sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {m} 2\n\
+                     sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
+                     sentinel failover-timeout {SENTINEL_MASTER} 5000\n\
+                     sentinel parallel-syncs {SENTINEL_MASTER} 1\n",
+                    dir = set.dir.display(),
+                    m = set.master.port
+                ),
+            )
+            .expect("write a Sentinel config");
+            let child =
+                // `redis-server --sentinel` is `redis-sentinel`, without the second package.
+                spawn_or_explain(
+                    Command::new("redis-server").arg(&file).arg("--sentinel"),
+                    "redis-server",
+                );
+            set.sentinels.push(child);
+            set.sentinel_ports.push(port);
+        }
+        // Ready when every Sentinel knows the replica and the two other Sentinels (they find
+        // each other through the master's hello channel every 2 s).
+        for port in set.sentinel_ports.clone() {
+            wait_sync(Duration::from_secs(20), "Sentinels know each other", || {
+                let q = |sub: &str| -> usize {
+                    redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                        .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(300)))
+                        .and_then(|mut c| {
+                            redis::cmd("SENTINEL")
+                                .arg(sub)
+                                .arg(SENTINEL_MASTER)
+                                .query::<Vec<redis::Value>>(&mut c)
+                        })
+                        .map(|v| v.len())
+                        .unwrap_or(0)
+                };
+                q("replicas") == 1 && q("sentinels") == 2
+            });
+        }
+        set
+    }
+
+    /// The Sentinels as a `--redis-url` list.
+    pub fn url(&self) -> String {
+        self.sentinel_ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+impl Drop for SentinelSet {
+    fn drop(&mut self) {
+        for c in &mut self.sentinels {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 // ---------------------------------------------------------------- stub back-end
 
 /// How the stub back-end answers.

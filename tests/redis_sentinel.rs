@@ -1,0 +1,150 @@
+//! Redis behind Sentinels (`--redis-mode sentinel`): the nodes find the master through the
+//! Sentinels and follow a failover. Real `redis-server`s and `redis-sentinel`s.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use wsgate::config::RedisMode;
+
+fn sentinel_config(backend: &Backend, set: &SentinelSet, node: &str) -> wsgate::config::Config {
+    let mut c = config(backend);
+    c.redis_url = Some(set.url().into());
+    c.redis_mode = RedisMode::Sentinel;
+    c.redis_sentinel_master = Some(SENTINEL_MASTER.to_string());
+    c.redis_prefix = "sn".to_string();
+    c.node_id = node.to_string();
+    c
+}
+
+async fn ready(node: &Node, within: Duration) {
+    eventually(within, "node ready", || async {
+        node.readyz().await == 200
+    })
+    .await;
+}
+
+/// The master is SIGKILLed while 200 notifications a second flow from one node to a user on
+/// another: the Sentinels promote the replica, both nodes reconnect to it, readiness dips and
+/// recovers, every acknowledged message arrives once and in order, and presence is restored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_master_fails_over_and_nothing_acknowledged_is_lost() {
+    let mut set = SentinelSet::start();
+    let backend = Backend::start().await;
+    let a = Node::start(sentinel_config(&backend, &set, "a")).await;
+    let b = Node::start(sentinel_config(&backend, &set, "b")).await;
+    ready(&a, Duration::from_secs(10)).await;
+    ready(&b, Duration::from_secs(10)).await;
+
+    // Before the failover: cross-node delivery through the master the Sentinels named.
+    let mut alice = Client::subscribed(&a.notws("alice")).await;
+    let (s, _) = b
+        .notify(json!({"userIds": ["alice"], "notification": notification("T", "warm-up")}))
+        .await;
+    assert_eq!(s, 202);
+    assert_eq!(alice.recv_json().await["title"], "warm-up");
+    assert_eq!(b.presence(&["alice"]).await, json!({"alice": true}));
+
+    let dipped = Arc::new(AtomicBool::new(false));
+    let watching = Arc::new(AtomicBool::new(true));
+    let watcher = {
+        let (dipped, watching, url) = (dipped.clone(), watching.clone(), a.admin_url("/readyz"));
+        tokio::spawn(async move {
+            while watching.load(Ordering::Relaxed) {
+                let status = http()
+                    .get(&url)
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0);
+                if status != 200 {
+                    dipped.store(true, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+
+    const N: usize = 1600;
+    let publisher = async {
+        let mut acked = Vec::new();
+        let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / 200));
+        for i in 0..N {
+            tick.tick().await;
+            if i == N / 4 {
+                set.master.kill();
+            }
+            let (s, _) = b
+                .notify(json!({"userIds": ["alice"], "notification": notification("T", &i.to_string())}))
+                .await;
+            if s == 202 {
+                acked.push(i);
+            }
+        }
+        acked
+    };
+    let receiver = async {
+        let mut got: Vec<usize> = Vec::new();
+        while let Some(text) = alice.recv_within(Duration::from_secs(15)).await {
+            let v: serde_json::Value = serde_json::from_str(&text).expect("a JSON frame");
+            let i: usize = v["title"]
+                .as_str()
+                .and_then(|t| t.parse().ok())
+                .expect("a numbered title");
+            got.push(i);
+            if i == N - 1 {
+                break;
+            }
+        }
+        got
+    };
+    let (acked, got) = tokio::join!(publisher, receiver);
+    watching.store(false, Ordering::Relaxed);
+    let _ = watcher.await;
+
+    assert_eq!(
+        info_field(&set.replica, "replication", "role"),
+        "master",
+        "the Sentinels promoted the replica"
+    );
+    assert!(
+        acked.len() > N / 2,
+        "delivery continued after the failover ({} of {N} acknowledged)",
+        acked.len()
+    );
+    assert!(
+        acked.iter().any(|i| *i > N / 2),
+        "publishes were acknowledged again after the failover"
+    );
+    assert!(
+        got.windows(2).all(|w| w[0] < w[1]),
+        "in order and without duplicates"
+    );
+    let received: std::collections::BTreeSet<usize> = got.iter().copied().collect();
+    let lost: Vec<usize> = acked
+        .iter()
+        .copied()
+        .filter(|i| !received.contains(i))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "acknowledged but never delivered: {lost:?}"
+    );
+    assert!(
+        dipped.load(Ordering::Relaxed),
+        "readiness dipped while the master was gone"
+    );
+    ready(&a, Duration::from_secs(10)).await;
+    assert_eq!(
+        b.presence(&["alice"]).await,
+        json!({"alice": true}),
+        "presence was restored on the new master"
+    );
+    let m = a.metrics().await;
+    assert!(metric(&m, "wsgate_broker_reconnects_total") >= 1.0);
+    assert_eq!(metric(&m, "wsgate_broker_up"), 1.0);
+}
