@@ -648,9 +648,6 @@ impl ServeArgs {
             }
             _ => {}
         }
-        if self.redis_mode == RedisMode::Cluster {
-            return Err(bad("--redis-mode", "cluster is not available yet"));
-        }
         let Some(list) = self.redis_url.as_ref().map(|u| u.expose_secret()) else {
             if self.redis_mode != RedisMode::Standalone {
                 return Err(bad(

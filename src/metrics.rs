@@ -160,6 +160,8 @@ pub struct Metrics {
     pub broker_reconnects: IntCounter,
     pub broker_recovered: IntCounter,
     pub broker_canary_failures: IntCounter,
+    /// Per Redis shard (its master's address): 1 while its canary comes back.
+    pub broker_shard_up: IntGaugeVec,
     pub fanout_recipients: Histogram,
     pub delivery_latency: Histogram,
     pub outbound_dropped: IntCounter,
@@ -232,6 +234,17 @@ impl Metrics {
             let pc = prometheus::process_collector::ProcessCollector::for_self();
             r.register(Box::new(pc)).expect("metric registered once");
         }
+
+        let broker_shard_up = IntGaugeVec::new(
+            Opts::new(
+                "wsgate_broker_shard_up",
+                "1 while the node's subscription to this Redis shard works (its canary arrives).",
+            ),
+            &["shard"],
+        )
+        .expect("static metric definition");
+        r.register(Box::new(broker_shard_up.clone()))
+            .expect("metric registered once");
 
         let connections = IntGaugeVec::new(
             Opts::new("wsgate_connections", "Open WebSocket connections."),
@@ -426,6 +439,7 @@ impl Metrics {
                 "wsgate_broker_canary_failures_total",
                 "Canary messages that did not come back through the broker in time.",
             ),
+            broker_shard_up,
             fanout_recipients: histogram(
                 &r,
                 "wsgate_fanout_recipients",

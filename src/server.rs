@@ -716,6 +716,7 @@ fn topology(config: &Config, urls: &str) -> Topology {
             sentinels: urls,
             master: master.trim().to_owned(),
         },
+        (RedisMode::Cluster, _) => Topology::Cluster(urls),
         _ => Topology::Standalone(urls.into_iter().next().unwrap_or_default()),
     }
 }

@@ -41,7 +41,8 @@ KNOWN_ENV = {
     "WSGATE_AUTH_CLASSIFICATION_ID", "WSGATE_CHAT_ROOM_PATH", "WSGATE_USER_ID_POINTER",
     "WSGATE_TENANT_POINTER", "WSGATE_BACKEND_TIMEOUT", "WSGATE_AUTH_TTL",
     "WSGATE_AUTH_NEGATIVE_TTL", "WSGATE_AUTH_SERVE_STALE", "WSGATE_CHAT_ROOM_TTL",
-    "WSGATE_REDIS_URL", "WSGATE_REDIS_PREFIX", "WSGATE_NODE_ID", "WSGATE_PRESENCE_TTL",
+    "WSGATE_REDIS_URL", "WSGATE_REDIS_PREFIX", "WSGATE_REDIS_MODE",
+    "WSGATE_REDIS_SENTINEL_MASTER", "WSGATE_NODE_ID", "WSGATE_PRESENCE_TTL",
     "WSGATE_API_TOKEN", "WSGATE_MAX_FRAME_SIZE", "WSGATE_OUTBOUND_QUEUE",
     "WSGATE_OUTBOUND_QUEUE_BYTES", "WSGATE_MAX_CONNECTIONS_PER_USER", "WSGATE_PING_INTERVAL",
     "WSGATE_DRAIN_TIMEOUT", "WSGATE_LOG_FORMAT", "WSGATE_LOG_LEVEL",
@@ -87,6 +88,11 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     },
     "redis-enabled": {"replicaCount": 3, "redis": {"enabled": True}, "apiToken": {"value": TOKEN}},
     "external-redis-url": {"replicaCount": 2, "redis": {"url": REDIS_URL}, "apiToken": {"value": TOKEN}},
+    "redis-sentinel": {"replicaCount": 2, "apiToken": {"value": TOKEN},
+                       "redis": {"mode": "sentinel", "sentinelMaster": "mymaster",
+                                 "url": "redis://:pw@sentinel-0:26379,redis://:pw@sentinel-1:26379"}},
+    "redis-cluster": {"replicaCount": 3, "apiToken": {"value": TOKEN},
+                      "redis": {"mode": "cluster", "url": "rediss://:pw@redis-0:6379,rediss://:pw@redis-1:6379"}},
     "exec-prestop-explicit-grace": {
         "drainTimeoutSeconds": 30,
         "preStop": {"sleepSeconds": 10, "useSleepAction": False},
@@ -124,6 +130,12 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "several replicas without Redis": ({"replicaCount": 3}, "needs Redis"),
     "autoscaling without Redis": ({"autoscaling": {"enabled": True}}, "needs Redis"),
     "two Redis sources": ({"redis": {"url": "redis://r:6379", "existingSecret": "x"}}, "only one"),
+    "sentinel without its master name": (
+        {"redis": {"mode": "sentinel", "url": "redis://s:26379"}}, "sentinelMaster"),
+    "cluster on the bundled Redis": ({"redis": {"mode": "cluster", "enabled": True}}, "bundled Redis is standalone"),
+    "master name outside sentinel mode": (
+        {"redis": {"url": "redis://r:6379", "sentinelMaster": "m"}}, "only used with"),
+    "unknown redis mode": ({"redis": {"mode": "ring"}}, "/redis/mode"),
     "two token sources": ({"apiToken": {"value": "a", "existingSecret": "x"}}, "only one"),
     "allowed origin without scheme": ({"allowedOrigins": ["erp.example.com"]}, "allowedOrigins"),
     "malformed resubscribe window": ({"resubscribeWindow": "ten minutes"}, "resubscribeWindow"),
@@ -364,9 +376,14 @@ def check_secrets(name: str, docs: list[dict[str, Any]]) -> str:
     elif redis_cfg.get("url"):
         ref = redis_env["valueFrom"]["secretKeyRef"]
         secret = one(docs, "Secret", ref["name"])
-        expect(base64.b64decode(secret["data"][ref["key"]]).decode() == REDIS_URL, "Redis URL in Secret")
+        expect(base64.b64decode(secret["data"][ref["key"]]).decode() == redis_cfg["url"], "Redis URL in Secret")
     else:
         expect(redis_env is None, "WSGATE_REDIS_URL set without Redis configured")
+    config = config_of(docs)
+    expect(config.get("WSGATE_REDIS_MODE") == redis_cfg.get("mode", "standalone"),
+           f"WSGATE_REDIS_MODE {config.get('WSGATE_REDIS_MODE')}")
+    expect(config.get("WSGATE_REDIS_SENTINEL_MASTER") == (redis_cfg.get("sentinelMaster") or None),
+           "WSGATE_REDIS_SENTINEL_MASTER follows redis.sentinelMaster")
     expect(not find(docs, "Deployment", "erp-wsgate-redis") or redis_cfg.get("enabled"),
            "Redis deployed although redis.enabled is false")
     return "API token only via secretKeyRef" + (", Redis URL via Secret" if redis_env and "valueFrom" in redis_env else "")

@@ -8,6 +8,9 @@
 //!   does the same for every new connection, so after a failover both reach the new master once
 //!   the old connections have failed. Credentials and TLS of the first URL also apply to the
 //!   master.
+//! - Cluster: the URLs are seed nodes; commands go over one multiplexed cluster connection (the
+//!   `redis` crate's, one connection per shard, routed by slot), made on first use; pub/sub is
+//!   in `redis_cluster.rs`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +30,14 @@ pub enum Topology {
         sentinels: Vec<String>,
         master: String,
     },
+    /// Redis Cluster seed nodes.
+    Cluster(Vec<String>),
+}
+
+impl Topology {
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Topology::Cluster(_))
+    }
 }
 
 impl std::fmt::Debug for Topology {
@@ -38,6 +49,7 @@ impl std::fmt::Debug for Topology {
                 .field("sentinels", &sentinels.len())
                 .field("master", master)
                 .finish(),
+            Topology::Cluster(seeds) => write!(f, "Cluster({} seeds)", seeds.len()),
         }
     }
 }
@@ -47,6 +59,8 @@ impl std::fmt::Debug for Topology {
 pub(super) enum Endpoint {
     Fixed(redis::Client),
     Sentinel(tokio::sync::Mutex<redis::sentinel::SentinelClient>),
+    /// Seed nodes: the sharded subscription makes its own cluster connection.
+    Cluster(Vec<String>),
 }
 
 impl Endpoint {
@@ -55,6 +69,11 @@ impl Endpoint {
         match self {
             Endpoint::Fixed(c) => Ok(c.clone()),
             Endpoint::Sentinel(s) => s.lock().await.async_get_client().await,
+            Endpoint::Cluster(_) => Err((
+                redis::ErrorKind::InvalidClientConfig,
+                "a cluster has no single pub/sub client",
+            )
+                .into()),
         }
     }
 }
@@ -64,19 +83,58 @@ impl Endpoint {
 pub(super) enum Pool {
     Fixed(deadpool_redis::Pool),
     Sentinel(deadpool_redis::sentinel::Pool),
+    /// One multiplexed cluster connection, made on first use (retried until it works).
+    Cluster(ClusterCell),
 }
 
 /// One pooled connection, whatever the topology.
 pub(super) enum Conn {
     Fixed(deadpool_redis::Connection),
     Sentinel(deadpool_redis::sentinel::Connection),
+    Cluster(redis::cluster_async::ClusterConnection, ClusterCell),
 }
 
 impl Pool {
-    pub(super) async fn get(&self) -> Result<Conn, deadpool_redis::PoolError> {
+    pub(super) async fn get(&self) -> Result<Conn, BrokerError> {
+        let pool_down = |e| BrokerError::Unavailable(Outage::Pool(Arc::new(e)));
         match self {
-            Pool::Fixed(p) => p.get().await.map(Conn::Fixed),
-            Pool::Sentinel(p) => p.get().await.map(Conn::Sentinel),
+            Pool::Fixed(p) => p.get().await.map(Conn::Fixed).map_err(pool_down),
+            Pool::Sentinel(p) => p.get().await.map(Conn::Sentinel).map_err(pool_down),
+            Pool::Cluster(c) => Ok(Conn::Cluster(cluster_conn(c.clone()).await?, c.clone())),
+        }
+    }
+}
+
+/// The cluster client and its shared connection (none until first use, or after a failure).
+type ClusterCell = Arc<(
+    redis::cluster::ClusterClient,
+    parking_lot::Mutex<Option<redis::cluster_async::ClusterConnection>>,
+)>;
+
+/// The shared cluster connection, made on first use (two racing first uses make two; one stays).
+async fn cluster_conn(
+    cell: ClusterCell,
+) -> Result<redis::cluster_async::ClusterConnection, BrokerError> {
+    if let Some(conn) = cell.1.lock().as_ref() {
+        return Ok(conn.clone());
+    }
+    match tokio::time::timeout(Duration::from_secs(3), cell.0.get_async_connection()).await {
+        Ok(Ok(conn)) => {
+            *cell.1.lock() = Some(conn.clone());
+            Ok(conn)
+        }
+        Ok(Err(e)) => Err(BrokerError::Unavailable(Outage::Redis(Arc::new(e)))),
+        Err(_) => Err(Outage::Timeout.into()),
+    }
+}
+
+/// After a failed command, the next one makes a new cluster connection, with a fresh slot map:
+/// the crate follows `MOVED` for single commands but not inside a `MULTI`, and a failed-over
+/// master's slots must be looked up again. A missing script is only a cache miss.
+fn forget_on_failure<T>(cell: &ClusterCell, result: &redis::RedisResult<T>) {
+    if let Err(e) = result {
+        if e.code() != Some("NOSCRIPT") {
+            *cell.1.lock() = None;
         }
     }
 }
@@ -86,6 +144,11 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Fixed(c) => c.req_packed_command(cmd),
             Conn::Sentinel(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c, cell) => Box::pin(async move {
+                let result = c.req_packed_command(cmd).await;
+                forget_on_failure(cell, &result);
+                result
+            }),
         }
     }
 
@@ -98,6 +161,11 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Fixed(c) => c.req_packed_commands(cmd, offset, count),
             Conn::Sentinel(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c, cell) => Box::pin(async move {
+                let result = c.req_packed_commands(cmd, offset, count).await;
+                forget_on_failure(cell, &result);
+                result
+            }),
         }
     }
 
@@ -105,6 +173,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Fixed(c) => c.get_db(),
             Conn::Sentinel(c) => c.get_db(),
+            Conn::Cluster(c, _) => c.get_db(),
         }
     }
 }
@@ -194,6 +263,15 @@ pub(super) fn open(
             Ok((
                 Endpoint::Sentinel(tokio::sync::Mutex::new(client)),
                 Pool::Sentinel(pool),
+            ))
+        }
+        Topology::Cluster(seeds) => {
+            let client = super::redis_cluster::client(seeds, false)
+                .and_then(|b| b.build())
+                .map_err(|_| Outage::BadUrl)?;
+            Ok((
+                Endpoint::Cluster(seeds.clone()),
+                Pool::Cluster(Arc::new((client, parking_lot::Mutex::new(None)))),
             ))
         }
     }

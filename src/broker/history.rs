@@ -39,7 +39,8 @@ pub fn key(channel: &str) -> String {
 
 /// Appends to the history, trims it by time, publishes with the position frame; one call per
 /// channel, atomic, so the stream order is the pub/sub order. KEYS[1] history, ARGV[1] channel,
-/// ARGV[2] payload, ARGV[3] window in ms.
+/// ARGV[2] payload, ARGV[3] window in ms, ARGV[4] the publish command (`PUBLISH`, or `SPUBLISH`
+/// in a Redis Cluster, where the script runs on the shard that owns the channel's slot).
 pub const PUBLISH_SCRIPT: &str = r#"
 local ttl = tonumber(ARGV[3])
 local t = redis.call('TIME')
@@ -49,7 +50,7 @@ local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 if last[1] then prev = last[1][1] end
 local id = redis.call('XADD', KEYS[1], 'MINID', tostring(now - ttl), '*', 'm', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ttl)
-redis.call('PUBLISH', ARGV[1], prev .. '\n' .. id .. '\n' .. ARGV[2])
+redis.call(ARGV[4], ARGV[1], prev .. '\n' .. id .. '\n' .. ARGV[2])
 return id
 "#;
 
@@ -119,6 +120,11 @@ impl Positions {
         for c in channels {
             self.last.remove(c);
         }
+    }
+
+    /// Whether the node wants this channel.
+    pub fn is_subscribed(&self, channel: &str) -> bool {
+        self.last.contains_key(channel)
     }
 
     /// Judges a message by its position (channels without history are always delivered).

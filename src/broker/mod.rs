@@ -19,6 +19,7 @@ mod connect;
 pub mod history;
 pub mod memory;
 pub mod redis;
+mod redis_cluster;
 mod sets;
 
 pub use connect::Topology;

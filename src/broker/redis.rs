@@ -21,7 +21,7 @@
 //!   at the next heartbeat.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +34,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::connect::{self, Endpoint, Pool, Topology};
 use super::history::{self, Positions, StreamId, Verdict};
+use super::redis_cluster::{self, ShardCanary};
 use super::{Ack, BrokerError, MessageSink, Outage, Presence};
 use crate::metrics::Metrics;
 use crate::protocol::{self, Kind};
@@ -65,8 +66,8 @@ struct Shared {
     up: AtomicBool,
     /// Requests queued for the actor and not yet taken.
     queued: std::sync::atomic::AtomicUsize,
-    /// Milliseconds since `epoch` when the canary last came back.
-    canary_seen: AtomicU64,
+    /// The canary of each shard (one without a cluster), and when it last came back.
+    canaries: parking_lot::Mutex<Vec<Canary>>,
     epoch: Instant,
     metrics: Arc<Metrics>,
 }
@@ -75,6 +76,69 @@ impl Shared {
     fn since_epoch(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
+
+    /// A canary came back on `channel`.
+    fn canary_arrived(&self, channel: &str) {
+        let now = self.since_epoch();
+        if let Some(c) = self
+            .canaries
+            .lock()
+            .iter_mut()
+            .find(|c| c.canary.channel == channel)
+        {
+            c.seen = now;
+        }
+    }
+
+    /// Starts watching these canaries (after a (re)connect): all fresh, one gauge per shard.
+    fn watch(&self, canaries: Vec<ShardCanary>) {
+        let now = self.since_epoch();
+        let mut current = self.canaries.lock();
+        for old in current.iter() {
+            if !canaries.iter().any(|c| c.shard == old.canary.shard) {
+                let _ = self
+                    .metrics
+                    .broker_shard_up
+                    .remove_label_values(&[&old.canary.shard]);
+            }
+        }
+        *current = canaries
+            .into_iter()
+            .map(|canary| Canary { canary, seen: now })
+            .collect();
+        for c in current.iter() {
+            self.metrics
+                .broker_shard_up
+                .with_label_values(&[&c.canary.shard])
+                .set(1);
+        }
+    }
+
+    /// The shard whose canary is late, if any, and by how much (ms).
+    fn late_canary(&self) -> Option<(String, u64)> {
+        let now = self.since_epoch();
+        self.canaries
+            .lock()
+            .iter()
+            .map(|c| (c.canary.shard.clone(), now.saturating_sub(c.seen)))
+            .find(|(_, late)| *late > CANARY_DEADLINE.as_millis() as u64)
+    }
+
+    /// The subscription is down: every shard reads as down.
+    fn all_shards_down(&self) {
+        for c in self.canaries.lock().iter() {
+            self.metrics
+                .broker_shard_up
+                .with_label_values(&[&c.canary.shard])
+                .set(0);
+        }
+    }
+}
+
+struct Canary {
+    canary: ShardCanary,
+    /// Milliseconds since `epoch` when it last came back.
+    seen: u64,
 }
 
 pub struct RedisBroker {
@@ -90,23 +154,100 @@ pub struct RedisBroker {
 #[derive(Clone)]
 struct Keys {
     node_id: String,
+    /// `{prefix}` with a hash tag in a cluster (`{{prefix}}`), so that all presence keys share
+    /// one slot: the heartbeat writes them in one MULTI and a query reads them in one pipeline.
+    presence_base: String,
     nodes: String,
     node_users: String,
+    /// The canary channel without a cluster; the prefix of each shard's canary in one.
     canary: String,
+    cluster: bool,
 }
 
 impl Keys {
-    fn node_users_of(&self, prefix: &str, node: &str) -> String {
-        format!("{prefix}:node:{node}:users")
+    fn new(prefix: &str, node_id: &str, cluster: bool) -> Keys {
+        let presence_base = if cluster {
+            format!("{{{prefix}}}")
+        } else {
+            prefix.to_owned()
+        };
+        Keys {
+            node_id: node_id.to_owned(),
+            nodes: format!("{presence_base}:nodes"),
+            node_users: format!("{presence_base}:node:{node_id}:users"),
+            presence_base,
+            canary: format!("{prefix}:canary:{node_id}"),
+            cluster,
+        }
+    }
+
+    fn node_users_of(&self, node: &str) -> String {
+        format!("{}:node:{node}:users", self.presence_base)
+    }
+
+    /// The publish command for pub/sub channels.
+    fn publish_cmd(&self) -> &'static str {
+        if self.cluster {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
+    }
+}
+
+/// The subscribing half of the node's pub/sub connection.
+enum SubSink {
+    Plain(redis::aio::PubSubSink),
+    /// Sharded pub/sub over a RESP3 cluster connection.
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl SubSink {
+    async fn subscribe(&mut self, channels: &[String]) -> redis::RedisResult<()> {
+        match self {
+            SubSink::Plain(s) => s.subscribe(channels).await,
+            SubSink::Cluster(c) => redis_cluster::shard_subscribe(c, channels, true).await,
+        }
+    }
+
+    async fn unsubscribe(&mut self, channels: &[String]) -> redis::RedisResult<()> {
+        match self {
+            SubSink::Plain(s) => s.unsubscribe(channels).await,
+            SubSink::Cluster(c) => redis_cluster::shard_subscribe(c, channels, false).await,
+        }
+    }
+}
+
+/// The receiving half.
+enum SubStream {
+    Plain(redis::aio::PubSubStream),
+    Cluster(tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>),
+}
+
+/// One received message.
+enum Incoming {
+    Plain(redis::Msg),
+    Cluster(redis_cluster::ShardMessage),
+}
+
+impl Incoming {
+    fn channel(&self) -> &str {
+        match self {
+            Incoming::Plain(m) => m.get_channel_name(),
+            Incoming::Cluster(m) => &m.channel,
+        }
+    }
+
+    fn payload(&self) -> &[u8] {
+        match self {
+            Incoming::Plain(m) => m.get_payload_bytes(),
+            Incoming::Cluster(m) => &m.payload,
+        }
     }
 }
 
 fn redis_down(e: redis::RedisError) -> BrokerError {
     BrokerError::Unavailable(Outage::Redis(Arc::new(e)))
-}
-
-fn pool_down(e: deadpool_redis::PoolError) -> BrokerError {
-    BrokerError::Unavailable(Outage::Pool(Arc::new(e)))
 }
 
 async fn timed<T>(
@@ -168,17 +309,11 @@ impl RedisBroker {
         metrics: Arc<Metrics>,
     ) -> Result<RedisBroker, BrokerError> {
         let (endpoint, pool) = connect::open(&cfg.topology, cfg.pool_size, COMMAND_TIMEOUT)?;
-        let prefix = cfg.prefix.clone();
-        let keys = Keys {
-            node_id: cfg.node_id.clone(),
-            nodes: format!("{prefix}:nodes"),
-            node_users: format!("{prefix}:node:{}:users", cfg.node_id),
-            canary: format!("{prefix}:canary:{}", cfg.node_id),
-        };
+        let keys = Keys::new(&cfg.prefix, &cfg.node_id, cfg.topology.is_cluster());
         let shared = Arc::new(Shared {
             up: AtomicBool::new(false),
             queued: std::sync::atomic::AtomicUsize::new(0),
-            canary_seen: AtomicU64::new(0),
+            canaries: parking_lot::Mutex::new(Vec::new()),
             epoch: Instant::now(),
             metrics,
         });
@@ -224,7 +359,7 @@ impl RedisBroker {
         &self,
         pipe: &redis::Pipeline,
     ) -> Result<T, BrokerError> {
-        let mut conn = self.pool.get().await.map_err(pool_down)?;
+        let mut conn = self.pool.get().await?;
         timed(pipe.query_async::<T>(&mut conn)).await
     }
 }
@@ -245,12 +380,32 @@ impl RedisBroker {
     /// Publishes in one round trip; with history, each channel's message is appended to its
     /// history in the same atomic step, so success means Redis holds it for the window.
     pub async fn publish(&self, channels: Vec<String>, payload: Bytes) -> Result<(), BrokerError> {
-        let mut conn = self.pool.get().await.map_err(pool_down)?;
+        if self.keys.cluster {
+            // A pipeline may only name one slot: one per slot, all in flight at once.
+            let groups = redis_cluster::by_slot(&channels);
+            let publishes = groups.into_iter().map(|group| {
+                let group: Vec<String> = group.into_iter().cloned().collect();
+                self.publish_on_one_slot(group, &payload)
+            });
+            return futures_util::future::try_join_all(publishes)
+                .await
+                .map(|_| ());
+        }
+        self.publish_on_one_slot(channels, &payload).await
+    }
+
+    async fn publish_on_one_slot(
+        &self,
+        channels: Vec<String>,
+        payload: &Bytes,
+    ) -> Result<(), BrokerError> {
+        let mut conn = self.pool.get().await?;
+        let publish = self.keys.publish_cmd();
         if self.history_ttl.is_zero() {
-            let framed = history::frame_without_history(&payload);
+            let framed = history::frame_without_history(payload);
             let mut pipe = redis::pipe();
             for ch in &channels {
-                pipe.publish(ch, &framed[..]).ignore();
+                pipe.cmd(publish).arg(ch).arg(&framed[..]).ignore();
             }
             return timed(pipe.query_async::<()>(&mut conn)).await;
         }
@@ -269,6 +424,7 @@ impl RedisBroker {
                     .arg(ch)
                     .arg(payload.as_ref())
                     .arg(ttl_ms)
+                    .arg(publish)
                     .ignore();
             }
             pipe
@@ -295,8 +451,7 @@ impl RedisBroker {
         let keys = &self.keys;
         let nodes_key = &keys.nodes;
         let ttl_ms = self.presence_ttl.as_millis() as u64;
-        let prefix = nodes_key.trim_end_matches(":nodes");
-        let mut conn = self.pool.get().await.map_err(pool_down)?;
+        let mut conn = self.pool.get().await?;
         let since = now_ms().saturating_sub(ttl_ms);
         let nodes: Vec<String> = timed(conn.zrangebyscore(nodes_key, since, "+inf")).await?;
         let mut online = vec![false; user_ids.len()];
@@ -306,7 +461,7 @@ impl RedisBroker {
         let mut pipe = redis::pipe();
         for node in &nodes {
             pipe.cmd("SMISMEMBER")
-                .arg(keys.node_users_of(prefix, node))
+                .arg(keys.node_users_of(node))
                 .arg(&user_ids);
         }
         let answers: Vec<Vec<bool>> = timed(pipe.query_async(&mut conn)).await?;
@@ -325,7 +480,7 @@ impl RedisBroker {
     pub async fn shutdown(&self) -> Result<(), BrokerError> {
         let keys = &self.keys;
         self.shared.up.store(false, Ordering::Relaxed);
-        let mut conn = self.pool.get().await.map_err(pool_down)?;
+        let mut conn = self.pool.get().await?;
         let mut pipe = redis::pipe();
         pipe.zrem(&keys.nodes, &keys.node_id)
             .ignore()
@@ -374,6 +529,7 @@ impl Actor {
                         backoff = Duration::from_millis(100);
                     }
                     self.shared.metrics.broker_up.set(0);
+                    self.shared.all_shards_down();
                     tracing::warn!(reason = %why, retry_in = ?backoff, "Redis pub/sub connection lost");
                 }
             }
@@ -425,15 +581,10 @@ impl Actor {
         rx: &mut mpsc::UnboundedReceiver<Cmd>,
         connected_before: &mut bool,
     ) -> End {
-        let client = match timed(self.endpoint.client()).await {
-            Ok(c) => c,
+        let (mut sink, mut stream, canaries) = match self.open_subscription().await {
+            Ok(s) => s,
             Err(e) => return End::Lost(e.to_string()),
         };
-        let pubsub = match timed(client.get_async_pubsub()).await {
-            Ok(p) => p,
-            Err(e) => return End::Lost(e.to_string()),
-        };
-        let (mut sink, mut stream) = pubsub.split();
 
         // Reader: decode nothing here, hand bytes to the hub; intercept the canary. It starts
         // reading once the whole set is subscribed again, and first catches up on what the
@@ -459,7 +610,8 @@ impl Actor {
 
         // Restore the whole set, then presence, before reporting ready.
         let mut all: Vec<String> = self.channels.iter().cloned().collect();
-        all.push(self.keys.canary.clone());
+        all.extend(canaries.iter().map(|c| c.channel.clone()));
+        let shards = canaries.len();
         for chunk in all.chunks(RESTORE_CHUNK) {
             match timed(sink.subscribe(chunk)).await {
                 Ok(()) => {}
@@ -478,20 +630,19 @@ impl Actor {
         if let Err(e) = self.heartbeat(true).await {
             return End::Lost(e.to_string());
         }
+        self.shared.watch(canaries);
         let _ = restored_tx.send(());
-        self.shared
-            .canary_seen
-            .store(self.shared.since_epoch(), Ordering::Relaxed);
         self.shared.up.store(true, Ordering::Relaxed);
         self.shared.metrics.broker_up.set(1);
         if *connected_before {
             self.shared.metrics.broker_reconnects.inc();
             tracing::info!(
                 channels = all.len(),
+                shards,
                 "Redis pub/sub reconnected, subscriptions restored"
             );
         } else {
-            tracing::info!("Redis pub/sub connected");
+            tracing::info!(shards, "Redis pub/sub connected");
         }
         *connected_before = true;
 
@@ -517,11 +668,9 @@ impl Actor {
                 }
                 _ = &mut lost_rx => return End::Lost("connection closed".into()),
                 _ = canary.tick() => {
-                    let seen = self.shared.canary_seen.load(Ordering::Relaxed);
-                    let late = self.shared.since_epoch().saturating_sub(seen);
-                    if late > CANARY_DEADLINE.as_millis() as u64 {
+                    if let Some((shard, late)) = self.shared.late_canary() {
                         self.shared.metrics.broker_canary_failures.inc();
-                        return End::Lost(format!("canary not received for {late} ms"));
+                        return End::Lost(format!("canary of {shard} not received for {late} ms"));
                     }
                     self.send_canary();
                 }
@@ -540,17 +689,57 @@ impl Actor {
         }
     }
 
-    /// Publishes the canary without blocking the actor: a Redis that hangs shows up as a canary
-    /// that does not come back.
+    /// Publishes the canaries (one per shard) without blocking the actor: a Redis that hangs
+    /// shows up as a canary that does not come back.
     fn send_canary(&self) {
-        let pool = self.pool.clone();
-        let channel = self.keys.canary.clone();
-        tokio::spawn(async move {
-            if let Ok(mut conn) = pool.get().await {
-                let payload = protocol::encode(Kind::Canary, "", b"");
-                let _ = timed(conn.publish::<_, _, ()>(&channel, payload.as_ref())).await;
-            }
-        });
+        let channels: Vec<String> = self
+            .shared
+            .canaries
+            .lock()
+            .iter()
+            .map(|c| c.canary.channel.clone())
+            .collect();
+        let publish = self.keys.publish_cmd();
+        for channel in channels {
+            let pool = self.pool.clone();
+            tokio::spawn(async move {
+                if let Ok(mut conn) = pool.get().await {
+                    let payload = protocol::encode(Kind::Canary, "", b"");
+                    let _ = timed(
+                        redis::cmd(publish)
+                            .arg(&channel)
+                            .arg(payload.as_ref())
+                            .query_async::<()>(&mut conn),
+                    )
+                    .await;
+                }
+            });
+        }
+    }
+
+    /// Opens the node's pub/sub connection and names the canaries it must subscribe: one on a
+    /// single server (the shard label is its address), one per master in a cluster.
+    async fn open_subscription(
+        &self,
+    ) -> Result<(SubSink, SubStream, Vec<ShardCanary>), BrokerError> {
+        if let Endpoint::Cluster(seeds) = &self.endpoint {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let client = redis_cluster::client(seeds, true)
+                .map(|b| b.push_sender(tx))
+                .and_then(|b| b.build())
+                .map_err(|_| Outage::BadUrl)?;
+            let mut conn = timed(client.get_async_connection()).await?;
+            let canaries = timed(redis_cluster::canaries(&mut conn, &self.keys.canary)).await?;
+            return Ok((SubSink::Cluster(conn), SubStream::Cluster(rx), canaries));
+        }
+        let client = timed(self.endpoint.client()).await?;
+        let shard = client.get_connection_info().addr().to_string();
+        let (sink, stream) = timed(client.get_async_pubsub()).await?.split();
+        let canary = ShardCanary {
+            shard,
+            channel: self.keys.canary.clone(),
+        };
+        Ok((SubSink::Plain(sink), SubStream::Plain(stream), vec![canary]))
     }
 
     /// After Redis refused a SUBSCRIBE of many channels: subscribes them one at a time and
@@ -558,13 +747,13 @@ impl Actor {
     /// and roll back). A connection failure here ends the session; the waiters are answered.
     async fn subscribe_one_by_one(
         &mut self,
-        sink: &mut redis::aio::PubSubSink,
+        sink: &mut SubSink,
         chs: &[String],
         waiters: &mut Vec<Waiter>,
     ) -> Result<Vec<(String, BrokerError)>, BrokerError> {
         let mut refused = Vec::new();
         for c in chs {
-            match timed(sink.subscribe(c)).await {
+            match timed(sink.subscribe(std::slice::from_ref(c))).await {
                 Ok(()) => {}
                 Err(e) if refused_by_redis(&e) => {
                     tracing::warn!(error = %e, "Redis refused a channel");
@@ -586,7 +775,7 @@ impl Actor {
     /// knows (after a reconnect Redis may have lost users; after a failed write it may hold
     /// users who left), atomically, so a reader never sees it half written.
     async fn heartbeat(&self, full: bool) -> Result<(), BrokerError> {
-        let mut conn = self.pool.get().await.map_err(pool_down)?;
+        let mut conn = self.pool.get().await?;
         let ttl_ms = self.presence_ttl.as_millis() as u64;
         let now = now_ms();
         let mut pipe = redis::pipe();
@@ -618,11 +807,7 @@ impl Actor {
     /// requests that wanted them) fail. If the connection itself fails, the commands not yet
     /// sent are recorded as while disconnected, so the reconnect restores exactly what is
     /// wanted.
-    async fn apply(
-        &mut self,
-        sink: &mut redis::aio::PubSubSink,
-        batch: &mut Vec<Cmd>,
-    ) -> Result<(), BrokerError> {
+    async fn apply(&mut self, sink: &mut SubSink, batch: &mut Vec<Cmd>) -> Result<(), BrokerError> {
         let mut cmds = std::mem::take(batch).into_iter().peekable();
         let result = self.apply_in_order(sink, &mut cmds).await;
         if result.is_err() {
@@ -635,7 +820,7 @@ impl Actor {
 
     async fn apply_in_order(
         &mut self,
-        sink: &mut redis::aio::PubSubSink,
+        sink: &mut SubSink,
         cmds: &mut std::iter::Peekable<std::vec::IntoIter<Cmd>>,
     ) -> Result<(), BrokerError> {
         while let Some(cmd) = cmds.next() {
@@ -720,7 +905,7 @@ impl Actor {
                         .ignore();
                     let mut result = match self.pool.get().await {
                         Ok(mut conn) => timed(pipe.query_async::<()>(&mut conn)).await,
-                        Err(e) => Err(pool_down(e)),
+                        Err(e) => Err(e),
                     };
                     if matches!(&result, Err(e) if refused_by_redis(e)) {
                         // One refused command fails the whole pipeline's answer, though Redis
@@ -769,7 +954,7 @@ impl Reader {
         after: StreamId,
         before: Option<StreamId>,
     ) -> Result<(), BrokerError> {
-        let mut conn = self.pool.get().await.map_err(pool_down)?;
+        let mut conn = self.pool.get().await?;
         let end = before.map_or_else(|| "+".to_owned(), |b| format!("({b}"));
         let entries: Vec<(String, Vec<Vec<u8>>)> = timed(
             redis::cmd("XRANGE")
@@ -798,16 +983,27 @@ impl Reader {
 
     /// Reads the subscription until it ends; a failed recovery ends it too, so that the
     /// reconnect catches up from the last delivered position.
-    async fn read(&self, stream: &mut redis::aio::PubSubStream) {
-        while let Some(msg) = stream.next().await {
-            let channel = msg.get_channel_name();
-            if channel == self.canary {
-                self.shared
-                    .canary_seen
-                    .store(self.shared.since_epoch(), Ordering::Relaxed);
+    async fn read(&self, stream: &mut SubStream) {
+        loop {
+            let msg = match stream {
+                SubStream::Plain(s) => s.next().await.map(Incoming::Plain),
+                SubStream::Cluster(pushes) => {
+                    let wanted = |c: &str| {
+                        c.starts_with(self.canary.as_str())
+                            || self.positions.lock().is_subscribed(c)
+                    };
+                    redis_cluster::next_message(pushes, wanted)
+                        .await
+                        .map(Incoming::Cluster)
+                }
+            };
+            let Some(msg) = msg else { return };
+            let channel = msg.channel();
+            if channel.starts_with(self.canary.as_str()) {
+                self.shared.canary_arrived(channel);
                 continue;
             }
-            let Some(framed) = history::unframe(msg.get_payload_bytes()) else {
+            let Some(framed) = history::unframe(msg.payload()) else {
                 tracing::warn!(channel, "unframed broker message dropped");
                 continue;
             };

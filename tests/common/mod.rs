@@ -35,6 +35,8 @@ pub const TOKEN: &str = "test-token";
 pub struct Redis {
     pub port: u16,
     child: Option<Child>,
+    /// Arguments beyond the defaults (cluster mode).
+    extra: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -46,12 +48,22 @@ fn free_port() -> u16 {
 
 impl Redis {
     pub fn start() -> Redis {
+        Redis::start_on(free_port(), Vec::new())
+    }
+
+    /// On a given port, with extra arguments.
+    pub fn start_on(port: u16, extra: Vec<String>) -> Redis {
         let mut r = Redis {
-            port: free_port(),
+            port,
             child: None,
+            extra,
         };
         r.spawn();
         r
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     pub fn url(&self) -> String {
@@ -72,6 +84,7 @@ impl Redis {
                 "--protected-mode",
                 "no",
             ])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -98,10 +111,11 @@ impl Redis {
     }
 
     fn ping(&self) -> bool {
-        redis::Client::open(self.url())
-            .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
-            .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
-            .is_ok()
+        self.is_running()
+            && redis::Client::open(self.url())
+                .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
+                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+                .is_ok()
     }
 
     /// SIGKILLs the server (no goodbye to clients).
@@ -290,6 +304,175 @@ impl Drop for SentinelSet {
         for c in &mut self.sentinels {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A Redis Cluster of 3 masters and 3 replicas (`redis-cli --cluster create`), on loopback
+/// ports below 55,000 (each node's bus port is its port + 10,000), with a 1 s node timeout so
+/// that a killed master's replica takes over within seconds. Config files live in a temporary
+/// directory, removed on drop.
+pub struct RedisCluster {
+    pub nodes: Vec<Redis>,
+    dir: std::path::PathBuf,
+}
+
+/// A free loopback port below 55,000 whose cluster bus port (+10,000) is free too.
+fn free_cluster_port() -> u16 {
+    for _ in 0..1000 {
+        let port = free_port();
+        if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below 55,000 with a free bus port");
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        let dir = std::env::temp_dir().join(format!("wsgate-cluster-{}", free_port()));
+        std::fs::create_dir_all(&dir).expect("a temporary directory for the cluster");
+        let mut nodes = Vec::new();
+        for _ in 0..6 {
+            let port = free_cluster_port();
+            let d = dir.display().to_string();
+            let conf = format!("nodes-{port}.conf");
+            let extra: Vec<String> = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                &conf,
+                "--cluster-node-timeout",
+                "1000",
+                "--cluster-replica-validity-factor",
+                "0",
+                "--repl-diskless-sync",
+                "yes",
+                "--repl-diskless-sync-delay",
+                "0",
+                "--dir",
+                &d,
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            nodes.push(Redis::start_on(port, extra));
+        }
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for n in &nodes {
+            create.arg(format!("127.0.0.1:{}", n.port));
+        }
+        create.args(["--cluster-replicas", "1", "--cluster-yes"]);
+        let out = create.output().unwrap_or_else(|e| {
+            panic!(
+                "cannot run redis-cli ({e}). These tests need a real Redis 7: install it with \
+                 `apt-get install redis-server` (Debian/Ubuntu, includes redis-cli) or `brew \
+                 install redis`, so that `redis-cli` is on PATH."
+            )
+        });
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let cluster = RedisCluster { nodes, dir };
+        for n in &cluster.nodes {
+            wait_sync(Duration::from_secs(20), "cluster_state:ok", || {
+                cluster_info(n, "cluster_state") == "ok"
+            });
+        }
+        // Every replica in sync, so that a failover has the data.
+        wait_sync(Duration::from_secs(20), "replicas in sync", || {
+            cluster
+                .replicas()
+                .iter()
+                .all(|r| info_field(r, "replication", "master_link_status") == "up")
+                && cluster.masters().len() == 3
+        });
+        cluster
+    }
+
+    /// The seed nodes as a `--redis-url` list (the masters).
+    pub fn url(&self) -> String {
+        self.masters()
+            .iter()
+            .map(|n| n.url())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The nodes that are masters now (killed nodes excluded).
+    pub fn masters(&self) -> Vec<&Redis> {
+        self.nodes
+            .iter()
+            .filter(|n| n.is_running() && info_field(n, "replication", "role") == "master")
+            .collect()
+    }
+
+    pub fn replicas(&self) -> Vec<&Redis> {
+        self.nodes
+            .iter()
+            .filter(|n| n.is_running() && info_field(n, "replication", "role") == "slave")
+            .collect()
+    }
+
+    /// The node that serves `key`'s slot now (asks `CLUSTER KEYSLOT` and `CLUSTER SLOTS`).
+    pub fn owner_of(&mut self, key: &str) -> &mut Redis {
+        let any = self.masters()[0].conn();
+        let mut any = any;
+        let slot: i64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut any)
+            .expect("CLUSTER KEYSLOT");
+        let ranges: Vec<redis::Value> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query(&mut any)
+            .expect("CLUSTER SLOTS");
+        let mut port = None;
+        for r in ranges {
+            if let redis::Value::Array(r) = r {
+                if let (
+                    Some(redis::Value::Int(a)),
+                    Some(redis::Value::Int(b)),
+                    Some(redis::Value::Array(m)),
+                ) = (r.first(), r.get(1), r.get(2))
+                {
+                    if (*a..=*b).contains(&slot) {
+                        if let Some(redis::Value::Int(p)) = m.get(1) {
+                            port = Some(*p as u16);
+                        }
+                    }
+                }
+            }
+        }
+        let port = port.expect("the slot has an owner");
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .expect("the owner is one of ours")
+    }
+}
+
+/// One field of `CLUSTER INFO`.
+pub fn cluster_info(redis: &Redis, field: &str) -> String {
+    let info: String = redis::cmd("CLUSTER")
+        .arg("INFO")
+        .query(&mut redis.conn())
+        .unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or("")
+        .trim()
+        .to_string()
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            n.kill();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }

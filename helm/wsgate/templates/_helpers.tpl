@@ -100,6 +100,15 @@ true
 {{- if and .Values.redis.enabled (or .Values.redis.url .Values.redis.existingSecret) -}}
 {{- fail "redis.enabled deploys a Redis for wsgate: do not also set redis.url or redis.existingSecret" -}}
 {{- end -}}
+{{- if and (ne .Values.redis.mode "standalone") (or .Values.redis.enabled (not (or .Values.redis.url .Values.redis.existingSecret))) -}}
+{{- fail "redis.mode sentinel or cluster needs your own Redis in redis.url or redis.existingSecret (the bundled Redis is standalone)" -}}
+{{- end -}}
+{{- if and (eq .Values.redis.mode "sentinel") (not .Values.redis.sentinelMaster) -}}
+{{- fail "redis.mode sentinel needs redis.sentinelMaster (the master set the Sentinels watch)" -}}
+{{- end -}}
+{{- if and (ne .Values.redis.mode "sentinel") .Values.redis.sentinelMaster -}}
+{{- fail "redis.sentinelMaster is only used with redis.mode sentinel" -}}
+{{- end -}}
 {{- if and .Values.apiToken.value .Values.apiToken.existingSecret -}}
 {{- fail "set only one of apiToken.value and apiToken.existingSecret" -}}
 {{- end -}}
