@@ -99,8 +99,12 @@ async fn three_nodes_deliver_through_sharded_pubsub_spread_over_every_master() {
 
     // 1,000 users over the three nodes: their channels spread over every master, all sharded.
     let mut sockets = Vec::new();
-    for (i, u) in users.iter().enumerate() {
-        sockets.push(Client::subscribed(&nodes[i % 3].notws(u)).await);
+    for (n, chunk) in users.chunks(50).enumerate() {
+        let connects = chunk.iter().enumerate().map(|(i, u)| {
+            let url = nodes[(n * 50 + i) % 3].notws(u);
+            async move { Client::subscribed(&url).await }
+        });
+        sockets.extend(futures_util::future::join_all(connects).await);
     }
     let masters = cluster.masters();
     assert_eq!(masters.len(), 3);
@@ -256,4 +260,11 @@ async fn a_killed_master_fails_over_and_nothing_acknowledged_is_lost() {
     let m = a.metrics().await;
     assert!(metric(&m, "wsgate_broker_reconnects_total") >= 1.0);
     assert_eq!(metric(&m, "wsgate_broker_up"), 1.0);
+    assert_eq!(
+        m.lines()
+            .filter(|l| l.starts_with("wsgate_broker_shard_up{") && l.ends_with(" 1"))
+            .count(),
+        3,
+        "every shard, the promoted replica's included, is up again"
+    );
 }
