@@ -187,3 +187,46 @@ pub(super) async fn next_message(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::history;
+
+    #[test]
+    fn a_channel_and_its_history_share_a_slot() {
+        for ch in [
+            "wsgate:u:john",
+            "wsgate:t:ACME",
+            "wsgate:all",
+            "wsgate:u:a:b",
+        ] {
+            assert_eq!(
+                Slot::for_key(ch),
+                Slot::for_key(history::key(ch)),
+                "{ch} and its stream"
+            );
+        }
+    }
+
+    #[test]
+    fn channels_are_grouped_by_slot() {
+        let chs: Vec<String> = ["x:{t}:1", "y:{t}:2", "wsgate:u:john", "wsgate:u:mary"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let mut groups: Vec<Vec<&String>> = by_slot(&chs);
+        groups.sort_by_key(|g| std::cmp::Reverse(g.len()));
+        assert_eq!(
+            groups[0],
+            vec![&chs[0], &chs[1]],
+            "one tag, one slot, in order"
+        );
+        assert_eq!(groups.iter().map(Vec::len).sum::<usize>(), 4);
+        for g in &groups {
+            assert!(g
+                .iter()
+                .all(|c| Slot::for_key(c.as_bytes()) == Slot::for_key(g[0].as_bytes())));
+        }
+    }
+}
