@@ -69,7 +69,7 @@ run() {
   local IFS=,
   "$LT" fanout --target wsgate --url "${ws[*]}" --admin-url "${admin[*]}" --api-token "$token" \
     --backend-url "$backend" --pid "${node_pids[*]}" --connections "$conns" --recipients 1 \
-    --rates "$rates" --duration "$duration" --out "$out" --name "$name" | tee "$out/$name.txt"
+    --rates "$rates" --duration "$duration" --out "$out" --name "$name" 2>&1 | tee "$out/$name.txt"
   unset IFS
   for p in "${node_pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait "${node_pids[@]}" 2>/dev/null || true
