@@ -250,6 +250,7 @@ mod tests {
                 ping_interval: Duration::from_secs(30),
                 max_topics: usize::MAX,
                 resubscribe_window: window,
+                resume_window: Duration::ZERO,
             },
             |sink| Broker::Memory(MemoryBroker::new(sink, Duration::from_secs(60))),
         )
