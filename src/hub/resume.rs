@@ -23,8 +23,8 @@
 //!   resuming connection replays from the oldest position of each channel over all records and
 //!   takes the union of their topics, so none misses anything; a replayed message that some
 //!   record had already passed may be a duplicate and is counted
-//!   (`wsgate_resume_duplicates_total`). A single record is deleted once used, so a later
-//!   reconnect does not replay it again; several are left to expire, as every connection of the
+//!   (`wsgate_resume_duplicates_total`). A single record is removed once used (only that member, so a record
+//!   another connection adds meanwhile stays), and a later reconnect does not replay it again; several are left to expire, as every connection of the
 //!   key may still come.
 
 use std::sync::Arc;
@@ -363,11 +363,12 @@ impl Hub {
         replay.sort_by_key(|m| m.position.map(|(_, p)| p));
         let messages = replay.len();
         conn.outbound.splice_replay(replay, reached);
-        if records.len() == 1 {
-            // Used: a later reconnect of the same key must not replay it again.
+        if let [used] = members.as_slice() {
+            // Used: a later reconnect of the same key must not replay it again. Only this
+            // member goes: another connection's record written meanwhile stays for it.
             let _ = tokio::time::timeout(
                 RESUME_TIMEOUT,
-                self.broker.set_replace(&name, &[], self.resume_window),
+                self.broker.set_remove(&name, &[used.as_str()]),
             )
             .await;
         }
