@@ -114,7 +114,7 @@ fn snapshot(filter: &TopicFilter) -> Vec<String> {
 
 impl Hub {
     /// The connection's topics now, `None` if it is gone.
-    fn topics_of(&self, conn: &Connection) -> Option<(Vec<String>, TopicOrigin)> {
+    pub(super) fn topics_of(&self, conn: &Connection) -> Option<(Vec<String>, TopicOrigin)> {
         let inner = self.registry.inner.lock();
         let user = inner.users.get(&conn.identity.user_id)?;
         let entry = user.conns.iter().find(|c| c.conn.id == conn.id)?;

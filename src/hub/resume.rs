@@ -289,8 +289,14 @@ impl Hub {
         }
         topics.truncate(super::MAX_REMEMBERED_TOPICS);
         // Topics first: the history read that follows covers everything the fan-out filtered
-        // out before they were set.
-        self.give_topics(conn, &topics);
+        // out before they were set. A record without topics (drained before its client
+        // subscribed) falls back to the remembered ones.
+        if topics.is_empty() {
+            self.restore_remembered(conn).await;
+        } else {
+            self.give_topics(conn, &topics);
+        }
+        let topics = self.topics_of(conn).map(|(t, _)| t).unwrap_or_default();
         let filter = {
             let mut f = super::registry::TopicFilter::default();
             f.topics
@@ -507,6 +513,35 @@ mod tests {
             .await
             .expect("register");
         assert_eq!(hub.resume(&c.conn, key).await, Resumed::Nothing);
+    }
+
+    #[tokio::test]
+    async fn a_record_without_topics_falls_back_to_the_remembered_ones() {
+        let hub = hub().await;
+        let app = hub
+            .register(who(), Endpoint::Notws)
+            .await
+            .expect("register");
+        hub.set_topics(&app.conn, &["ALL"], TopicChange::Subscribe)
+            .expect("topics");
+        hub.remember_explicit(&app.conn).await;
+        let key = ResumeKey::Key([9; 32]);
+        // Drained before its client subscribed.
+        let early = hub
+            .register(who(), Endpoint::Notws)
+            .await
+            .expect("register");
+        hub.resume(&early.conn, key.clone()).await;
+        hub.close_for_drain(&early.conn);
+        send(&hub, 0..3).await;
+        hub.write_resume(&early.conn).await;
+        drop(early);
+        let back = hub
+            .register(who(), Endpoint::Notws)
+            .await
+            .expect("register");
+        hub.resume(&back.conn, key).await;
+        assert_eq!(taken(&back.conn), vec![0, 1, 2]);
     }
 
     #[tokio::test]
