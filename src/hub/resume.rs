@@ -151,6 +151,9 @@ pub(crate) struct ConnResume {
     key: std::sync::OnceLock<ResumeKey>,
     /// Set by the drain at the close.
     stopped: Mutex<Option<Record>>,
+    /// The drain closed it already: a later close (the drain's final sweep) keeps the first
+    /// record, whose positions match what was queued.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl ConnResume {
@@ -159,6 +162,7 @@ impl ConnResume {
             registered_ms,
             key: std::sync::OnceLock::new(),
             stopped: Mutex::new(None),
+            closed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -198,6 +202,13 @@ impl Hub {
     pub(super) fn stop_for_resume(&self, inner: &Inner, entry: &ConnEntry) {
         let conn = &entry.conn;
         if self.resume_window.is_zero() || conn.resume.key.get().is_none() {
+            return;
+        }
+        if conn
+            .resume
+            .closed
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
             return;
         }
         let floor = StreamId(conn.resume.registered_ms.saturating_sub(CLOCK_MARGIN_MS), 0);
@@ -488,6 +499,8 @@ mod tests {
         assert_eq!(taken(&a.conn), (0..5).collect::<Vec<_>>());
         hub.close_for_drain(&a.conn);
         send(&hub, 5..10).await;
+        // The drain's final sweep closes it again: the first record stays.
+        hub.close_all(crate::disconnect::CloseReason::Drain);
         hub.write_resume(&a.conn).await;
         drop(a);
         let b = hub
