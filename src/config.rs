@@ -207,6 +207,10 @@ pub struct ServeArgs {
     #[arg(long, env = "WSGATE_RESUBSCRIBE_WINDOW", default_value = "10m", value_parser = duration)]
     pub resubscribe_window: Duration,
 
+    /// How long a connection closed by a drain can resume on any node and receive what it missed (0 = off).
+    #[arg(long, env = "WSGATE_RESUME_WINDOW", default_value = "30s", value_parser = duration)]
+    pub resume_window: Duration,
+
     /// Bearer token of the publish API. Without it the API answers 403.
     #[arg(long, env = "WSGATE_API_TOKEN", hide_env_values = true, value_parser = secret)]
     pub api_token: Option<SecretString>,
@@ -350,6 +354,8 @@ pub struct Config {
     pub unsubscribe_delay: Duration,
     /// Zero: nothing is remembered.
     pub resubscribe_window: Duration,
+    /// Zero: drained connections do not resume.
+    pub resume_window: Duration,
     /// The publish API's bearer token: typed so that `Debug` shows `[REDACTED]`.
     pub api_token: Option<SecretString>,
     pub max_frame_size: usize,
@@ -556,6 +562,12 @@ impl ServeArgs {
         if self.history_ttl > Duration::from_secs(24 * 3600) {
             return Err(bad("--history-ttl", "must be at most 24h"));
         }
+        if !self.history_ttl.is_zero() && self.resume_window > self.history_ttl {
+            return Err(bad(
+                "--resume-window",
+                "must not be longer than --history-ttl (a resume replays from history; 0 turns it off)",
+            ));
+        }
         let node_id = match &self.node_id {
             Some(id) if id.is_empty() || id.contains(char::is_whitespace) => {
                 return Err(bad("--node-id", "must be non-empty without spaces"));
@@ -592,6 +604,7 @@ impl ServeArgs {
             history_ttl: self.history_ttl,
             unsubscribe_delay: self.unsubscribe_delay,
             resubscribe_window: self.resubscribe_window,
+            resume_window: self.resume_window,
             api_token: self.api_token.clone(),
             max_frame_size: self.max_frame_size,
             max_api_body: self.max_api_body,

@@ -175,6 +175,12 @@ pub struct Metrics {
     pub remembered_write_errors: IntCounter,
     pub handshake_timeouts: IntCounter,
     pub revocations: IntCounter,
+    /// Connection resume across a drain (see `hub/resume.rs`).
+    pub resume_records: IntCounter,
+    pub resumed: IntCounter,
+    pub resume_replayed: IntCounter,
+    pub resume_duplicates: IntCounter,
+    pub resume_errors: IntCounter,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -477,6 +483,31 @@ impl Metrics {
                 &r,
                 "wsgate_remembered_topics_write_errors_total",
                 "Writes of a user's remembered /notws topics that the broker did not accept.",
+            ),
+            resume_records: counter(
+                &r,
+                "wsgate_resume_records_written_total",
+                "Resume records written for connections closed by a drain.",
+            ),
+            resumed: counter(
+                &r,
+                "wsgate_resumed_connections_total",
+                "Connections that found a resume record at their handshake and were given what they missed.",
+            ),
+            resume_replayed: counter(
+                &r,
+                "wsgate_resume_replayed_messages_total",
+                "Messages replayed from history to resumed connections.",
+            ),
+            resume_duplicates: counter(
+                &r,
+                "wsgate_resume_duplicates_total",
+                "Replayed messages that another connection of the same resume key had already received (several connections per key).",
+            ),
+            resume_errors: counter(
+                &r,
+                "wsgate_resume_errors_total",
+                "Resume records or history reads the broker did not answer; the connection starts without a replay.",
             ),
             registry: r,
         }

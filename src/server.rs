@@ -35,7 +35,7 @@ use crate::broker::redis::{RedisBroker, RedisSettings};
 use crate::broker::{Broker, Topology};
 use crate::chat::Chat;
 use crate::config::{Config, RedisMode};
-use crate::hub::{Hub, HubLimits, RegisterError, Revocation};
+use crate::hub::{Hub, HubLimits, RegisterError, ResumeKey, Resumed, Revocation};
 use crate::metrics::{Metrics, RejectReason};
 use crate::protocol::Endpoint;
 use crate::session::{self, Session};
@@ -92,6 +92,7 @@ impl AppState {
             ping_interval: config.ping_interval,
             max_topics: config.max_topics,
             resubscribe_window: config.resubscribe_window,
+            resume_window: config.resume_window,
         };
         let session_limits = session::SessionLimits {
             frames_per_second: config.max_frames_per_second,
@@ -168,7 +169,7 @@ impl AppState {
 
 struct NullSink;
 impl crate::broker::MessageSink for NullSink {
-    fn deliver(&self, _: &[&str], _: bytes::Bytes) {}
+    fn deliver(&self, _: &[&str], _: bytes::Bytes, _: Option<crate::broker::StreamId>) {}
 }
 
 /// The public router: `/notws` and `/chat`, nothing else.
@@ -517,9 +518,21 @@ async fn upgrade(
             }
         }
     }
-    // Before the 101: whatever is published once the client sees the handshake matches the
-    // topics it had before its reconnect.
-    state.hub.restore_remembered(&registration.conn).await;
+    // Before the 101: a drained connection's resume record (what it missed, its topics) takes
+    // precedence; otherwise whatever is published once the client sees the handshake matches
+    // the topics it had before its reconnect.
+    let resume_key = resume_key_of(&headers, &credential);
+    let resumed = if state.config.resume_window.is_zero() {
+        Resumed::Off
+    } else {
+        state
+            .hub
+            .resume(&registration.conn, resume_key.clone())
+            .await
+    };
+    if !matches!(resumed, Resumed::Replayed { .. }) {
+        state.hub.restore_remembered(&registration.conn).await;
+    }
     // Taken now, so a drain that starts before the socket runs still waits for it.
     let token = state.sessions.token();
     let session = Session {
@@ -528,7 +541,8 @@ async fn upgrade(
     };
     let max = state.config.max_frame_size;
     let node = state.sessions_node.clone();
-    ws.read_buffer_size(READ_BUFFER_SIZE)
+    let mut resp = ws
+        .read_buffer_size(READ_BUFFER_SIZE)
         .write_buffer_size(WRITE_BUFFER_SIZE)
         .max_message_size(max)
         .max_frame_size(max)
@@ -536,7 +550,44 @@ async fn upgrade(
             session::run(socket, session, &node).await;
             drop(slot);
             drop(token);
-        })
+        });
+    if let (ResumeKey::Cookie(id), false) = (&resume_key, state.config.resume_window.is_zero()) {
+        let cookie = format!(
+            "{RESUME_COOKIE}={id}; Max-Age={}; Path=/; HttpOnly; SameSite=Lax",
+            state.config.resume_window.as_secs().max(1)
+        );
+        if let Ok(v) = HeaderValue::from_str(&cookie) {
+            resp.headers_mut().append(header::SET_COOKIE, v);
+        }
+    }
+    resp
+}
+
+/// The cookie a browser's connection resumes by after a drain (`hub/resume.rs`).
+pub const RESUME_COOKIE: &str = "wsgate_resume";
+
+/// Where a connection's resume record goes: the browser's resume cookie (kept, or a new random
+/// id), or for an API key without that cookie (an app) the key's hash.
+fn resume_key_of(headers: &HeaderMap, credential: &Credential) -> ResumeKey {
+    for value in headers.get_all(header::COOKIE) {
+        let Ok(value) = value.to_str() else { continue };
+        for pair in value.split(';').map(str::trim) {
+            if let Some(id) = pair
+                .strip_prefix(RESUME_COOKIE)
+                .and_then(|r| r.strip_prefix('='))
+            {
+                if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return ResumeKey::Cookie(id.to_ascii_lowercase());
+                }
+            }
+        }
+    }
+    match credential {
+        Credential::ApiKey(_) => ResumeKey::Key(credential_hash(credential)),
+        Credential::SessionCookies(_) => {
+            ResumeKey::Cookie(format!("{:032x}", rand::random::<u128>()))
+        }
+    }
 }
 
 /// Addresses a running node listens on.

@@ -159,6 +159,11 @@ pub async fn run(mut socket: WebSocket, session: Session, node: &Node) {
     // its topics remembered.
     // Boxed: this future exists once per connection, at its end; inlined it would enlarge
     // every idle connection's task.
+    if reason == CloseReason::Drain {
+        // Where it stopped, before the close frame: a client that reconnects on the close
+        // resumes from there on any node.
+        Box::pin(session.registration.hub().write_resume(&conn)).await;
+    }
     Box::pin(session.registration.hub().remember_on_close(&conn)).await;
     // Unregister from the hub (and release its channels) now: the closing handshake below may
     // take up to two close timeouts with a peer that does not read. Counted closed now too, so

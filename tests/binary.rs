@@ -79,6 +79,11 @@ fn config_errors_exit_64_with_one_line_naming_the_flag() {
             ],
             "--admin-listen",
         ),
+        (
+            &["serve", "--history-ttl", "10s", "--resume-window", "30s"],
+            "--resume-window",
+        ),
+        (&["serve", "--resume-window", "soon"], "--resume-window"),
         (&["serve", "--no-such-flag"], "--no-such-flag"),
     ];
     for (args, flag) in cases {

@@ -31,6 +31,9 @@ fn redis_config(
     c.redis_prefix = "rs".to_string();
     c.node_id = node.to_string();
     c.resubscribe_window = window;
+    // These tests are about remembered topics; a drained connection's resume record
+    // (tests/resume.rs) would take precedence over them.
+    c.resume_window = Duration::ZERO;
     c
 }
 

@@ -49,7 +49,7 @@ KNOWN_ENV = {
     "WSGATE_SESSION_COOKIES", "WSGATE_SESSION_AUTH_PATH", "WSGATE_SESSION_USER_POINTER",
     "WSGATE_SESSION_TENANT_POINTER", "WSGATE_ALLOWED_ORIGINS", "WSGATE_RESUBSCRIBE_WINDOW",
     "WSGATE_MAX_CONNECTIONS", "WSGATE_MAX_HANDSHAKES_PER_IP", "WSGATE_HANDSHAKE_TIMEOUT",
-    "WSGATE_TRUSTED_PROXIES",
+    "WSGATE_TRUSTED_PROXIES", "WSGATE_HISTORY_TTL", "WSGATE_RESUME_WINDOW",
 }
 
 # Recognisable secrets: they must reach the Secret and nothing else.
@@ -139,6 +139,7 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "two token sources": ({"apiToken": {"value": "a", "existingSecret": "x"}}, "only one"),
     "allowed origin without scheme": ({"allowedOrigins": ["erp.example.com"]}, "allowedOrigins"),
     "malformed resubscribe window": ({"resubscribeWindow": "ten minutes"}, "resubscribeWindow"),
+    "malformed resume window": ({"resumeWindow": "half a minute"}, "resumeWindow"),
 }
 
 

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use bytes::Bytes;
 
 /// A Redis stream id: milliseconds and sequence. Ordered as Redis orders them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct StreamId(pub u64, pub u64);
 
 impl StreamId {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parking_lot::Mutex;
 
+use super::history::StreamId;
 use super::{Ack, BrokerError, MessageSink, Presence};
 
 #[derive(Default)]
@@ -16,8 +17,11 @@ struct State {
     channels: HashSet<String>,
     online: HashMap<Arc<str>, ()>,
     /// Per channel: (position, time, payload), oldest first, within `history_ttl`.
-    history: HashMap<String, VecDeque<(u64, Instant, Bytes)>>,
-    next_position: u64,
+    history: HashMap<String, VecDeque<(StreamId, Instant, Bytes)>>,
+    /// The last position handed out: positions are stream ids (milliseconds since the epoch and
+    /// a sequence), like Redis's, so a position means the same on both brokers.
+    last_position: StreamId,
+    publishes: u64,
 }
 
 pub struct MemoryBroker {
@@ -26,6 +30,9 @@ pub struct MemoryBroker {
     /// Named sets with a TTL (`sets.rs`).
     pub(super) sets: Mutex<super::sets::Sets>,
     history_ttl: Duration,
+    /// Held from taking a position to delivering it, so that messages reach the sink in
+    /// position order (a drained connection's recorded position covers everything before it).
+    order: Mutex<()>,
 }
 
 impl MemoryBroker {
@@ -37,11 +44,12 @@ impl MemoryBroker {
             sink,
             sets: Mutex::default(),
             history_ttl,
+            order: Mutex::new(()),
         }
     }
 
     /// Messages recorded on `channel` after position `after`, oldest first, within the window.
-    pub fn history(&self, channel: &str, after: u64) -> Vec<(u64, Bytes)> {
+    pub fn history(&self, channel: &str, after: StreamId) -> Vec<(StreamId, Bytes)> {
         let mut state = self.state.lock();
         let now = Instant::now();
         let ttl = self.history_ttl;
@@ -87,19 +95,31 @@ impl MemoryBroker {
     }
 
     pub fn publish(&self, channels: Vec<String>, payload: Bytes) -> Result<(), BrokerError> {
-        let targets: Vec<&str> = {
+        let _order = self.order.lock();
+        let (targets, position) = {
             let mut state = self.state.lock();
+            let mut position = None;
             if !self.history_ttl.is_zero() {
                 let now = Instant::now();
-                state.next_position += 1;
-                let position = state.next_position;
+                let ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                let last = state.last_position;
+                let next = if ms > last.0 {
+                    StreamId(ms, 0)
+                } else {
+                    StreamId(last.0, last.1 + 1)
+                };
+                state.last_position = next;
+                state.publishes += 1;
+                position = Some(next);
                 for c in &channels {
                     let h = state.history.entry(c.clone()).or_default();
                     trim(h, now, self.history_ttl);
-                    h.push_back((position, now, payload.clone()));
+                    h.push_back((next, now, payload.clone()));
                 }
                 // Channels nobody published to within the window go (bounded memory).
-                if position % 1024 == 0 {
+                if state.publishes % 1024 == 0 {
                     let ttl = self.history_ttl;
                     state.history.retain(|_, h| {
                         trim(h, now, ttl);
@@ -107,16 +127,17 @@ impl MemoryBroker {
                     });
                 }
             }
-            channels
+            let targets: Vec<&str> = channels
                 .iter()
                 .filter(|c| state.channels.contains(*c))
                 .map(String::as_str)
-                .collect()
+                .collect();
+            (targets, position)
         };
         // Delivered outside the broker's lock (the sink takes its own), in one call: one decode
         // and one registry lock for a publish to many users.
         if !targets.is_empty() {
-            self.sink.deliver(&targets, payload);
+            self.sink.deliver(&targets, payload, position);
         }
         Ok(())
     }
@@ -140,7 +161,7 @@ impl MemoryBroker {
     }
 }
 
-fn trim(h: &mut VecDeque<(u64, Instant, Bytes)>, now: Instant, ttl: Duration) {
+fn trim(h: &mut VecDeque<(StreamId, Instant, Bytes)>, now: Instant, ttl: Duration) {
     while h
         .front()
         .is_some_and(|(_, at, _)| now.duration_since(*at) > ttl)
@@ -155,7 +176,7 @@ mod tests {
 
     struct Nothing;
     impl MessageSink for Nothing {
-        fn deliver(&self, _: &[&str], _: Bytes) {}
+        fn deliver(&self, _: &[&str], _: Bytes, _: Option<StreamId>) {}
     }
 
     #[test]
@@ -165,12 +186,15 @@ mod tests {
             .expect("publish");
         b.publish(vec!["a".into()], Bytes::from_static(b"2"))
             .expect("publish");
-        let a = b.history("a", 0);
+        let a = b.history("a", StreamId(0, 0));
         assert_eq!(a.len(), 2);
         assert_eq!(b.history("a", a[0].0).len(), 1, "after a position");
-        assert_eq!(b.history("b", 0).len(), 1);
+        assert_eq!(b.history("b", StreamId(0, 0)).len(), 1);
         std::thread::sleep(Duration::from_millis(80));
-        assert!(b.history("a", 0).is_empty(), "older than the window");
+        assert!(
+            b.history("a", StreamId(0, 0)).is_empty(),
+            "older than the window"
+        );
         assert_eq!(b.history_len(), 0, "nothing grows without bound");
         let off = MemoryBroker::new(Arc::new(Nothing), Duration::ZERO);
         off.publish(vec!["a".into()], Bytes::from_static(b"1"))

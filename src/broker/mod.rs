@@ -20,9 +20,13 @@ pub mod history;
 pub mod memory;
 pub mod redis;
 mod redis_cluster;
+mod replay;
 mod sets;
 
 pub use connect::Topology;
+pub use history::StreamId;
+pub use replay::MAX_REPLAY;
+
 use memory::MemoryBroker;
 use redis::RedisBroker;
 
@@ -31,7 +35,9 @@ pub trait MessageSink: Send + Sync + 'static {
     /// Called once per message per node, in arrival order for one channel. A broker that sees
     /// one payload published on several channels at once (the in-process broker) passes them
     /// all in one call, so the payload is decoded once; Redis hands one channel at a time.
-    fn deliver(&self, channels: &[&str], payload: Bytes);
+    /// `position` is the message's place in its channels' history (`None` without history); a
+    /// multi-channel call has one position, the same in every channel named.
+    fn deliver(&self, channels: &[&str], payload: Bytes, position: Option<StreamId>);
 }
 
 #[derive(Debug, Clone, thiserror::Error)]

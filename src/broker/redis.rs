@@ -970,7 +970,7 @@ impl Reader {
                 continue;
             };
             self.sink
-                .deliver(&[channel], Bytes::copy_from_slice(payload));
+                .deliver(&[channel], Bytes::copy_from_slice(payload), Some(id));
             self.positions.lock().delivered(channel, id);
             recovered += 1;
         }
@@ -1018,7 +1018,7 @@ impl Reader {
                 }
                 Verdict::Deliver => {}
             }
-            self.sink.deliver(&[channel], framed.payload);
+            self.sink.deliver(&[channel], framed.payload, framed.id);
             if let Some(id) = framed.id {
                 self.positions.lock().delivered(channel, id);
             }

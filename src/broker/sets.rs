@@ -50,6 +50,24 @@ impl Broker {
         }
     }
 
+    /// Removes `members` from the set `name` (its expiry stays).
+    pub async fn set_remove(&self, name: &str, members: &[&str]) -> Result<(), BrokerError> {
+        if members.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Broker::Memory(b) => {
+                b.sets.lock().remove(name, members);
+                Ok(())
+            }
+            Broker::Redis(b) => {
+                let mut pipe = redis::pipe();
+                pipe.srem(name, members).ignore();
+                b.query::<()>(&pipe).await
+            }
+        }
+    }
+
     /// The members of the set `name` (empty when it does not exist or expired).
     pub async fn set_members(&self, name: &str) -> Result<Vec<String>, BrokerError> {
         match self {
@@ -87,6 +105,17 @@ impl Sets {
         }
         entry.0.extend(members.iter().map(|m| m.to_string()));
         entry.1 = now + ttl;
+    }
+
+    fn remove(&mut self, name: &str, members: &[&str]) {
+        if let Some((set, _)) = self.sets.get_mut(name) {
+            for m in members {
+                set.remove(*m);
+            }
+            if set.is_empty() {
+                self.sets.remove(name);
+            }
+        }
     }
 
     fn members(&self, name: &str) -> Vec<String> {

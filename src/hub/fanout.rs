@@ -1,16 +1,52 @@
 //! Fan-out: a broker message is decoded once and the same shared bytes are pushed into the queue
-//! of every local recipient, under one registry lock.
+//! of every local recipient, under one registry lock. The message's position is recorded per
+//! channel in the registry (for a drained connection's resume record) and travels with each
+//! queued copy (a few copied bytes, no allocation), so a resumed connection can drop live
+//! copies of what it replayed.
 
 use bytes::Bytes;
 
 use super::channel::Channel;
 use super::outbound::{Outgoing, Push};
 use super::registry::{Registry, UserEntry};
-use crate::broker::MessageSink;
+use super::resume::Slot;
+use crate::broker::{MessageSink, StreamId};
 use crate::protocol::{self, Endpoint, Kind};
 
+#[derive(Default)]
+struct Counts {
+    delivered: u64,
+    overflowed: u64,
+    dropped: u64,
+}
+
+fn to_user(user: &UserEntry, msg: &Outgoing, endpoint: Endpoint, topic: &str, n: &mut Counts) {
+    for c in &user.conns {
+        if c.conn.endpoint != endpoint || (endpoint == Endpoint::Notws && !c.topics.matches(topic))
+        {
+            continue;
+        }
+        match c.conn.outbound.push(msg) {
+            Push::Queued => n.delivered += 1,
+            Push::Overflow => {
+                n.overflowed += 1;
+                n.dropped += 1;
+            }
+            Push::Closed => n.dropped += 1,
+        }
+    }
+}
+
+fn advance(slot: &mut Option<StreamId>, position: Option<StreamId>) {
+    if let Some(p) = position {
+        if slot.is_none_or(|s| s < p) {
+            *slot = Some(p);
+        }
+    }
+}
+
 impl MessageSink for Registry {
-    fn deliver(&self, channels: &[&str], payload: Bytes) {
+    fn deliver(&self, channels: &[&str], payload: Bytes, position: Option<StreamId>) {
         self.metrics.broker_received.inc();
         let env = match protocol::decode(payload) {
             Ok(env) => env,
@@ -30,51 +66,40 @@ impl MessageSink for Registry {
                 return;
             }
         };
-        let msg = Outgoing {
+        let mut msg = Outgoing {
             frame: env.frame.clone(),
             published_at: env.published_at,
+            position: None,
         };
-        let mut delivered = 0u64;
-        let mut overflowed = 0u64;
-        let mut dropped = 0u64;
+        let mut n = Counts::default();
         {
-            let inner = self.inner.lock();
-            let mut to_user = |user: &UserEntry| {
-                for c in &user.conns {
-                    if c.conn.endpoint != endpoint
-                        || (endpoint == Endpoint::Notws && !c.topics.matches(topic))
-                    {
-                        continue;
-                    }
-                    match c.conn.outbound.push(&msg) {
-                        Push::Queued => delivered += 1,
-                        Push::Overflow => {
-                            overflowed += 1;
-                            dropped += 1;
-                        }
-                        Push::Closed => dropped += 1,
-                    }
-                }
-            };
+            let mut guard = self.inner.lock();
+            let inner = &mut *guard;
             for channel in channels {
                 match self.names.parse(channel) {
                     Some(Channel::User(u)) => {
-                        if let Some(user) = inner.users.get(u) {
-                            to_user(user);
+                        if let Some(user) = inner.users.get_mut(u) {
+                            advance(&mut user.position, position);
+                            msg.position = position.map(|p| (Slot::User, p));
+                            to_user(user, &msg, endpoint, topic, &mut n);
                         }
                     }
                     Some(Channel::Tenant(t)) => {
-                        if let Some(users) = inner.tenants.get(t) {
-                            for u in users {
+                        if let Some(users) = inner.tenants.get_mut(t) {
+                            advance(&mut users.position, position);
+                            msg.position = position.map(|p| (Slot::Tenant, p));
+                            for u in &users.users {
                                 if let Some(user) = inner.users.get(u) {
-                                    to_user(user);
+                                    to_user(user, &msg, endpoint, topic, &mut n);
                                 }
                             }
                         }
                     }
                     Some(Channel::Everyone) => {
+                        advance(&mut inner.everyone_position, position);
+                        msg.position = position.map(|p| (Slot::Everyone, p));
                         for user in inner.users.values() {
-                            to_user(user);
+                            to_user(user, &msg, endpoint, topic, &mut n);
                         }
                     }
                     None => {}
@@ -82,15 +107,15 @@ impl MessageSink for Registry {
             }
         }
         let m = &self.metrics;
-        m.fanout_recipients.observe(delivered as f64);
-        if delivered > 0 {
-            m.endpoint(endpoint).deliveries.inc_by(delivered);
+        m.fanout_recipients.observe(n.delivered as f64);
+        if n.delivered > 0 {
+            m.endpoint(endpoint).deliveries.inc_by(n.delivered);
         }
-        if dropped > 0 {
-            m.outbound_dropped.inc_by(dropped);
+        if n.dropped > 0 {
+            m.outbound_dropped.inc_by(n.dropped);
         }
-        if overflowed > 0 {
-            m.slow_consumer_disconnects.inc_by(overflowed);
+        if n.overflowed > 0 {
+            m.slow_consumer_disconnects.inc_by(n.overflowed);
         }
     }
 }

@@ -36,6 +36,7 @@ mod fanout;
 pub mod outbound;
 pub mod registry;
 mod remembered;
+mod resume;
 mod revocation;
 mod sweep;
 #[cfg(test)]
@@ -48,6 +49,7 @@ use registry::{now_ms, ConnEntry, Inner, TopicFilter, UserEntry};
 pub use registry::{Connection, Registry};
 use remembered::{Remembered, TopicOrigin};
 pub use remembered::{Restore, MAX_REMEMBERED_TOPICS};
+pub use resume::{ResumeKey, Resumed};
 pub use revocation::{Revocation, RevokeHook};
 
 /// What a `subscribe:` / `unsubscribe:` command does to a connection's topics.
@@ -80,6 +82,9 @@ pub struct Hub {
     max_topics: usize,
     /// Topics remembered across reconnects (`remembered.rs`).
     remembered: Remembered,
+    /// How long a drained connection's resume record is kept (zero: off), and its names.
+    resume_window: Duration,
+    resume_prefix: String,
     /// The lingering-channel reaper; aborted when the hub goes.
     reaper: Mutex<Option<AbortOnDropHandle<()>>>,
 }
@@ -96,6 +101,8 @@ pub struct HubLimits {
     pub max_topics: usize,
     /// How long a user's topics are remembered for a reconnect (zero: off).
     pub resubscribe_window: Duration,
+    /// How long a drained connection can resume (zero: off).
+    pub resume_window: Duration,
 }
 
 /// A subscribe would take a connection over `--max-topics`; nothing was applied.
@@ -131,6 +138,8 @@ impl Hub {
             ping_interval: limits.ping_interval,
             max_topics: limits.max_topics,
             remembered: Remembered::new(prefix, limits.resubscribe_window),
+            resume_window: limits.resume_window,
+            resume_prefix: format!("{prefix}:resume:"),
             reaper: Mutex::new(None),
         })
     }
@@ -190,6 +199,7 @@ impl Hub {
             outbound: Outbound::new(self.queue_messages, self.queue_bytes),
             credential,
             last_seen: AtomicU64::new(now_ms()),
+            resume: resume::ConnResume::new(now_ms()),
         });
         let names = &self.registry.names;
         let mut channels = vec![names.render(Channel::User(&identity.user_id))];
@@ -213,6 +223,7 @@ impl Hub {
                 .or_insert_with(|| UserEntry {
                     conns: Vec::new(),
                     tenant: identity.tenant_id.clone(),
+                    position: None,
                 });
             user.conns.push(ConnEntry {
                 conn: conn.clone(),
@@ -223,6 +234,7 @@ impl Hub {
                     .tenants
                     .entry(t.clone())
                     .or_default()
+                    .users
                     .insert(identity.user_id.clone());
             }
             inner.connections += 1;
@@ -302,8 +314,8 @@ impl Hub {
             if let Some(user) = inner.users.remove(user_id) {
                 if let Some(t) = user.tenant {
                     if let Some(set) = inner.tenants.get_mut(&t) {
-                        set.remove(user_id);
-                        if set.is_empty() {
+                        set.users.remove(user_id);
+                        if set.users.is_empty() {
                             inner.tenants.remove(&t);
                         }
                     }
@@ -430,9 +442,26 @@ impl Hub {
         let inner = self.registry.inner.lock();
         for user in inner.users.values() {
             for c in &user.conns {
+                if reason == CloseReason::Drain {
+                    self.stop_for_resume(&inner, c);
+                }
                 c.conn.outbound.close(reason);
             }
         }
+    }
+
+    /// Closes one connection for a drain, recording where it stopped in the same critical
+    /// section as the close (`resume.rs`).
+    pub(super) fn close_for_drain(&self, conn: &Connection) {
+        let inner = self.registry.inner.lock();
+        let entry = inner
+            .users
+            .get(&conn.identity.user_id)
+            .and_then(|u| u.conns.iter().find(|c| c.conn.id == conn.id));
+        if let Some(entry) = entry {
+            self.stop_for_resume(&inner, entry);
+        }
+        conn.outbound.close(CloseReason::Drain);
     }
 
     /// Open connections on this node.

@@ -14,6 +14,8 @@ pub struct Outgoing {
     pub frame: Utf8Bytes,
     /// Publisher's timestamp (µs since the epoch), for the delivery-latency histogram.
     pub published_at: u64,
+    /// The channel it came through and its position there (with history).
+    pub position: Option<(super::resume::Slot, crate::broker::StreamId)>,
 }
 
 struct QueueState {
@@ -22,6 +24,9 @@ struct QueueState {
     closed: Option<CloseReason>,
     /// The node's heartbeat asks the session to send a ping.
     ping: bool,
+    /// Room a resume replay takes on top of the bounds, until the writer first takes the queue.
+    extra_messages: usize,
+    extra_bytes: usize,
 }
 
 /// What the writer finds when it wakes.
@@ -64,6 +69,8 @@ impl Outbound {
                 bytes: 0,
                 closed: None,
                 ping: false,
+                extra_messages: 0,
+                extra_bytes: 0,
             }),
             max_messages,
             max_bytes,
@@ -78,7 +85,9 @@ impl Outbound {
             return Push::Closed;
         }
         let len = msg.frame.len();
-        if s.queue.len() >= self.max_messages || s.bytes + len > self.max_bytes {
+        if s.queue.len() >= self.max_messages + s.extra_messages
+            || s.bytes + len > self.max_bytes + s.extra_bytes
+        {
             s.closed = Some(CloseReason::SlowConsumer);
             s.queue = VecDeque::new();
             s.bytes = 0;
@@ -104,10 +113,45 @@ impl Outbound {
         let mut s = self.state.lock();
         std::mem::swap(&mut s.queue, into);
         s.bytes = 0;
+        s.extra_messages = 0;
+        s.extra_bytes = 0;
         Wake {
             close: s.closed,
             ping: std::mem::take(&mut s.ping),
         }
+    }
+
+    /// Puts a resume replay in front of what is queued, and drops the queued live copies of
+    /// replayed messages: a queued message whose channel's replay reached its position. The
+    /// replay does not count against the bounds (it is bounded by the history read).
+    pub(super) fn splice_replay(
+        &self,
+        replay: Vec<Outgoing>,
+        reached: [Option<crate::broker::StreamId>; 3],
+    ) {
+        let mut s = self.state.lock();
+        if s.closed.is_some() {
+            return;
+        }
+        let live = std::mem::take(&mut s.queue);
+        let replay_bytes: usize = replay.iter().map(|m| m.frame.len()).sum();
+        s.extra_messages = replay.len();
+        s.extra_bytes = replay_bytes;
+        let mut queue: VecDeque<Outgoing> = replay.into();
+        let mut bytes = replay_bytes;
+        for m in live {
+            let copy = m
+                .position
+                .is_some_and(|(slot, p)| reached[slot as usize].is_some_and(|r| p <= r));
+            if !copy {
+                bytes += m.frame.len();
+                queue.push_back(m);
+            }
+        }
+        s.queue = queue;
+        s.bytes = bytes;
+        drop(s);
+        self.ready.notify_one();
     }
 
     pub(super) fn request_ping(&self) {

@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 use super::channel::ChannelNames;
 use super::channels::Channels;
 use super::outbound::Outbound;
+use crate::broker::StreamId;
 use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::protocol::{self, Endpoint};
@@ -25,6 +26,8 @@ pub struct Connection {
     pub credential: Option<[u8; 32]>,
     /// When the peer last sent anything (ms since the epoch), for the node's ping sweep.
     pub(super) last_seen: AtomicU64,
+    /// Its resume key and, once drained, where it stopped (`resume.rs`).
+    pub(super) resume: super::resume::ConnResume,
 }
 
 pub(super) fn now_ms() -> u64 {
@@ -63,12 +66,23 @@ pub(super) struct ConnEntry {
 pub(super) struct UserEntry {
     pub(super) conns: Vec<ConnEntry>,
     pub(super) tenant: Option<Arc<str>>,
+    /// Position of the last message this node delivered on the user's channel.
+    pub(super) position: Option<StreamId>,
+}
+
+#[derive(Default)]
+pub(super) struct TenantEntry {
+    pub(super) users: HashSet<Arc<str>>,
+    /// Position of the last message this node delivered on the tenant's channel.
+    pub(super) position: Option<StreamId>,
 }
 
 #[derive(Default)]
 pub(super) struct Inner {
     pub(super) users: HashMap<Arc<str>, UserEntry>,
-    pub(super) tenants: HashMap<Arc<str>, HashSet<Arc<str>>>,
+    pub(super) tenants: HashMap<Arc<str>, TenantEntry>,
+    /// Position of the last message this node delivered on the everyone channel.
+    pub(super) everyone_position: Option<StreamId>,
     pub(super) channels: Channels,
     pub(super) connections: usize,
 }

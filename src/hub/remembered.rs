@@ -114,7 +114,7 @@ fn snapshot(filter: &TopicFilter) -> Vec<String> {
 
 impl Hub {
     /// The connection's topics now, `None` if it is gone.
-    fn topics_of(&self, conn: &Connection) -> Option<(Vec<String>, TopicOrigin)> {
+    pub(super) fn topics_of(&self, conn: &Connection) -> Option<(Vec<String>, TopicOrigin)> {
         let inner = self.registry.inner.lock();
         let user = inner.users.get(&conn.identity.user_id)?;
         let entry = user.conns.iter().find(|c| c.conn.id == conn.id)?;
@@ -250,6 +250,7 @@ mod tests {
                 ping_interval: Duration::from_secs(30),
                 max_topics: usize::MAX,
                 resubscribe_window: window,
+                resume_window: Duration::ZERO,
             },
             |sink| Broker::Memory(MemoryBroker::new(sink, Duration::from_secs(60))),
         )

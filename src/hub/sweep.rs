@@ -60,7 +60,7 @@ impl Hub {
         let start = tokio::time::Instant::now();
         for (i, conn) in conns.iter().enumerate() {
             tokio::time::sleep_until(start + window * i as u32 / n).await;
-            conn.outbound.close(CloseReason::Drain);
+            self.close_for_drain(conn);
         }
         // Anything registered while the snapshot was taken.
         self.close_all(CloseReason::Drain);

@@ -31,6 +31,7 @@ fn hub(delay_ms: u64) -> (Arc<Hub>, Mem) {
             ping_interval: Duration::from_secs(30),
             max_topics: 3,
             resubscribe_window: Duration::from_secs(600),
+            resume_window: Duration::from_secs(30),
         },
         |sink| Broker::Memory(MemoryBroker::new(sink, Duration::from_secs(60))),
     );
