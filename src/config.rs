@@ -156,7 +156,7 @@ pub struct ServeArgs {
     pub backend_queue: usize,
 
     /// Longest a back-end call waits for a free slot before the handshake gets 503 with Retry-After.
-    #[arg(long, env = "WSGATE_BACKEND_QUEUE_TIMEOUT", default_value = "5s", value_parser = duration)]
+    #[arg(long, env = "WSGATE_BACKEND_QUEUE_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub backend_queue_timeout: Duration,
 
     /// How long an accepted API key is cached.
