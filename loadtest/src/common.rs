@@ -167,7 +167,7 @@ impl Pool {
 
 pub fn error_key(e: &ConnectError) -> String {
     match e {
-        ConnectError::Status(s) => format!("HTTP {s}"),
+        ConnectError::Status(s, _) => format!("HTTP {s}"),
         ConnectError::Other(e) => {
             let s = format!("{e:#}");
             if s.contains("timed out") {
