@@ -51,6 +51,9 @@ enum Cmd {
         count: usize,
         #[arg(long, default_value_t = 1)]
         source_ips: usize,
+        /// Hold the sockets without reading (no reader parked on them).
+        #[arg(long)]
+        no_read: bool,
     },
 }
 
@@ -89,7 +92,8 @@ fn main() {
                 connect,
                 count,
                 source_ips,
-            } => floor::sink(connect, count, source_ips).await,
+                no_read,
+            } => floor::sink(connect, count, source_ips, no_read).await,
             Cmd::Compare(_) => Ok(()),
         }
     });

@@ -325,6 +325,7 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
                 duration: a.floor_seconds,
                 size: a.payload_size,
                 source_ips: c.source_ips,
+                parked_reader: true,
             },
             &rates,
         )
