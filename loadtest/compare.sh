@@ -15,7 +15,7 @@ root="$(cd "$here/.." && pwd)"
 smoke=0
 rounds=3
 out=""
-scenarios="idle,fanout,burst,chat,storm"
+scenarios="idle,fanout,burst,chat,storm,backend-storm"
 conns=10000
 profile="${PROFILE:-release}"
 base_port="${BASE_PORT:-19100}"
@@ -110,9 +110,23 @@ start_redis() {
   wait_port 127.0.0.1 "$port_redis"
 }
 
+# The back-end storm's back-end: a servlet-like pool of 16 workers, 25 ms per request.
+port_slow=$((base_port + 2))
+slow_url="http://127.0.0.1:$port_slow"
+slow_pid=""
+start_slow_backend() {
+  [[ -n "$slow_pid" ]] && return 0
+  "$LT" slow-backend --listen "127.0.0.1:$port_slow" --workers 16 --service-ms 25 >"$logs/slow-backend.log" 2>&1 &
+  slow_pid=$!
+  pids+=("$slow_pid")
+  wait_port 127.0.0.1 "$port_slow"
+}
+
 # start_server TARGET NODE_INDEX [redis] -> sets srv_pid, srv_ws, srv_admin
+# (SERVER_BACKEND_URL overrides the back-end.)
 start_server() {
   local target="$1" idx="$2" redis="${3:-}"
+  local backend_url="${SERVER_BACKEND_URL:-$backend_url}"
   local pub=$((base_port + 10 + idx * 2)) adm=$((base_port + 11 + idx * 2))
   if [[ "$target" == "wsgate" ]]; then
     local extra=()
@@ -142,6 +156,7 @@ if [[ "$smoke" == 1 ]]; then
   burst_args=(--connections "$conns" --recipients 100 --rates 5000 --duration 2 --burst 8 --floor-seconds 1 --warmup 1 --no-stop)
   chat_args=(--pairs 50 --rates 200 --duration 2)
   storm_args=(--connections "$conns" --keys 30 --spread 0.5 --deadline 20)
+  bstorm_args=(--connections "$conns" --deadline 30 --limit 30)
 else
   recip=$((conns / 10))
   idle_args=(--connections "$conns" --hold 5)
@@ -149,6 +164,8 @@ else
   burst_args=(--connections "$conns" --recipients "$recip" --rates 50000,100000,200000,250000 --duration 5 --burst 16 --floor-seconds 2)
   chat_args=(--pairs 1000 --rates 2000,5000,10000 --duration 5)
   storm_args=(--connections "$conns" --keys $((conns / 10)) --spread 1 --deadline 30)
+  # As in a reconnect storm after a node loss: 4,000 distinct users at the same instant.
+  bstorm_args=(--connections 4000 --deadline 60 --limit 8)
 fi
 
 run_lt() { # scenario target name args...
@@ -179,6 +196,18 @@ for r in $(seq 1 "$rounds"); do
           sleep 0.5
           run_lt "$lt_scen" "$target" "$scen-$target-r$r" --url "$srv_ws" --admin-url "$srv_admin" \
             --pid "$srv_pid" --user-prefix "$prefix" "${args[@]}"
+          stop "$srv_pid"
+          ;;
+        backend-storm)
+          # wsgate only: the peer has no back-end admission to compare.
+          [[ "$target" == "wsgate" ]] || continue
+          start_slow_backend
+          SERVER_BACKEND_URL="$slow_url" start_server wsgate 0
+          sleep 0.5
+          (cd "$out" && "$LT" backend-storm --target wsgate --backend-url "$slow_url" \
+            --url "$srv_ws" --admin-url "$srv_admin" --pid "$srv_pid" --user-prefix "$prefix" \
+            --connect-concurrency 4000 --out . --name "backend-storm-wsgate-r$r" "${bstorm_args[@]}") \
+            2>&1 | tee -a "$logs/loadtest.log" >&2
           stop "$srv_pid"
           ;;
         chat)

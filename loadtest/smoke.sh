@@ -16,5 +16,9 @@ for s in idle fanout burst chat storm; do
     fi
   done
 done
+if [[ ! -s "$out/backend-storm-wsgate-r1.json" ]]; then
+  echo "smoke: no result for backend-storm against wsgate" >&2
+  missing=1
+fi
 [[ "$missing" == 0 ]] || exit 1
 echo "smoke: every scenario ran against wsgate and the Socket.IO peer"

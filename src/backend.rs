@@ -3,12 +3,22 @@
 //! timeout on every call, errors classified for metrics. A credential travels only in the
 //! `api_key` or `Cookie` request header and never into an error or a log line; whatever the
 //! back-end answers in `Set-Cookie` is dropped here and never reaches a client.
+//!
+//! The back-end is protected from the node: at most `--backend-concurrency` calls are in flight
+//! at once, the rest wait in a queue bounded in length (`--backend-queue`) and in time
+//! (`--backend-queue-timeout`), after which the call fails as [`BackendError::Busy`] without
+//! reaching the back-end (the handshake gets 503 with a jittered `Retry-After`). The idle
+//! connection pool holds at most as many connections as may be in flight. Callers coalesce
+//! concurrent calls for one key before they get here (the auth and room caches), so a storm of
+//! N distinct keys costs N calls, spread over the slots.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use reqwest::{StatusCode, Url};
 use serde_json::Value;
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::identity::Identity;
 use crate::metrics::{BackendCall, Metrics};
@@ -34,6 +44,10 @@ pub enum BackendError {
     /// The looked-up object does not exist (404 or an empty answer).
     #[error("not found")]
     NotFound,
+    /// No slot freed up within `--backend-queue-timeout`, or the queue was full: the back-end
+    /// was not asked.
+    #[error("too many back-end calls waiting")]
+    Busy,
 }
 
 impl BackendError {
@@ -43,13 +57,14 @@ impl BackendError {
             BackendError::Connect => Some("connect"),
             BackendError::Status(_) => Some("status"),
             BackendError::InvalidResponse(_) => Some("invalid_response"),
-            BackendError::Rejected | BackendError::NotFound => None,
+            // Counted by the queue's own metrics, not as a failed call.
+            BackendError::Rejected | BackendError::NotFound | BackendError::Busy => None,
         }
     }
 
     /// True when the back-end could not give an answer (the client should retry: HTTP 503).
     pub fn is_unavailable(&self) -> bool {
-        self.kind().is_some()
+        self.kind().is_some() || matches!(self, BackendError::Busy)
     }
 }
 
@@ -91,6 +106,38 @@ pub struct Backend {
     session_user_pointer: String,
     session_tenant_pointer: Option<String>,
     metrics: Arc<Metrics>,
+    /// `--backend-concurrency` permits.
+    slots: Semaphore,
+    /// Calls waiting for a permit now.
+    waiting: AtomicUsize,
+    queue_limit: usize,
+    queue_timeout: Duration,
+}
+
+/// How long an idle connection to the back-end is kept.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One of the `--backend-concurrency` slots, held for the duration of a call.
+struct InFlight<'a> {
+    _permit: SemaphorePermit<'a>,
+    metrics: &'a Metrics,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.metrics.backend_in_flight.dec();
+    }
+}
+
+/// A place in the queue; given back however the wait ends (a slot, a timeout, or the handshake
+/// dropped by its client).
+struct Waiting<'a>(&'a Backend);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.backend_queued.dec();
+    }
 }
 
 impl Backend {
@@ -101,7 +148,10 @@ impl Backend {
         let http = reqwest::Client::builder()
             .timeout(cfg.backend_timeout)
             .connect_timeout(cfg.backend_timeout)
-            .pool_idle_timeout(std::time::Duration::from_secs(60))
+            // Never more idle connections than calls that may be in flight: after a storm the
+            // node does not sit on hundreds of the back-end's connections (or worker threads).
+            .pool_max_idle_per_host(cfg.backend_concurrency)
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .user_agent(concat!("wsgate/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(Backend {
@@ -114,6 +164,48 @@ impl Backend {
             session_user_pointer: cfg.session_user_pointer.clone(),
             session_tenant_pointer: cfg.session_tenant_pointer.clone(),
             metrics,
+            slots: Semaphore::new(cfg.backend_concurrency),
+            waiting: AtomicUsize::new(0),
+            queue_limit: cfg.backend_queue,
+            queue_timeout: cfg.backend_queue_timeout,
+        })
+    }
+
+    /// Takes a slot, waiting in the bounded queue if all are taken (the semaphore is fair: first
+    /// come, first served).
+    async fn slot(&self) -> Result<InFlight<'_>, BackendError> {
+        let started = Instant::now();
+        let permit = match self.slots.try_acquire() {
+            Ok(p) => {
+                self.metrics.backend_queue_wait.observe(0.0);
+                p
+            }
+            Err(_) => {
+                if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.queue_limit {
+                    self.waiting.fetch_sub(1, Ordering::Relaxed);
+                    self.metrics.backend_queue_full.inc();
+                    return Err(BackendError::Busy);
+                }
+                self.metrics.backend_queued.inc();
+                let _place = Waiting(self);
+                let got = tokio::time::timeout(self.queue_timeout, self.slots.acquire()).await;
+                self.metrics
+                    .backend_queue_wait
+                    .observe(started.elapsed().as_secs_f64());
+                match got {
+                    Ok(Ok(p)) => p,
+                    // The semaphore is never closed; treat it like a timeout if it were.
+                    Ok(Err(_)) | Err(_) => {
+                        self.metrics.backend_queue_timeouts.inc();
+                        return Err(BackendError::Busy);
+                    }
+                }
+            }
+        };
+        self.metrics.backend_in_flight.inc();
+        Ok(InFlight {
+            _permit: permit,
+            metrics: &self.metrics,
         })
     }
 
@@ -123,6 +215,7 @@ impl Backend {
         url: Url,
         credential: &Credential,
     ) -> Result<Value, BackendError> {
+        let _slot = self.slot().await?;
         let started = Instant::now();
         let result = self.get_json_inner(url, credential).await;
         self.metrics

@@ -147,6 +147,18 @@ pub struct ServeArgs {
     #[arg(long, env = "WSGATE_BACKEND_TIMEOUT", default_value = "2s", value_parser = duration)]
     pub backend_timeout: Duration,
 
+    /// Back-end calls (Authenticate, whoami, ChatRoom) in flight at once on this node; the rest wait.
+    #[arg(long, env = "WSGATE_BACKEND_CONCURRENCY", default_value_t = 32)]
+    pub backend_concurrency: usize,
+
+    /// Back-end calls that may wait for a free slot; more are refused at once (503).
+    #[arg(long, env = "WSGATE_BACKEND_QUEUE", default_value_t = 20_000)]
+    pub backend_queue: usize,
+
+    /// Longest a back-end call waits for a free slot before the handshake gets 503 with Retry-After.
+    #[arg(long, env = "WSGATE_BACKEND_QUEUE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub backend_queue_timeout: Duration,
+
     /// How long an accepted API key is cached.
     #[arg(long, env = "WSGATE_AUTH_TTL", default_value = "60s", value_parser = duration)]
     pub auth_ttl: Duration,
@@ -336,6 +348,10 @@ pub struct Config {
     /// Exact origins (`scheme://host[:port]`) allowed besides the request's own.
     pub allowed_origins: Vec<String>,
     pub backend_timeout: Duration,
+    /// At least 1.
+    pub backend_concurrency: usize,
+    pub backend_queue: usize,
+    pub backend_queue_timeout: Duration,
     pub auth_ttl: Duration,
     pub auth_negative_ttl: Duration,
     pub auth_serve_stale: Duration,
@@ -589,6 +605,12 @@ impl ServeArgs {
             session_tenant_pointer,
             allowed_origins,
             backend_timeout: nonzero("--backend-timeout", self.backend_timeout)?,
+            backend_concurrency: match self.backend_concurrency {
+                0 => return Err(bad("--backend-concurrency", "must be at least 1")),
+                n => n,
+            },
+            backend_queue: self.backend_queue,
+            backend_queue_timeout: nonzero("--backend-queue-timeout", self.backend_queue_timeout)?,
             auth_ttl: nonzero("--auth-ttl", self.auth_ttl)?,
             auth_negative_ttl: nonzero("--auth-negative-ttl", self.auth_negative_ttl)?,
             auth_serve_stale: self.auth_serve_stale,

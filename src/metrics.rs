@@ -150,6 +150,14 @@ pub struct Metrics {
     pub room_miss: IntCounter,
     pub backend_duration: HistogramVec,
     pub backend_errors: IntCounterVec,
+    /// Back-end calls holding one of the `--backend-concurrency` slots.
+    pub backend_in_flight: IntGauge,
+    /// Back-end calls waiting for a slot.
+    pub backend_queued: IntGauge,
+    /// How long a back-end call waited for a slot (including the ones that gave up).
+    pub backend_queue_wait: Histogram,
+    pub backend_queue_timeouts: IntCounter,
+    pub backend_queue_full: IntCounter,
     pub topic_subscriptions: IntGauge,
     pub broker_channels: IntGauge,
     pub broker_up: IntGauge,
@@ -394,6 +402,32 @@ impl Metrics {
             room_miss: room.with_label_values(&["miss"]),
             backend_duration,
             backend_errors,
+            backend_in_flight: gauge(
+                &r,
+                "wsgate_backend_in_flight",
+                "Back-end calls in flight (at most --backend-concurrency).",
+            ),
+            backend_queued: gauge(
+                &r,
+                "wsgate_backend_queued",
+                "Back-end calls waiting for a free slot (at most --backend-queue).",
+            ),
+            backend_queue_wait: histogram(
+                &r,
+                "wsgate_backend_queue_wait_seconds",
+                "How long back-end calls waited for a free slot, including the ones that gave up.",
+                LATENCY_BUCKETS.to_vec(),
+            ),
+            backend_queue_timeouts: counter(
+                &r,
+                "wsgate_backend_queue_timeouts_total",
+                "Back-end calls given up after waiting --backend-queue-timeout for a slot (the handshake got 503).",
+            ),
+            backend_queue_full: counter(
+                &r,
+                "wsgate_backend_queue_full_total",
+                "Back-end calls refused at once because --backend-queue calls were already waiting (the handshake got 503).",
+            ),
             topic_subscriptions: gauge(
                 &r,
                 "wsgate_topic_subscriptions",

@@ -434,7 +434,14 @@ fn reject(state: &AppState, endpoint: Endpoint, reason: RejectReason) -> Respons
         ),
     };
     let mut resp = (status, body).into_response();
-    if status == StatusCode::SERVICE_UNAVAILABLE {
+    if reason == RejectReason::BackendUnavailable {
+        // Jittered, and short: the back-end is shielded by --backend-concurrency, and a storm's
+        // clients that all come back after the same delay would arrive as a second storm.
+        const SPREAD: [&str; 3] = ["1", "2", "3"];
+        let pick = SPREAD[rand::random_range(0..SPREAD.len())];
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static(pick));
+    } else if status == StatusCode::SERVICE_UNAVAILABLE {
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
     } else if reason == RejectReason::HandshakeRate {

@@ -170,14 +170,15 @@ pub type Ws = WebSocketStream<TcpStream>;
 /// Why a connection attempt failed, for the report.
 #[derive(Debug)]
 pub enum ConnectError {
-    Status(u16),
+    /// A refused handshake: its status and `Retry-After` (seconds), if any.
+    Status(u16, Option<u64>),
     Other(anyhow::Error),
 }
 
 impl std::fmt::Display for ConnectError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ConnectError::Status(s) => write!(f, "HTTP {s}"),
+            ConnectError::Status(s, _) => write!(f, "HTTP {s}"),
             ConnectError::Other(e) => write!(f, "{e:#}"),
         }
     }
@@ -191,7 +192,13 @@ pub async fn establish(spec: &ClientSpec, timeout: Duration) -> Result<Ws, Conne
             tokio_tungstenite::client_async_with_config(spec.url(), stream, Some(ws_config()))
                 .await
                 .map_err(|e| match e {
-                    WsError::Http(resp) => ConnectError::Status(resp.status().as_u16()),
+                    WsError::Http(resp) => ConnectError::Status(
+                        resp.status().as_u16(),
+                        resp.headers()
+                            .get("retry-after")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.trim().parse().ok()),
+                    ),
                     other => ConnectError::Other(other.into()),
                 })?;
         match spec.target {

@@ -98,7 +98,10 @@ impl Server {
             for pid in &self.pids {
                 let s = proc_sample(*pid).with_context(|| format!("reading /proc/{pid}"))?;
                 total.cpu_seconds += s.cpu_seconds;
+                total.user_seconds += s.user_seconds;
+                total.system_seconds += s.system_seconds;
                 total.rss_bytes += s.rss_bytes;
+                total.write_syscalls += s.write_syscalls;
             }
             return Ok(total);
         }
@@ -167,7 +170,7 @@ impl Pool {
 
 pub fn error_key(e: &ConnectError) -> String {
     match e {
-        ConnectError::Status(s) => format!("HTTP {s}"),
+        ConnectError::Status(s, _) => format!("HTTP {s}"),
         ConnectError::Other(e) => {
             let s = format!("{e:#}");
             if s.contains("timed out") {

@@ -22,6 +22,9 @@ pub struct FloorParams {
     pub duration: f64,
     pub size: usize,
     pub source_ips: usize,
+    /// A reader parked on every receiving socket (woken by each write, as a client is), or none:
+    /// then a write costs only the sender's side of the loopback path.
+    pub parked_reader: bool,
 }
 
 #[derive(Serialize, Clone, Debug)]
@@ -60,8 +63,17 @@ fn paced_writes(
         while done < due {
             let fd = socks[i % socks.len()].as_raw_fd();
             i += 1;
-            // SAFETY: writing from a live buffer to a socket we own.
-            let n = unsafe { libc::write(fd, buf.as_ptr() as *const libc::c_void, buf.len()) };
+            // send(2) with MSG_NOSIGNAL, as Rust's standard library (so tokio, so the gateway)
+            // writes to a TCP socket.
+            // SAFETY: sending from a live buffer on a socket we own.
+            let n = unsafe {
+                libc::send(
+                    fd,
+                    buf.as_ptr() as *const libc::c_void,
+                    buf.len(),
+                    libc::MSG_NOSIGNAL,
+                )
+            };
             if n < 0 {
                 blocked += 1;
             }
@@ -86,9 +98,13 @@ pub async fn measure_rates(p: &FloorParams, rates: &[u64]) -> anyhow::Result<Vec
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
     let exe = std::env::current_exe().context("locating the load generator binary")?;
-    let mut child = tokio::process::Command::new(exe)
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg("floor-sink");
+    if !p.parked_reader {
+        cmd.arg("--no-read");
+    }
+    let mut child = cmd
         .args([
-            "floor-sink",
             "--connect",
             &addr.to_string(),
             "--count",
@@ -166,7 +182,12 @@ pub async fn measure_rates(p: &FloorParams, rates: &[u64]) -> anyhow::Result<Vec
 }
 
 /// The receiving side of the floor measurement (a hidden subcommand, run as a child process).
-pub async fn sink(connect: SocketAddr, count: usize, source_ips: usize) -> anyhow::Result<()> {
+pub async fn sink(
+    connect: SocketAddr,
+    count: usize,
+    source_ips: usize,
+    no_read: bool,
+) -> anyhow::Result<()> {
     stats::raise_nofile();
     let mut tasks = Vec::with_capacity(count);
     for i in 0..count {
@@ -181,6 +202,10 @@ pub async fn sink(connect: SocketAddr, count: usize, source_ips: usize) -> anyho
             .await
             .map_err(|e| anyhow!("floor sink connect {i}: {e}"))?;
         tasks.push(tokio::spawn(async move {
+            if no_read {
+                // Hold the socket until the parent says stop; never read it.
+                std::future::pending::<()>().await;
+            }
             let mut buf = vec![0u8; 16 * 1024];
             while let Ok(n) = stream.read(&mut buf).await {
                 if n == 0 {
@@ -215,6 +240,10 @@ pub struct FloorArgs {
     /// Message size in bytes.
     #[arg(long, default_value_t = 200)]
     pub size: usize,
+    /// Measure without a reader parked on the receiving sockets (the sink holds them and never
+    /// reads), so the figure is the sending side only.
+    #[arg(long)]
+    pub no_reader: bool,
 }
 
 pub async fn run(a: FloorArgs) -> anyhow::Result<()> {
@@ -225,6 +254,7 @@ pub async fn run(a: FloorArgs) -> anyhow::Result<()> {
         duration: a.duration,
         size: a.size,
         source_ips: a.common.source_ips,
+        parked_reader: !a.no_reader,
     })
     .await?;
     eprintln!(
@@ -239,8 +269,10 @@ pub async fn run(a: FloorArgs) -> anyhow::Result<()> {
     md += &machine_md(&machine);
     let _ = writeln!(
         md,
-        "\n{} loopback TCP socket pairs (TCP_NODELAY), one {}-byte write() per message, round-robin over the sockets, {:.0} writes/s; the readers are in another process.\n\n| figure | value |\n| --- | --- |\n| CPU per write (user + system) | **{:.2} µs** |\n| of which user / system | {:.3} s / {:.3} s |\n| would-block writes | {} |\n| CPU per message, 16 messages per write() | {:.2} µs |",
-        r.connections, r.size, r.writes_per_second, r.us_per_write, r.user_seconds, r.system_seconds, r.would_block, r.coalesced_us_per_message
+        "\n{} loopback TCP socket pairs (TCP_NODELAY), one {}-byte send() per message, round-robin over the sockets, {:.0} writes/s; {}.\n\n| figure | value |\n| --- | --- |\n| CPU per write (user + system) | **{:.2} µs** |\n| of which user / system | {:.3} s / {:.3} s |\n| would-block writes | {} |\n| CPU per message, 16 messages per write() | {:.2} µs |",
+        r.connections, r.size, r.writes_per_second,
+        if a.no_reader { "no reader on the receiving sockets (they are held, never read)" } else { "a reader parked on every receiving socket, in another process" },
+        r.us_per_write, r.user_seconds, r.system_seconds, r.would_block, r.coalesced_us_per_message
     );
     out.write_md(&md)?;
     out.write_json(&Envelope {
@@ -249,7 +281,7 @@ pub async fn run(a: FloorArgs) -> anyhow::Result<()> {
         started_at: report::utc_now(),
         command: report::command_line(),
         machine,
-        params: serde_json::json!({"connections": a.connections, "rate": a.rate, "duration_seconds": a.duration, "size": a.size}),
+        params: serde_json::json!({"connections": a.connections, "rate": a.rate, "duration_seconds": a.duration, "size": a.size, "parked_reader": !a.no_reader}),
         results: r,
     })?;
     Ok(())

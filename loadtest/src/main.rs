@@ -1,12 +1,14 @@
 //! wsgate-loadtest: drives real WebSocket clients against wsgate (or the Socket.IO peer) and
 //! measures connections, fan-out, chat and reconnect storms, next to the kernel's own floor.
 
+mod backend_storm;
 mod client;
 mod common;
 mod compare;
 mod floor;
 mod report;
 mod scenarios;
+mod slow_backend;
 mod stats;
 
 use clap::{Parser, Subcommand};
@@ -32,6 +34,10 @@ enum Cmd {
     Chat(scenarios::ChatArgs),
     /// N clients (re)connect within a few seconds; time until all are back, back-end calls.
     Storm(scenarios::StormArgs),
+    /// N distinct users at once against a slow back-end; time until all are back, back-end calls.
+    BackendStorm(backend_storm::BackendStormArgs),
+    /// A back-end with a small worker pool (like a servlet container), for `backend-storm`.
+    SlowBackend(slow_backend::SlowBackendArgs),
     /// CPU per small write() over loopback TCP with N socket pairs (the physical floor).
     Floor(floor::FloorArgs),
     /// Print and write the wsgate-versus-peer ratios from a directory of results.
@@ -45,6 +51,9 @@ enum Cmd {
         count: usize,
         #[arg(long, default_value_t = 1)]
         source_ips: usize,
+        /// Hold the sockets without reading (no reader parked on them).
+        #[arg(long)]
+        no_read: bool,
     },
 }
 
@@ -76,12 +85,15 @@ fn main() {
             Cmd::Fanout(a) => scenarios::fanout(a).await,
             Cmd::Chat(a) => scenarios::chat(a).await,
             Cmd::Storm(a) => scenarios::storm(a).await,
+            Cmd::BackendStorm(a) => backend_storm::run(a).await,
+            Cmd::SlowBackend(a) => slow_backend::run(a).await,
             Cmd::Floor(a) => floor::run(a).await,
             Cmd::FloorSink {
                 connect,
                 count,
                 source_ips,
-            } => floor::sink(connect, count, source_ips).await,
+                no_read,
+            } => floor::sink(connect, count, source_ips, no_read).await,
             Cmd::Compare(_) => Ok(()),
         }
     });

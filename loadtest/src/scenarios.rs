@@ -264,6 +264,11 @@ pub struct FanoutStep {
     pub latency: LatencySummary,
     pub server_cpu_seconds: f64,
     pub server_cpu_us_per_delivery: f64,
+    /// User-space and kernel parts of it (from /proc/PID/stat; 0 without --pid).
+    pub server_user_us_per_delivery: f64,
+    pub server_system_us_per_delivery: f64,
+    /// Write-family system calls of the server per delivery (/proc/PID/io `syscw`; 0 without --pid).
+    pub server_write_syscalls_per_delivery: f64,
     /// The floor measured in this run at this step's rate.
     pub floor_us_per_write: Option<f64>,
     pub ratio_to_floor: Option<f64>,
@@ -320,6 +325,7 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
                 duration: a.floor_seconds,
                 size: a.payload_size,
                 source_ips: c.source_ips,
+                parked_reader: true,
             },
             &rates,
         )
@@ -485,6 +491,13 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
             latency: lat,
             server_cpu_seconds: cpu,
             server_cpu_us_per_delivery: per,
+            server_user_us_per_delivery: (s1.user_seconds - s0.user_seconds) * 1e6
+                / received.max(1) as f64,
+            server_system_us_per_delivery: (s1.system_seconds - s0.system_seconds) * 1e6
+                / received.max(1) as f64,
+            server_write_syscalls_per_delivery: s1.write_syscalls.saturating_sub(s0.write_syscalls)
+                as f64
+                / received.max(1) as f64,
             floor_us_per_write: floor_for(rate).map(|f| f.us_per_write),
             ratio_to_floor: floor_for(rate).map(|f| per / f.us_per_write),
             loadgen_cpu_seconds: l1 - l0,
@@ -492,13 +505,16 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
             passed,
         };
         eprintln!(
-            "fanout: step {step_no}: {:.0} deliveries/s, lost {}, p50 {:.2} ms p99 {:.2} ms max {:.1} ms, server {:.2} us/delivery{}, {}",
+            "fanout: step {step_no}: {:.0} deliveries/s, lost {}, p50 {:.2} ms p99 {:.2} ms max {:.1} ms, server {:.2} us/delivery (user {:.2}, kernel {:.2}, {:.3} write syscalls){}, {}",
             step.deliveries_per_second,
             step.lost,
             step.latency.p50_ms,
             step.latency.p99_ms,
             step.latency.max_ms,
             step.server_cpu_us_per_delivery,
+            step.server_user_us_per_delivery,
+            step.server_system_us_per_delivery,
+            step.server_write_syscalls_per_delivery,
             step.ratio_to_floor
                 .map(|r| format!(" ({r:.2}x floor)"))
                 .unwrap_or_default(),

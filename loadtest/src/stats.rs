@@ -155,7 +155,13 @@ impl HistSnapshot {
 #[derive(Clone, Copy, Debug, Default, Serialize)]
 pub struct ProcSample {
     pub cpu_seconds: f64,
+    /// User-space and kernel CPU, separately (`cpu_seconds` is their sum).
+    pub user_seconds: f64,
+    pub system_seconds: f64,
     pub rss_bytes: u64,
+    /// `syscw` of /proc/PID/io: write-family system calls (write, writev, sendto, sendmsg, and
+    /// the eventfd writes of the runtime's wake-ups); 0 when /proc/PID/io cannot be read.
+    pub write_syscalls: u64,
 }
 
 fn clock_ticks() -> f64 {
@@ -186,9 +192,20 @@ pub fn proc_sample(pid: u32) -> anyhow::Result<ProcSample> {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
+    let write_syscalls = std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|io| {
+            io.lines()
+                .find_map(|l| l.strip_prefix("syscw:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0);
     Ok(ProcSample {
         cpu_seconds: (utime + stime) / clock_ticks(),
+        user_seconds: utime / clock_ticks(),
+        system_seconds: stime / clock_ticks(),
         rss_bytes: rss_kb * 1024,
+        write_syscalls,
     })
 }
 
