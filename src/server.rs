@@ -42,8 +42,9 @@ use crate::session::{self, Session};
 
 /// Read buffer of each socket. Client frames are tiny (`subscribe: ALL`, a chat line), and
 /// tungstenite allocates this eagerly for every connection: 128 KiB by default would cost more
-/// than everything else an idle connection holds. Larger frames grow it on demand.
-const READ_BUFFER_SIZE: usize = 1024;
+/// than everything else an idle connection holds. Larger frames grow it on demand (and are read
+/// at most this much per call).
+const READ_BUFFER_SIZE: usize = 256;
 /// Frames are fed into the write buffer and written once it holds this much, or on flush:
 /// big enough to coalesce a burst into one syscall, allocated only while there is output.
 const WRITE_BUFFER_SIZE: usize = 16 * 1024;

@@ -107,9 +107,11 @@ pub async fn run(mut socket: WebSocket, session: Session, node: &Node) {
             _ = conn.outbound.ready.notified() => {
                 let wake = conn.outbound.take(&mut batch);
                 if !batch.is_empty() {
-                    let written =
-                        bounded(&conn, limits.write_timeout, write_batch(&mut socket, &mut batch, node))
-                            .await;
+                    // Boxed, like every await below but the select: the task of an idle
+                    // connection then carries only what waiting needs (ARCHITECTURE.md,
+                    // "Memory per connection"); one allocation per batch, not per message.
+                    let write = write_batch(&mut socket, &mut batch, node);
+                    let written = Box::pin(bounded(&conn, limits.write_timeout, write)).await;
                     if let Some(reason) = written.failure(&conn) {
                         break reason;
                     }
@@ -123,7 +125,7 @@ pub async fn run(mut socket: WebSocket, session: Session, node: &Node) {
                 }
                 if wake.ping {
                     let ping = socket.send(Message::Ping(bytes::Bytes::new()));
-                    let written = bounded(&conn, limits.write_timeout, ping).await;
+                    let written = Box::pin(bounded(&conn, limits.write_timeout, ping)).await;
                     if let Some(reason) = written.failure(&conn) {
                         break reason;
                     }
@@ -175,7 +177,7 @@ pub async fn run(mut socket: WebSocket, session: Session, node: &Node) {
     if reason == CloseReason::Client {
         // tungstenite queued the reply to the client's close frame; it goes out only when the
         // socket is flushed. (If the stream simply ended, this fails at once.)
-        let _ = tokio::time::timeout(close_timeout, socket.flush()).await;
+        let _ = Box::pin(tokio::time::timeout(close_timeout, socket.flush())).await;
     } else {
         if matches!(
             reason,
@@ -192,15 +194,15 @@ pub async fn run(mut socket: WebSocket, session: Session, node: &Node) {
             code: reason.code(),
             reason: Utf8Bytes::from_static(reason.text()),
         };
-        let sent =
-            tokio::time::timeout(close_timeout, socket.send(Message::Close(Some(frame)))).await;
+        let close = socket.send(Message::Close(Some(frame)));
+        let sent = Box::pin(tokio::time::timeout(close_timeout, close)).await;
         if matches!(sent, Ok(Ok(()))) {
             // Read (and discard) until the client's close reply: closing a socket with unread
             // input makes the kernel send a reset, which can destroy our close frame before
             // the client has read it.
-            let _ = tokio::time::timeout(close_timeout, async {
+            let _ = Box::pin(tokio::time::timeout(close_timeout, async {
                 while let Some(Ok(_)) = socket.recv().await {}
-            })
+            }))
             .await;
         }
     }

@@ -221,7 +221,9 @@ impl Hub {
                 .users
                 .entry(identity.user_id.clone())
                 .or_insert_with(|| UserEntry {
-                    conns: Vec::new(),
+                    // Most users hold one connection: a first push into `Vec::new()` would
+                    // reserve room for four (256 bytes per user).
+                    conns: Vec::with_capacity(1),
                     tenant: identity.tenant_id.clone(),
                     position: None,
                 });

@@ -153,6 +153,18 @@ async fn per_user_limit() {
     ));
 }
 
+/// Memory per idle connection: a user's only connection takes one slot, not the four a first
+/// push into an empty `Vec` reserves (ARCHITECTURE.md, "Memory per connection").
+#[tokio::test]
+async fn a_single_connection_user_reserves_one_slot() {
+    let (hub, _) = hub(10);
+    let _a = hub.register(id("u", None), Endpoint::Notws).await;
+    let capacity = |hub: &Hub| hub.registry.inner.lock().users["u"].conns.capacity();
+    assert_eq!(capacity(&hub), 1);
+    let _b = hub.register(id("u", None), Endpoint::Notws).await;
+    assert!(capacity(&hub) >= 2);
+}
+
 #[tokio::test]
 async fn topic_filter_and_shared_bytes() {
     let (hub, _) = hub(10);
