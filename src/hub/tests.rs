@@ -45,6 +45,17 @@ fn id(user: &str, tenant: Option<&str>) -> Identity {
     }
 }
 
+async fn register(
+    hub: &Arc<Hub>,
+    user: &str,
+    tenant: Option<&str>,
+    endpoint: Endpoint,
+) -> Registration {
+    hub.register(id(user, tenant), endpoint)
+        .await
+        .expect("register")
+}
+
 fn subscribed(mem: &Mem, channel: &str) -> bool {
     mem.channels().iter().any(|c| c == channel)
 }
@@ -62,14 +73,8 @@ async fn settle() {
 async fn channels_are_reference_counted_and_released_after_the_delay() {
     let (hub, mem) = hub(50);
     hub.start().await.expect("start");
-    let a = hub
-        .register(id("u1", Some("T")), Endpoint::Notws)
-        .await
-        .expect("register");
-    let b = hub
-        .register(id("u1", Some("T")), Endpoint::Chat)
-        .await
-        .expect("register");
+    let a = register(&hub, "u1", Some("T"), Endpoint::Notws).await;
+    let b = register(&hub, "u1", Some("T"), Endpoint::Chat).await;
     let mut chans = mem.channels();
     chans.sort();
     assert_eq!(chans, vec!["t:all", "t:t:T", "t:u:u1"]);
@@ -88,10 +93,7 @@ async fn channels_are_reference_counted_and_released_after_the_delay() {
 async fn reconnect_within_the_delay_keeps_the_channel() {
     let (hub, mem) = hub(200);
     hub.start().await.expect("start");
-    let a = hub
-        .register(id("u1", None), Endpoint::Notws)
-        .await
-        .expect("register");
+    let a = register(&hub, "u1", None, Endpoint::Notws).await;
     drop(a);
     // The client takes a while to come back; the reaper runs meanwhile.
     tokio::time::sleep(Duration::from_millis(150)).await;
@@ -100,10 +102,7 @@ async fn reconnect_within_the_delay_keeps_the_channel() {
         subscribed(&mem, "t:u:u1"),
         "dropped before the delay ran out"
     );
-    let _b = hub
-        .register(id("u1", None), Endpoint::Notws)
-        .await
-        .expect("register");
+    let _b = register(&hub, "u1", None, Endpoint::Notws).await;
     tokio::time::sleep(Duration::from_millis(400)).await;
     settle().await;
     assert!(subscribed(&mem, "t:u:u1"));
@@ -119,16 +118,10 @@ async fn reconnect_within_the_delay_keeps_the_channel() {
 async fn a_channel_released_again_lingers_from_its_latest_release() {
     let (hub, mem) = hub(1000);
     hub.start().await.expect("start");
-    let a = hub
-        .register(id("u1", None), Endpoint::Notws)
-        .await
-        .expect("register");
+    let a = register(&hub, "u1", None, Endpoint::Notws).await;
     drop(a);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let b = hub
-        .register(id("u1", None), Endpoint::Notws)
-        .await
-        .expect("register");
+    let b = register(&hub, "u1", None, Endpoint::Notws).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     drop(b);
     tokio::time::sleep(Duration::from_millis(500)).await; // t = 1100
@@ -169,14 +162,8 @@ async fn a_single_connection_user_reserves_one_slot() {
 async fn topic_filter_and_shared_bytes() {
     let (hub, _) = hub(10);
     hub.start().await.expect("start");
-    let a = hub
-        .register(id("u", None), Endpoint::Notws)
-        .await
-        .expect("register");
-    let b = hub
-        .register(id("u", None), Endpoint::Notws)
-        .await
-        .expect("register");
+    let a = register(&hub, "u", None, Endpoint::Notws).await;
+    let b = register(&hub, "u", None, Endpoint::Notws).await;
     hub.set_topics(&a.conn, &["A", "B"], TopicChange::Subscribe)
         .expect("within --max-topics");
     hub.set_topics(&b.conn, &["ALL"], TopicChange::Subscribe)
@@ -203,10 +190,7 @@ async fn topic_filter_and_shared_bytes() {
 async fn overflow_closes_as_slow_consumer() {
     let (hub, _) = hub(10);
     hub.start().await.expect("start");
-    let a = hub
-        .register(id("u", None), Endpoint::Notws)
-        .await
-        .expect("register");
+    let a = register(&hub, "u", None, Endpoint::Notws).await;
     hub.set_topics(&a.conn, &["ALL"], TopicChange::Subscribe)
         .expect("within --max-topics");
     for _ in 0..10 {
@@ -225,10 +209,7 @@ async fn overflow_closes_as_slow_consumer() {
 async fn max_topics_counts_distinct_topics_and_applies_nothing_beyond_it() {
     let (hub, _) = hub(10);
     hub.start().await.expect("start");
-    let a = hub
-        .register(id("u", None), Endpoint::Notws)
-        .await
-        .expect("register");
+    let a = register(&hub, "u", None, Endpoint::Notws).await;
     // Duplicates count once; re-subscribing a held topic costs nothing.
     hub.set_topics(&a.conn, &["A", "A", "B"], TopicChange::Subscribe)
         .expect("two distinct topics");
