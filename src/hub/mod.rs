@@ -144,6 +144,23 @@ impl Hub {
         })
     }
 
+    /// Reads a named broker set within `within`, for the reads a handshake waits on (remembered
+    /// topics, resume records). A failure or a timeout is logged with `what` and is `None`: the
+    /// caller counts it and carries on without the set.
+    async fn read_set(&self, name: &str, within: Duration, what: &str) -> Option<Vec<String>> {
+        match tokio::time::timeout(within, self.broker.set_members(name)).await {
+            Ok(Ok(members)) => Some(members),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "reading {what} failed");
+                None
+            }
+            Err(_) => {
+                tracing::warn!("reading {what} timed out");
+                None
+            }
+        }
+    }
+
     pub fn broker(&self) -> &Broker {
         &self.broker
     }

@@ -128,19 +128,14 @@ impl Hub {
             return Restore::Off;
         }
         let name = self.remembered.name(conn);
-        let read = tokio::time::timeout(REMEMBERED_TIMEOUT, self.broker.set_members(&name)).await;
-        let mut topics = match read {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "reading remembered topics failed; starting empty");
-                self.metrics.remembered_errors.inc();
-                return Restore::Failed;
-            }
-            Err(_) => {
-                tracing::warn!("reading remembered topics timed out; starting empty");
-                self.metrics.remembered_errors.inc();
-                return Restore::Failed;
-            }
+        let read = self.read_set(
+            &name,
+            REMEMBERED_TIMEOUT,
+            "remembered topics (starting empty)",
+        );
+        let Some(mut topics) = read.await else {
+            self.metrics.remembered_errors.inc();
+            return Restore::Failed;
         };
         // Deterministic under the cap, ALL first.
         topics.sort_unstable_by(|a, b| (b == ALL_TOPICS).cmp(&(a == ALL_TOPICS)).then(a.cmp(b)));

@@ -264,20 +264,10 @@ impl Hub {
         }
         let name = self.resume_name(conn, &key);
         let _ = conn.resume.key.set(key);
-        let members =
-            match tokio::time::timeout(RESUME_TIMEOUT, self.broker.set_members(&name)).await {
-                Ok(Ok(m)) => m,
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "reading resume records failed");
-                    self.metrics.resume_errors.inc();
-                    return Resumed::Failed;
-                }
-                Err(_) => {
-                    tracing::warn!("reading resume records timed out");
-                    self.metrics.resume_errors.inc();
-                    return Resumed::Failed;
-                }
-            };
+        let Some(members) = self.read_set(&name, RESUME_TIMEOUT, "resume records").await else {
+            self.metrics.resume_errors.inc();
+            return Resumed::Failed;
+        };
         let records: Vec<Record> = members.iter().filter_map(|m| Record::decode(m)).collect();
         if records.is_empty() {
             return Resumed::Nothing;
