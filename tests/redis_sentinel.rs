@@ -92,21 +92,7 @@ async fn a_killed_master_fails_over_and_nothing_acknowledged_is_lost() {
         }
         acked
     };
-    let receiver = async {
-        let mut got: Vec<usize> = Vec::new();
-        while let Some(text) = alice.recv_within(Duration::from_secs(15)).await {
-            let v: serde_json::Value = serde_json::from_str(&text).expect("a JSON frame");
-            let i: usize = v["title"]
-                .as_str()
-                .and_then(|t| t.parse().ok())
-                .expect("a numbered title");
-            got.push(i);
-            if i == N - 1 {
-                break;
-            }
-        }
-        got
-    };
+    let receiver = alice.recv_numbered_until(N - 1, Duration::from_secs(15));
     let (acked, got) = tokio::join!(publisher, receiver);
     watching.store(false, Ordering::Relaxed);
     let _ = watcher.await;

@@ -306,21 +306,7 @@ async fn a_redis_failover_to_a_replica_loses_nothing_acknowledged() {
         }
         acked
     };
-    let receiver = async {
-        let mut got: Vec<usize> = Vec::new();
-        while let Some(text) = alice.recv_within(Duration::from_secs(10)).await {
-            let v: serde_json::Value = serde_json::from_str(&text).expect("a JSON frame");
-            let i: usize = v["title"]
-                .as_str()
-                .and_then(|t| t.parse().ok())
-                .expect("a numbered title");
-            got.push(i);
-            if i == N - 1 {
-                break;
-            }
-        }
-        got
-    };
+    let receiver = alice.recv_numbered_until(N - 1, Duration::from_secs(10));
     let (acked, got) = tokio::join!(publisher, receiver);
     assert!(
         acked.len() > N / 2,

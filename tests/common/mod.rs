@@ -949,6 +949,24 @@ impl Client {
         }
     }
 
+    /// Reads notifications whose `title` is a number until `last` arrives, or until nothing has
+    /// arrived for `idle`: the numbers in arrival order, for loss, order and duplicate checks.
+    pub async fn recv_numbered_until(&mut self, last: usize, idle: Duration) -> Vec<usize> {
+        let mut got = Vec::new();
+        while let Some(text) = self.recv_within(idle).await {
+            let v: Value = serde_json::from_str(&text).expect("a JSON frame");
+            let i: usize = v["title"]
+                .as_str()
+                .and_then(|t| t.parse().ok())
+                .expect("a numbered title");
+            got.push(i);
+            if i == last {
+                break;
+            }
+        }
+        got
+    }
+
     /// Next text frame (5 s at most), parsed.
     pub async fn recv_json(&mut self) -> Value {
         let text = self
