@@ -762,6 +762,10 @@ async fn count_syscalls(
         return c;
     }
     tokio::time::sleep(Duration::from_secs_f64(lead.max(0.0))).await;
+    // strace counts from its attachment to its detachment, which take a while under load: the
+    // deliveries are counted both over the inner window (attached … detach asked) and the outer
+    // one (strace started … strace exited); the traced window lies between the two.
+    let outer0 = shared.received.load(Ordering::Relaxed);
     let tracer = match crate::strace::attach(pids, Duration::from_millis(300)).await {
         Ok(t) => t,
         Err(e) => {
@@ -774,12 +778,24 @@ async fn count_syscalls(
     tokio::time::sleep(Duration::from_secs_f64(window)).await;
     let r1 = shared.received.load(Ordering::Relaxed);
     c.window_seconds = t0.elapsed().as_secs_f64();
-    c.deliveries = r1.saturating_sub(r0);
-    match tracer.detach().await {
+    let detached = tracer.detach().await;
+    let outer1 = shared.received.load(Ordering::Relaxed);
+    c.deliveries_inner = r1.saturating_sub(r0);
+    c.deliveries_outer = outer1.saturating_sub(outer0);
+    c.deliveries = (c.deliveries_inner + c.deliveries_outer) / 2;
+    match detached {
         Ok(calls) => {
             let d = c.deliveries.max(1) as f64;
-            c.per_delivery = calls.iter().map(|(k, v)| (k.clone(), *v as f64 / d)).collect();
-            c.total_per_delivery = calls.values().sum::<u64>() as f64 / d;
+            let total = calls.values().sum::<u64>() as f64;
+            c.per_delivery = calls
+                .iter()
+                .map(|(k, v)| (k.clone(), *v as f64 / d))
+                .collect();
+            c.total_per_delivery = total / d;
+            c.total_per_delivery_bounds = (
+                total / c.deliveries_outer.max(1) as f64,
+                total / c.deliveries_inner.max(1) as f64,
+            );
             c.calls = calls;
         }
         Err(e) => c.error = Some(format!("{e:#}")),

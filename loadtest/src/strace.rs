@@ -89,14 +89,21 @@ pub fn parse_table(text: &str) -> BTreeMap<String, u64> {
 pub struct SyscallCount {
     pub target_deliveries_per_second: u64,
     pub window_seconds: f64,
-    /// Deliveries received by the clients during the window.
+    /// Deliveries received by the clients while strace was attached: the mean of the inner and
+    /// the outer count below.
     pub deliveries: u64,
+    /// Deliveries from the end of attaching to the detach request (a lower bound of the traced
+    /// window's) and from starting strace to its exit (an upper bound).
+    pub deliveries_inner: u64,
+    pub deliveries_outer: u64,
     /// Calls per system call over the window, summed over the server's processes.
     pub calls: BTreeMap<String, u64>,
     /// The same per delivery.
     pub per_delivery: BTreeMap<String, f64>,
-    /// All counted calls per delivery.
+    /// All counted calls per delivery (÷ `deliveries`).
     pub total_per_delivery: f64,
+    /// The same ÷ the outer and ÷ the inner count: the true figure lies between.
+    pub total_per_delivery_bounds: (f64, f64),
     pub processes: usize,
     /// Why nothing was counted, if so.
     #[serde(skip_serializing_if = "Option::is_none")]
