@@ -60,11 +60,11 @@ mkdir -p "$logs"
 if [[ "$smoke" == 1 ]]; then
   idle_args=(--connections "$conns" --hold 1)
   fan_rates="2000,5000"
-  fan_args=(--connections "$conns" --recipients 100 --rates "$fan_rates" --duration 2 --floor-seconds 0.5 --warmup 1 --no-stop
+  fan_args=(--connections "$conns" --recipients 100 --rates 2000,5000 --duration 1.5 --floor-seconds 0.5 --warmup 0.5 --no-stop
     --strace-seconds 1 --strace-rate 2000)
-  burst_args=(--connections "$conns" --recipients 100 --rates 2000,5000 --duration 2 --burst 8 --floor-seconds 0.5 --warmup 1 --no-stop
-    --strace-seconds 1 --strace-rate 2000)
-  chat_args=(--pairs 50 --rates 200 --duration 2)
+  burst_args=(--connections "$conns" --recipients 100 --rates 2000,5000 --duration 1.5 --burst 8 --floor-seconds 0.5 --warmup 0.5
+    --no-stop --strace-seconds 1 --strace-rate 2000)
+  chat_args=(--pairs 50 --rates 200 --duration 1.5)
   storm_args=(--connections "$conns" --keys 30 --spread 0.5 --deadline 20)
   bstorm_args=(--connections "$conns" --deadline 30 --limit 30)
   mem_hold=1

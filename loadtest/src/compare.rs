@@ -274,9 +274,9 @@ const M_P99: &str = "latency from the publish timestamp in the payload to the cl
 const M_SAT: &str = "rate sweep; highest step with no loss, no publish error, ≥ 95 % of the rate reached and p99 ≤ 50 ms (0 = none passed)";
 const M_LOSSLESS: &str = "rate sweep; highest step with no loss and the rate reached, any latency";
 const M_STRACE: &str = "a separate step at a fixed rate (not a CPU-measured step): `strace -c -f -e trace=sendto,sendmsg,writev,write` attached to every server process for a few seconds in its middle; calls ÷ deliveries received in that window (mean of the deliveries counted from attached to detach-asked and from strace start to exit; *bounds*: ÷ each of the two)";
-const M_CHAT: &str = "two nodes of each on one redis-server; user A of a pair on node 1, B on node 2; p99 of the highest rate run";
+const M_CHAT: &str = "two nodes of each on one redis-server (Socket.IO: two clusters); user A of a pair on node 1, B on node 2; p99 at the highest rate run, losses over all steps";
 const M_STORM: &str = "N clients / K keys connect at random instants within the spread, with exponential backoff; cold node; time until all are connected and subscribed";
-const M_BSTORM: &str = "4,000 distinct users at the same instant against the 16-worker, 25 ms back-end (`slow-backend`); wsgate with default flags and `--max-handshakes-per-ip 0`; a refused client retries after its Retry-After (else 5 s); counts from the back-end's /stats";
+const M_BSTORM: &str = "N distinct users (N in the figure) at the same instant against the 16-worker, 25 ms back-end (`slow-backend`); wsgate with default flags and `--max-handshakes-per-ip 0`; a refused client retries after its Retry-After (else 5 s); counts from the back-end's /stats";
 const M_FLOOR: &str = "`wsgate-loadtest floor`: one send(…, MSG_NOSIGNAL) per message round-robin over loopback socket pairs at a fixed rate; CPU of the sending process (getrusage) ÷ sends";
 
 pub fn run(a: CompareArgs) -> anyhow::Result<()> {

@@ -715,6 +715,22 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
             .map(|v| format!("{v} deliveries/s"))
             .unwrap_or_else(|| "none".into())
     );
+    if let Some(sc) = &r.syscalls {
+        let _ = writeln!(
+            md,
+            "\nSocket write calls (separate step at {}/s, `strace -c -f -e trace={}` on {} process(es) for {:.1} s): {:.3} per delivery (bounds {:.3}–{:.3}) over {} deliveries: {:?}{}",
+            sc.target_deliveries_per_second,
+            crate::strace::CALLS,
+            sc.processes,
+            sc.window_seconds,
+            sc.total_per_delivery,
+            sc.total_per_delivery_bounds.0,
+            sc.total_per_delivery_bounds.1,
+            sc.deliveries,
+            sc.calls,
+            sc.error.as_deref().map(|e| format!(" (error: {e})")).unwrap_or_default()
+        );
+    }
     out.write_md(&md)?;
     // Drop the CDF points from the JSON's steps only where huge; keep them (they are small).
     out.write_json(&Envelope {
