@@ -76,16 +76,16 @@ else
   idle_args=(--connections "$conns" --hold 3)
   # The sweep starts at a rate both servers sustain without loss; the write-call step runs at it.
   fan_args=(--connections "$conns" --recipients "$recip" --rates 10000,25000,50000,100000,200000 --duration 3
-    --floor-seconds 1 --warmup 2 --strace-seconds 3 --strace-rate 10000)
+    --floor-seconds 0.5 --warmup 2 --strace-seconds 3 --strace-rate 10000)
   burst_args=(--connections "$conns" --recipients "$recip" --rates 10000,50000,100000,200000 --duration 3 --burst 8
-    --floor-seconds 1 --warmup 2 --strace-seconds 3 --strace-rate 10000)
+    --floor-seconds 0.5 --warmup 2 --strace-seconds 3 --strace-rate 10000)
   chat_args=(--pairs 1000 --rates 2000,5000 --duration 3)
   storm_args=(--connections "$conns" --keys $((conns / 10)) --spread 1 --deadline 30)
   # As in a reconnect storm after a node loss: 4,000 distinct users at the same instant.
   bstorm_args=(--connections 4000 --deadline 60 --limit 8)
   mem_hold=10
   mem_deadline=120
-  floor_args=(--connections "$conns" --rate 50000 --duration 3 --size 200)
+  floor_args=(--connections "$conns" --rate 50000 --duration 2 --size 200)
 fi
 
 # A rough estimate of the duration (seconds per round and scenario, both targets, on 2 cores).
@@ -97,7 +97,7 @@ for scen in "${scen_list[@]}"; do
     esac
   else
     case "$scen" in
-      idle) s=30 ;; fanout) s=85 ;; burst) s=80 ;; chat) s=40 ;; storm) s=55 ;; backend-storm) s=45 ;; memory) s=140 ;; floor) s=25 ;; *) s=0 ;;
+      idle) s=30 ;; fanout) s=80 ;; burst) s=75 ;; chat) s=40 ;; storm) s=50 ;; backend-storm) s=40 ;; memory) s=140 ;; floor) s=14 ;; *) s=0 ;;
     esac
   fi
   estimate=$((estimate + s))

@@ -264,7 +264,7 @@ impl Table {
     }
 }
 
-const M_IDLE: &str = "fresh server per round (wsgate on the Redis broker; Socket.IO: 2 cluster workers on the redis adapter), N connections of N distinct users, each `subscribe: ALL`, held, then (RSS after − RSS before) ÷ N; RSS summed over all server processes";
+const M_IDLE: &str = "fresh server per round (wsgate on the Redis broker; Socket.IO: its processes on the redis adapter), N connections of N distinct users, each `subscribe: ALL`, held, then (RSS after − RSS before) ÷ N; RSS summed over all server processes";
 const M_MEMORY: &str = "fresh server per point; N distinct users at once against the 16-worker, 25 ms back-end (`slow-backend`), retrying as told; once all are back held, then RSS summed over all server processes";
 const M_SLOPE: &str = "per round (RSS at the high point − RSS at the low point) ÷ (connections back at the high point − at the low point; 14,000 when all are back), both points from fresh servers of the same round";
 const M_CPU: &str = "the highest step that every round of both servers passed (no loss, rate reached, p99 ≤ 50 ms), so both at the same delivery rate; server CPU from /proc/PID/stat (utime / stime) over the step, summed over all server processes, ÷ deliveries received";
@@ -287,6 +287,28 @@ pub fn run(a: CompareArgs) -> anyhow::Result<()> {
     };
     if let Some(m) = &files.machine {
         t.md += &machine_md(m);
+    }
+    // How many processes each Socket.IO server had (primary and workers: the --pid list).
+    let peer_procs = files
+        .by_key
+        .iter()
+        .filter(|((k, tg), _)| tg == "socketio" && k != "chat")
+        .flat_map(|(_, runs)| runs.iter())
+        .find_map(|r| {
+            let cmd = r.v["command"].as_str()?;
+            let list = cmd.split_once("--pid ")?.1.split_whitespace().next()?;
+            Some(list.split(',').count())
+        });
+    if let Some(n) = peer_procs {
+        let _ = writeln!(
+            t.md,
+            "\nSocket.IO ran as {n} process(es) per server ({}); CPU and RSS are summed over them. wsgate: one process on its Redis broker.",
+            if n > 1 {
+                format!("a node:cluster primary and {} workers on @socket.io/redis-adapter", n - 1)
+            } else {
+                "one process on @socket.io/redis-adapter".to_string()
+            }
+        );
     }
     t.md += "\nEvery cell: median over the rounds of this run (min–max, n = rounds). Ratios are of the medians, Socket.IO ÷ wsgate unless stated. *load*: the 1-minute load average at the start of the runs behind the row (min–max). Method of each figure in the last column; the full description is in loadtest/README.md.\n";
 
