@@ -188,8 +188,9 @@ fn step_at(v: &Value, rate: u64) -> Option<&Value> {
 }
 
 /// Highest rate at which every round of both targets passed (no loss, rate reached, p99 under
-/// the limit), so that both are compared at the same delivery rate; else the lowest rate run.
-fn reference_rate(files: &Files, key: &str) -> Option<u64> {
+/// the limit), so that both are compared at the same delivery rate (true); else the lowest rate
+/// run (false).
+fn reference_rate(files: &Files, key: &str) -> Option<(u64, bool)> {
     let mut rates: Vec<u64> = Vec::new();
     for t in TARGETS {
         for r in files.get(key, t) {
@@ -217,7 +218,8 @@ fn reference_rate(files: &Files, key: &str) -> Option<u64> {
         .rev()
         .copied()
         .find(|r| passed_everywhere(*r))
-        .or_else(|| rates.first().copied())
+        .map(|r| (r, true))
+        .or_else(|| rates.first().map(|r| (*r, false)))
 }
 
 struct Table {
@@ -325,16 +327,18 @@ pub fn run(a: CompareArgs) -> anyhow::Result<()> {
         })
     };
     let (iw, is) = (idle("wsgate"), idle("socketio"));
-    t.row(
-        "idle_kib_per_connection",
-        &format!("idle RSS per connection, KiB ({conns} connections)"),
-        iw,
-        is,
-        ratio(is, iw),
-        2,
-        files.load(&["idle"]),
-        M_IDLE,
-    );
+    if iw.is_some() || is.is_some() {
+        t.row(
+            "idle_kib_per_connection",
+            &format!("idle RSS per connection, KiB ({conns} connections)"),
+            iw,
+            is,
+            ratio(is, iw),
+            2,
+            files.load(&["idle"]),
+            M_IDLE,
+        );
+    }
     let rss_mib = |key: &str, tg: &str| {
         files.stat(key, tg, |v| {
             f(&v["results"]["server_rss_after_bytes"]).map(|b| b / 1048576.0)
@@ -426,7 +430,13 @@ pub fn run(a: CompareArgs) -> anyhow::Result<()> {
         };
         t.header(&format!("Fan-out over Redis, {label}"));
         let ld = files.load(&[key]);
-        if let Some(rate) = reference_rate(&files, key) {
+        if let Some((rate, matched)) = reference_rate(&files, key) {
+            if !matched {
+                let _ = writeln!(
+                    t.md,
+                    "| **no step was passed by every round of both servers: the rows below are at the lowest rate, {rate}/s, and not matched** | | | | | |"
+                );
+            }
             let at = |tg: &str, pick: &dyn Fn(&Value) -> Option<f64>| {
                 files.stat(key, tg, |v| step_at(v, rate).and_then(pick))
             };
