@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A short run of every scenario against wsgate and the Socket.IO peer (small N, seconds long),
-# so that the load generator and the peer cannot rot. Needs cargo, node + npm, redis-server.
+# so that the load generator and the peer cannot rot. Needs cargo, node + npm, redis-server,
+# strace.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="$(mktemp -d)"
@@ -8,7 +9,7 @@ trap 'rm -rf "$out"' EXIT
 "$here/compare.sh" --smoke --out "$out" "$@"
 # Every scenario must have produced a result for both targets.
 missing=0
-for s in idle fanout burst chat storm; do
+for s in idle fanout burst chat storm backend-storm memory-100 memory-300; do
   for t in wsgate socketio; do
     if [[ ! -s "$out/$s-$t-r1.json" ]]; then
       echo "smoke: no result for $s against $t" >&2
@@ -16,9 +17,18 @@ for s in idle fanout burst chat storm; do
     fi
   done
 done
-if [[ ! -s "$out/backend-storm-wsgate-r1.json" ]]; then
-  echo "smoke: no result for backend-storm against wsgate" >&2
-  missing=1
-fi
+for f in floor-reader-r1 floor-noreader-r1 summary; do
+  if [[ ! -s "$out/$f.json" ]]; then
+    echo "smoke: no $f.json" >&2
+    missing=1
+  fi
+done
+# The write-call step must have counted something for both targets.
+for t in wsgate socketio; do
+  if ! grep -q '"total_per_delivery"' "$out/fanout-$t-r1.json" || grep -q '"error": "' "$out/fanout-$t-r1.json"; then
+    echo "smoke: no socket write calls counted against $t" >&2
+    missing=1
+  fi
+done
 [[ "$missing" == 0 ]] || exit 1
-echo "smoke: every scenario ran against wsgate and the Socket.IO peer"
+echo "smoke: every scenario ran against wsgate and the Socket.IO peer (cluster mode)"

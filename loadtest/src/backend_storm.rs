@@ -34,6 +34,10 @@ pub struct BackendStormArgs {
     /// The node's `--backend-concurrency` (reported, and checked against the peak at the back-end).
     #[arg(long, default_value_t = 32)]
     pub concurrency: u64,
+    /// Seconds to hold the connections once all are back (or given up) before reading the
+    /// server's RSS (memory per connection after a storm); 0 = close at once.
+    #[arg(long, default_value_t = 0.0)]
+    pub hold: f64,
 }
 
 #[derive(Serialize, Default)]
@@ -60,6 +64,10 @@ pub struct BackendStormResult {
     pub within_limit: bool,
     pub within_concurrency: bool,
     pub one_call_per_key: bool,
+    /// Server RSS before the storm and after holding the connections `--hold` seconds.
+    pub server_rss_before_bytes: u64,
+    pub server_rss_after_bytes: u64,
+    pub hold_seconds: f64,
 }
 
 async fn slow_stats(http: &reqwest::Client, base: &str) -> anyhow::Result<SlowStats> {
@@ -168,6 +176,17 @@ pub async fn run(a: BackendStormArgs) -> anyhow::Result<()> {
     }
     let s1 = server.sample().await?;
     let b = slow_stats(&http, &c.backend_url).await?;
+    let rss_after = if a.hold > 0.0 {
+        eprintln!(
+            "backend-storm: holding {} connections {} s before reading RSS",
+            open.len(),
+            a.hold
+        );
+        tokio::time::sleep(Duration::from_secs_f64(a.hold)).await;
+        server.sample().await?.rss_bytes
+    } else {
+        s1.rss_bytes
+    };
     drop(open);
     times.sort_by(|x, y| x.total_cmp(y));
     let q = |p: f64| -> f64 {
@@ -193,6 +212,9 @@ pub async fn run(a: BackendStormArgs) -> anyhow::Result<()> {
         one_call_per_key: b.max_calls_per_key <= 1 && b.distinct_keys == a.connections as u64,
         backend: b,
         server_cpu_seconds: s1.cpu_seconds - s0.cpu_seconds,
+        server_rss_before_bytes: s0.rss_bytes,
+        server_rss_after_bytes: rss_after,
+        hold_seconds: a.hold,
     };
     eprintln!(
         "backend-storm: {}/{} back in {:.2} s (p50 {:.2}, p99 {:.2}), {} attempts, back-end: {} calls for {} keys, at most {} at once, most-asked key {} times",
@@ -218,6 +240,17 @@ pub async fn run(a: BackendStormArgs) -> anyhow::Result<()> {
         "\n{} clients with distinct keys connect at once to a node that has never seen them; the back-end serves a fixed number of requests at a time (see its command line). A refused client retries after its `Retry-After`, or after {} s.\n\n| back | all back (s) | p50 (s) | p99 (s) | attempts | refused with Retry-After | back-end calls | distinct keys | most calls for one key | most calls at once (limit {}) | server CPU s | within {} s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         a.connections, a.retry, a.concurrency, a.limit
     );
+    let md_tail = if a.hold > 0.0 {
+        format!(
+            "\nServer RSS before the storm {:.1} MiB, after holding the {} connections {} s: {:.1} MiB.\n",
+            r.server_rss_before_bytes as f64 / 1048576.0,
+            r.connected,
+            a.hold,
+            r.server_rss_after_bytes as f64 / 1048576.0
+        )
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         md,
         "| {}/{} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {:.2} | {} |",
@@ -235,24 +268,34 @@ pub async fn run(a: BackendStormArgs) -> anyhow::Result<()> {
         r.server_cpu_seconds,
         if r.within_limit { "yes" } else { "NO" }
     );
+    md += &md_tail;
     if !r.errors.is_empty() {
         let _ = writeln!(md, "\nFailed attempts: {:?}.", r.errors);
     }
     out.write_md(&md)?;
     out.write_json(&Envelope {
         scenario: "backend-storm",
-        target: "wsgate",
+        target: match c.target {
+            client::Target::Wsgate => "wsgate",
+            client::Target::Socketio => "socketio",
+        },
         started_at: report::utc_now(),
         command: report::command_line(),
         machine,
         params: serde_json::json!({
             "connections": a.connections, "retry_seconds": a.retry, "deadline_seconds": a.deadline,
-            "limit_seconds": a.limit, "concurrency": a.concurrency, "nodes": c.url.len()
+            "limit_seconds": a.limit, "concurrency": a.concurrency, "nodes": c.url.len(),
+            "hold_seconds": a.hold
         }),
         results: &r,
     })?;
     if r.connected == 0 {
         bail!("backend-storm: no client could connect: {:?}", r.errors);
+    }
+    // The admission checks concern wsgate; the Socket.IO peer has no back-end admission, so
+    // against it the figures are reported, not judged.
+    if c.target != client::Target::Wsgate {
+        return Ok(());
     }
     if !r.within_concurrency {
         bail!(

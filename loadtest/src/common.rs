@@ -92,6 +92,11 @@ pub struct Server {
 }
 
 impl Server {
+    /// The server's process ids given with `--pid` (empty without).
+    pub fn pids(&self) -> &[u32] {
+        &self.pids
+    }
+
     pub async fn sample(&self) -> anyhow::Result<ProcSample> {
         let mut total = ProcSample::default();
         if !self.pids.is_empty() {

@@ -10,6 +10,7 @@ mod report;
 mod scenarios;
 mod slow_backend;
 mod stats;
+mod strace;
 
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;

@@ -98,8 +98,8 @@ impl Output<'_> {
 
 pub fn machine_md(m: &Machine) -> String {
     format!(
-        "Machine: {} cores ({}), {} GiB RAM, Linux {}, open-files limit {}.\n",
-        m.cores, m.cpu_model, m.memory_gib, m.kernel, m.open_files_limit
+        "Machine: {} cores ({}), {} GiB RAM, Linux {}, open-files limit {}; 1-minute load average at the start: {:.2}.\n",
+        m.cores, m.cpu_model, m.memory_gib, m.kernel, m.open_files_limit, m.load_average_1m
     )
 }
 

@@ -235,7 +235,25 @@ pub struct FanoutArgs {
     /// Seconds of unrecorded warm-up at the first rate before the sweep.
     #[arg(long, default_value_t = 3.0)]
     pub warmup: f64,
+    /// Seconds of `strace -c -f` attached to every `--pid` in the middle of a separate step at
+    /// `--strace-rate`, run after the warm-up and before the sweep, to count socket write calls
+    /// per delivery (0 = no such step). That step is not one of the CPU-measured steps.
+    #[arg(long, default_value_t = 0.0)]
+    pub strace_seconds: f64,
+    /// Deliveries per second of the strace step (default: the first rate).
+    #[arg(long)]
+    pub strace_rate: Option<u64>,
 }
+
+#[derive(Clone, Copy, PartialEq)]
+enum StepKind {
+    Warmup,
+    Strace,
+    Measured,
+}
+
+/// Step number of the strace step (in the payloads' `step=` marker).
+const STRACE_STEP: u64 = 1000;
 
 #[derive(Serialize)]
 struct FanoutParams {
@@ -247,6 +265,7 @@ struct FanoutParams {
     payload_size: usize,
     p99_limit_ms: f64,
     warmup_seconds: f64,
+    strace_seconds: f64,
     nodes: usize,
 }
 
@@ -291,6 +310,8 @@ pub struct FanoutResult {
     /// Highest rate delivered without loss, whatever the latency.
     pub lossless_max_deliveries_per_second: Option<u64>,
     pub server_disconnects: u64,
+    /// Socket write calls per delivery, counted with strace in a separate step.
+    pub syscalls: Option<crate::strace::SyscallCount>,
 }
 
 fn pad_to(s: &mut String, size: usize) {
@@ -393,16 +414,24 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
     let mut steps: Vec<FanoutStep> = Vec::new();
     let mut saturation = None;
     let mut lossless_max = None;
-    let mut plan: Vec<(u64, u64, f64)> = Vec::new();
+    let mut syscalls = None;
+    let mut plan: Vec<(u64, u64, f64, StepKind)> = Vec::new();
     if a.warmup > 0.0 {
         if let Some(first) = a.rates.first() {
-            plan.push((0, *first, a.warmup));
+            plan.push((0, *first, a.warmup, StepKind::Warmup));
+        }
+    }
+    if a.strace_seconds > 0.0 {
+        if let Some(rate) = a.strace_rate.or(a.rates.first().copied()) {
+            // Lead and tail of 1.5 s around the traced window.
+            let d = a.duration.max(a.strace_seconds + 3.0);
+            plan.push((STRACE_STEP, rate, d, StepKind::Strace));
         }
     }
     for (si, rate) in a.rates.iter().copied().enumerate() {
-        plan.push((si as u64 + 1, rate, a.duration));
+        plan.push((si as u64 + 1, rate, a.duration, StepKind::Measured));
     }
-    for (step_no, rate, duration) in plan {
+    for (step_no, rate, duration, kind) in plan {
         shared.step.store(step_no, Ordering::Relaxed);
         shared.latency.reset();
         shared.received.store(0, Ordering::Relaxed);
@@ -410,9 +439,23 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
         let total = (pps * duration).round().max(1.0) as u64;
         eprintln!(
             "fanout: step {step_no}{}: {rate} deliveries/s = {pps:.1} publishes/s x {} recipients, burst {}",
-            if step_no == 0 { " (warm-up, not recorded)" } else { "" },
+            match kind {
+                StepKind::Warmup => " (warm-up, not recorded)",
+                StepKind::Strace => " (write calls counted with strace; CPU not recorded)",
+                StepKind::Measured => "",
+            },
             a.recipients, a.burst
         );
+        let tracer = if kind == StepKind::Strace {
+            let pids = server.pids().to_vec();
+            let shared = shared.clone();
+            let (lead, window) = ((duration - a.strace_seconds) / 2.0, a.strace_seconds);
+            Some(tokio::spawn(async move {
+                count_syscalls(&pids, &shared, rate, lead, window).await
+            }))
+        } else {
+            None
+        };
         let s0 = server.sample().await?;
         let l0 = stats::self_cpu_seconds();
         let accepted = Arc::new(AtomicU64::new(0));
@@ -520,7 +563,22 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
                 .unwrap_or_default(),
             if passed { "PASS" } else { "FAIL" }
         );
-        if step_no == 0 {
+        if let Some(t) = tracer {
+            let c = t.await.unwrap_or_else(|e| crate::strace::SyscallCount {
+                error: Some(format!("strace task: {e}")),
+                ..Default::default()
+            });
+            eprintln!(
+                "fanout: strace step: {} deliveries in {:.1} s, {:.3} socket write calls per delivery {:?}{}",
+                c.deliveries,
+                c.window_seconds,
+                c.total_per_delivery,
+                c.per_delivery,
+                c.error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default()
+            );
+            syscalls = Some(c);
+        }
+        if kind != StepKind::Measured {
             tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         }
@@ -556,6 +614,7 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
         saturation_deliveries_per_second: saturation,
         lossless_max_deliveries_per_second: lossless_max,
         server_disconnects: disconnects,
+        syscalls,
     };
     pool.close(Duration::from_secs(10)).await;
 
@@ -656,6 +715,22 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
             .map(|v| format!("{v} deliveries/s"))
             .unwrap_or_else(|| "none".into())
     );
+    if let Some(sc) = &r.syscalls {
+        let _ = writeln!(
+            md,
+            "\nSocket write calls (separate step at {}/s, `strace -c -f -e trace={}` on {} process(es) for {:.1} s): {:.3} per delivery (bounds {:.3}–{:.3}) over {} deliveries: {:?}{}",
+            sc.target_deliveries_per_second,
+            crate::strace::CALLS,
+            sc.processes,
+            sc.window_seconds,
+            sc.total_per_delivery,
+            sc.total_per_delivery_bounds.0,
+            sc.total_per_delivery_bounds.1,
+            sc.deliveries,
+            sc.calls,
+            sc.error.as_deref().map(|e| format!(" (error: {e})")).unwrap_or_default()
+        );
+    }
     out.write_md(&md)?;
     // Drop the CDF points from the JSON's steps only where huge; keep them (they are small).
     out.write_json(&Envelope {
@@ -673,6 +748,7 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
             payload_size: a.payload_size,
             p99_limit_ms: a.p99_limit_ms,
             warmup_seconds: a.warmup,
+            strace_seconds: a.strace_seconds,
             nodes: c.url.len(),
         },
         results: &r,
@@ -681,6 +757,66 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
         bail!("fanout: no notification was delivered");
     }
     Ok(())
+}
+
+/// Counts the socket write calls of `pids` over `window` seconds starting `lead` seconds into a
+/// step, and the deliveries the clients received meanwhile.
+async fn count_syscalls(
+    pids: &[u32],
+    shared: &Shared,
+    rate: u64,
+    lead: f64,
+    window: f64,
+) -> crate::strace::SyscallCount {
+    let mut c = crate::strace::SyscallCount {
+        target_deliveries_per_second: rate,
+        processes: pids.len(),
+        ..Default::default()
+    };
+    if pids.is_empty() {
+        c.error = Some("no --pid given".into());
+        return c;
+    }
+    tokio::time::sleep(Duration::from_secs_f64(lead.max(0.0))).await;
+    // strace counts from its attachment to its detachment, which take a while under load: the
+    // deliveries are counted both over the inner window (attached … detach asked) and the outer
+    // one (strace started … strace exited); the traced window lies between the two.
+    let outer0 = shared.received.load(Ordering::Relaxed);
+    let tracer = match crate::strace::attach(pids, Duration::from_millis(300)).await {
+        Ok(t) => t,
+        Err(e) => {
+            c.error = Some(format!("{e:#}"));
+            return c;
+        }
+    };
+    let r0 = shared.received.load(Ordering::Relaxed);
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(window)).await;
+    let r1 = shared.received.load(Ordering::Relaxed);
+    c.window_seconds = t0.elapsed().as_secs_f64();
+    let detached = tracer.detach().await;
+    let outer1 = shared.received.load(Ordering::Relaxed);
+    c.deliveries_inner = r1.saturating_sub(r0);
+    c.deliveries_outer = outer1.saturating_sub(outer0);
+    c.deliveries = (c.deliveries_inner + c.deliveries_outer) / 2;
+    match detached {
+        Ok(calls) => {
+            let d = c.deliveries.max(1) as f64;
+            let total = calls.values().sum::<u64>() as f64;
+            c.per_delivery = calls
+                .iter()
+                .map(|(k, v)| (k.clone(), *v as f64 / d))
+                .collect();
+            c.total_per_delivery = total / d;
+            c.total_per_delivery_bounds = (
+                total / c.deliveries_outer.max(1) as f64,
+                total / c.deliveries_inner.max(1) as f64,
+            );
+            c.calls = calls;
+        }
+        Err(e) => c.error = Some(format!("{e:#}")),
+    }
+    c
 }
 
 // ---------------------------------------------------------------- chat

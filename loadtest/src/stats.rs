@@ -257,6 +257,17 @@ pub struct Machine {
     pub kernel: String,
     pub memory_gib: f64,
     pub open_files_limit: u64,
+    /// 1-minute load average when the run started (/proc/loadavg).
+    #[serde(default)]
+    pub load_average_1m: f64,
+}
+
+/// The 1-minute load average (/proc/loadavg), 0 when it cannot be read.
+pub fn load_average_1m() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0.0)
 }
 
 pub fn machine() -> Machine {
@@ -285,6 +296,7 @@ pub fn machine() -> Machine {
         kernel,
         memory_gib: (mem_kb / 1024.0 / 1024.0 * 10.0).round() / 10.0,
         open_files_limit: raise_nofile(),
+        load_average_1m: load_average_1m(),
     }
 }
 

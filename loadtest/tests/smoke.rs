@@ -1,6 +1,7 @@
 //! The load-test smoke run (`loadtest/smoke.sh`): every scenario, small N, a few seconds each,
 //! against wsgate and the Socket.IO peer, so the load generator and the peer cannot rot.
-//! Runs on the binaries this `cargo test --workspace` built; needs `redis-server`, node and npm.
+//! Runs on the binaries this `cargo test --workspace` built; needs `redis-server`, `redis-cli`,
+//! `strace`, node and npm.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -19,6 +20,8 @@ fn every_scenario_runs_against_both_servers() {
         ("redis-server", "apt-get install redis-server"),
         ("node", "apt-get install nodejs npm (Node.js 18 or newer)"),
         ("npm", "apt-get install npm"),
+        ("redis-cli", "apt-get install redis-tools"),
+        ("strace", "apt-get install strace"),
     ] {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])

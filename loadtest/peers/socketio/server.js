@@ -9,7 +9,18 @@
 //   subscribes topic T joins `n:<user>:<T>`, `ALL` joins `n:<user>:*`), so a publish is one
 //   `io.to([...rooms]).emit()` and Socket.IO delivers each socket at most once;
 // - with --redis-url, @socket.io/redis-adapter carries broadcasts between nodes.
+//
+// Cluster mode (`--workers N`, N >= 1, the default 2): the primary forks N workers with
+// node:cluster; every worker listens on the same public and admin ports (the primary accepts and
+// hands connections round-robin, node's default on Linux) and uses @socket.io/redis-adapter on
+// the same Redis, so a publish that lands on one worker reaches sockets on the others. Only the
+// WebSocket transport is enabled: a connection is one TCP connection handled by the worker that
+// accepted it, so no sticky sessions are needed (HTTP long-polling would need them). The
+// admin API's /metrics sums over all workers (asked through the primary) plus the primary.
+// `--workers 0` runs one process without node:cluster, as before.
 
+const cluster = require('node:cluster');
+const fs = require('node:fs');
 const http = require('node:http');
 const crypto = require('node:crypto');
 const { Server } = require('socket.io');
@@ -34,7 +45,84 @@ const cfg = {
   authNegativeTtlMs: Number(arg('auth-negative-ttl-seconds', 'PEER_AUTH_NEGATIVE_TTL_SECONDS', '5')) * 1000,
   chatRoomTtlMs: Number(arg('chat-room-ttl-seconds', 'PEER_CHAT_ROOM_TTL_SECONDS', '10')) * 1000,
   backendTimeoutMs: Number(arg('backend-timeout-ms', 'PEER_BACKEND_TIMEOUT_MS', '2000')),
+  workers: Number(arg('workers', 'PEER_WORKERS', '2')),
+  readyFile: arg('ready-file', 'PEER_READY_FILE', ''),
 };
+const clustered = cfg.workers >= 1;
+
+if (clustered && cluster.isPrimary) {
+  runPrimary();
+} else {
+  runServer();
+}
+
+// ---------------------------------------------------------------- primary (cluster mode)
+
+function processStats() {
+  const cpu = process.cpuUsage();
+  return {
+    cpuSeconds: (cpu.user + cpu.system) / 1e6,
+    rssBytes: process.memoryUsage().rss,
+  };
+}
+
+function runPrimary() {
+  if (cfg.workers > 1 && !cfg.redisUrl) {
+    console.error('--workers > 1 needs --redis-url: the workers share broadcasts through Redis');
+    process.exit(64);
+  }
+  const ready = new Set();
+  const pending = new Map(); // request id -> { from, left, sum }
+  let stopping = false;
+  const sumInto = (sum, s) => {
+    for (const [k, v] of Object.entries(s)) sum[k] = (sum[k] || 0) + v;
+  };
+  for (let i = 0; i < cfg.workers; i++) cluster.fork();
+  cluster.on('exit', (w, code, signal) => {
+    if (stopping) return;
+    console.error(`worker ${w.process.pid} exited (${signal || code}); stopping`);
+    stopping = true;
+    for (const o of Object.values(cluster.workers)) o.kill();
+    process.exitCode = 1;
+  });
+  cluster.on('message', (w, m) => {
+    if (!m || typeof m !== 'object') return;
+    if (m.type === 'ready') {
+      ready.add(w.process.pid);
+      if (ready.size === cfg.workers) {
+        const pids = [process.pid, ...ready];
+        console.log(`socket.io peer primary ${process.pid}, workers ${[...ready].join(',')}`);
+        if (cfg.readyFile) fs.writeFileSync(cfg.readyFile, pids.join(',') + '\n');
+      }
+    } else if (m.type === 'stats?') {
+      // A worker answers /metrics: ask every worker, sum, add the primary's own process figures.
+      const all = Object.values(cluster.workers);
+      const sum = {};
+      sumInto(sum, processStats());
+      pending.set(m.id, { from: w, left: all.length, sum });
+      for (const o of all) o.send({ type: 'stats-req', id: m.id });
+    } else if (m.type === 'stats') {
+      const p = pending.get(m.id);
+      if (!p) return;
+      sumInto(p.sum, m.stats);
+      if (--p.left === 0) {
+        pending.delete(m.id);
+        if (p.from.isConnected()) p.from.send({ type: 'stats-sum', id: m.id, sum: p.sum });
+      }
+    }
+  });
+  const stop = () => {
+    stopping = true;
+    for (const w of Object.values(cluster.workers)) w.kill('SIGTERM');
+    setTimeout(() => process.exit(0), 1000).unref();
+  };
+  process.on('SIGTERM', stop);
+  process.on('SIGINT', stop);
+}
+
+// ---------------------------------------------------------------- server (worker or single process)
+
+function runServer() {
 
 function hostPort(s) {
   const i = s.lastIndexOf(':');
@@ -171,6 +259,8 @@ const httpServer = http.createServer((req, res) => {
 });
 const io = new Server(httpServer, {
   serveClient: false,
+  // WebSocket only: no HTTP long-polling, so no sticky sessions in cluster mode.
+  transports: ['websocket'],
   maxHttpBufferSize: 65536,
   perMessageDeflate: false,
   pingInterval: 30000,
@@ -239,22 +329,63 @@ function readBody(req, limit) {
   });
 }
 
-function metricsText() {
-  const cpu = process.cpuUsage();
-  const mem = process.memoryUsage();
+// This process's figures (a worker's share in cluster mode).
+function localStats() {
+  return {
+    ...processStats(),
+    notifications: io.of('/').sockets.size,
+    chat: chat.sockets.size,
+    authenticate: stats.authenticate,
+    chatRoom: stats.chatRoom,
+    published: stats.published,
+  };
+}
+
+// The figures of the whole server: in cluster mode summed over the workers and the primary.
+let statsSeq = 0;
+const statsWaiting = new Map();
+function serverStats() {
+  if (!cluster.isWorker) return Promise.resolve(localStats());
+  const id = `${process.pid}-${++statsSeq}`;
+  return new Promise((resolve) => {
+    const t = setTimeout(() => {
+      statsWaiting.delete(id);
+      resolve(localStats());
+    }, 2000);
+    statsWaiting.set(id, (sum) => {
+      clearTimeout(t);
+      resolve(sum);
+    });
+    process.send({ type: 'stats?', id });
+  });
+}
+if (cluster.isWorker) {
+  process.on('message', (m) => {
+    if (!m || typeof m !== 'object') return;
+    if (m.type === 'stats-req') process.send({ type: 'stats', id: m.id, stats: localStats() });
+    else if (m.type === 'stats-sum') {
+      const done = statsWaiting.get(m.id);
+      statsWaiting.delete(m.id);
+      if (done) done(m.sum);
+    }
+  });
+}
+
+async function metricsText() {
+  const s = await serverStats();
   return [
     `# TYPE process_cpu_seconds_total counter`,
-    `process_cpu_seconds_total ${(cpu.user + cpu.system) / 1e6}`,
+    `process_cpu_seconds_total ${s.cpuSeconds}`,
     `# TYPE process_resident_memory_bytes gauge`,
-    `process_resident_memory_bytes ${mem.rss}`,
+    `process_resident_memory_bytes ${s.rssBytes}`,
     `# TYPE peer_connections gauge`,
-    `peer_connections{endpoint="notifications"} ${io.of('/').sockets.size}`,
-    `peer_connections{endpoint="chat"} ${chat.sockets.size}`,
+    `peer_connections{endpoint="notifications"} ${s.notifications}`,
+    `peer_connections{endpoint="chat"} ${s.chat}`,
     `# TYPE peer_backend_calls_total counter`,
-    `peer_backend_calls_total{call="authenticate"} ${stats.authenticate}`,
-    `peer_backend_calls_total{call="chat_room"} ${stats.chatRoom}`,
+    `peer_backend_calls_total{call="authenticate"} ${s.authenticate}`,
+    `peer_backend_calls_total{call="chat_room"} ${s.chatRoom}`,
     `# TYPE peer_published_total counter`,
-    `peer_published_total ${stats.published}`,
+    `peer_published_total ${s.published}`,
     '',
   ].join('\n');
 }
@@ -265,8 +396,9 @@ const admin = http.createServer(async (req, res) => {
     if (req.method === 'GET' && url.pathname === '/healthz') return send(res, 200, { status: 'ok' });
     if (req.method === 'GET' && url.pathname === '/readyz') return send(res, 200, { status: 'ready' });
     if (req.method === 'GET' && url.pathname === '/metrics') {
+      const text = await metricsText();
       res.writeHead(200, { 'content-type': 'text/plain; version=0.0.4' });
-      return res.end(metricsText());
+      return res.end(text);
     }
     if (!url.pathname.startsWith('/api/v1/')) return send(res, 404, { error: 'not found' });
     if (!cfg.apiToken) return send(res, 403, { error: 'no --api-token configured: the publish API is disabled' });
@@ -338,10 +470,19 @@ async function main() {
   const adm = hostPort(cfg.adminListen);
   await new Promise((r) => httpServer.listen(pub.port, pub.host, r));
   await new Promise((r) => admin.listen(adm.port, adm.host, r));
+  let masking = 'JavaScript';
+  try {
+    if (require('bufferutil').mask.toString().includes('[native code]')) masking = 'bufferutil (native)';
+  } catch (e) {
+    // not installed: ws masks in JavaScript
+  }
   console.log(
-    `socket.io peer pid ${process.pid}: public ${cfg.listen}, admin ${cfg.adminListen}, back-end ${cfg.backendUrl}` +
-      (cfg.redisUrl ? ', redis adapter' : ', in-memory adapter'),
+    `socket.io peer ${cluster.isWorker ? 'worker' : 'pid'} ${process.pid}: public ${cfg.listen}, admin ${cfg.adminListen}, back-end ${cfg.backendUrl}` +
+      (cfg.redisUrl ? ', redis adapter' : ', in-memory adapter') +
+      `, frame masking: ${masking}`,
   );
+  if (cluster.isWorker) process.send({ type: 'ready' });
+  else if (cfg.readyFile) fs.writeFileSync(cfg.readyFile, `${process.pid}\n`);
 }
 
 function shutdown() {
@@ -356,3 +497,4 @@ main().catch((e) => {
   console.error(e);
   process.exit(1);
 });
+}
