@@ -171,6 +171,7 @@ impl AppState {
 struct NullSink;
 impl crate::broker::MessageSink for NullSink {
     fn deliver(&self, _: &[&str], _: bytes::Bytes, _: Option<crate::broker::StreamId>) {}
+    fn flush(&self) {}
 }
 
 /// The public router: `/notws` and `/chat`, nothing else.

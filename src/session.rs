@@ -242,6 +242,9 @@ async fn bounded(
     write: impl Future<Output = Result<(), axum::Error>>,
 ) -> Written {
     tokio::select! {
+        // The write first: one that completes at once (the socket had room) then neither
+        // registers a timer nor a waiter on `killed`.
+        biased;
         r = tokio::time::timeout(timeout, write) => match r {
             Ok(Ok(())) => Written::All,
             Ok(Err(_)) => Written::Failed,

@@ -328,3 +328,50 @@ async fn a_redis_failover_to_a_replica_loses_nothing_acknowledged() {
         "acknowledged but never delivered: {lost:?}"
     );
 }
+
+/// A publish to more users than one publish script call takes (128 channels a call) is split
+/// into several calls of one pipeline: every user gets it once, and every user's history holds
+/// it once, with the same payload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_to_hundreds_of_users_reaches_each_once_and_each_history() {
+    const USERS: usize = 300;
+    let users: Vec<String> = (0..USERS).map(|i| format!("u{i}")).collect();
+    let extra: Vec<(&str, &str)> = users.iter().map(|u| (u.as_str(), "BULK")).collect();
+    let redis = Redis::start();
+    let backend = Backend::start_with(&extra).await;
+    let a = Node::start(redis_config(&backend, &redis, "a")).await;
+    ready(&a).await;
+    let mut clients = Vec::with_capacity(USERS);
+    for u in &users {
+        clients.push(Client::subscribed(&a.notws(u)).await);
+    }
+    let (s, _) = a
+        .notify(json!({"userIds": users, "notification": notification("T", "to many")}))
+        .await;
+    assert_eq!(s, 202);
+    for (i, c) in clients.iter_mut().enumerate() {
+        let text = c
+            .recv_within(Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| panic!("user {i} got nothing"));
+        let v: serde_json::Value = serde_json::from_str(&text).expect("a JSON frame");
+        assert_eq!(v["title"], "to many", "user {i}");
+    }
+    for c in clients.iter_mut().take(5) {
+        c.expect_silence(Duration::from_millis(200)).await;
+    }
+    let mut conn = redis.conn();
+    for u in &users {
+        let entries: Vec<(String, Vec<Vec<u8>>)> = redis::cmd("XRANGE")
+            .arg(format!("{{zl:u:{u}}}:history"))
+            .arg("-")
+            .arg("+")
+            .query(&mut conn)
+            .expect("XRANGE");
+        assert_eq!(entries.len(), 1, "{u}'s history holds the publish once");
+        assert!(
+            String::from_utf8_lossy(&entries[0].1[1]).contains("to many"),
+            "{u}'s history holds the payload"
+        );
+    }
+}

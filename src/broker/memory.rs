@@ -138,6 +138,7 @@ impl MemoryBroker {
         // and one registry lock for a publish to many users.
         if !targets.is_empty() {
             self.sink.deliver(&targets, payload, position);
+            self.sink.flush();
         }
         Ok(())
     }
@@ -177,6 +178,7 @@ mod tests {
     struct Nothing;
     impl MessageSink for Nothing {
         fn deliver(&self, _: &[&str], _: Bytes, _: Option<StreamId>) {}
+        fn flush(&self) {}
     }
 
     #[test]

@@ -37,7 +37,14 @@ pub trait MessageSink: Send + Sync + 'static {
     /// all in one call, so the payload is decoded once; Redis hands one channel at a time.
     /// `position` is the message's place in its channels' history (`None` without history); a
     /// multi-channel call has one position, the same in every channel named.
+    ///
+    /// Delivering queues the message but wakes no writer: the broker calls [`flush`](Self::flush)
+    /// after each batch of messages it had at hand, so a connection that got several messages
+    /// in one batch writes them with one system call.
     fn deliver(&self, channels: &[&str], payload: Bytes, position: Option<StreamId>);
+
+    /// Wakes the writers of everything delivered since the last call.
+    fn flush(&self);
 }
 
 #[derive(Debug, Clone, thiserror::Error)]

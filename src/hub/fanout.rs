@@ -3,12 +3,18 @@
 //! channel in the registry (for a drained connection's resume record) and travels with each
 //! queued copy (a few copied bytes, no allocation), so a resumed connection can drop live
 //! copies of what it replayed.
+//!
+//! Writers are woken after the broker's batch (`MessageSink::flush`), not per message: the
+//! registry lock is released first, and a connection that got several messages of one batch
+//! writes them all with one system call.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 
 use super::channel::Channel;
 use super::outbound::{Outgoing, Push};
-use super::registry::{Registry, UserEntry};
+use super::registry::{Connection, Registry, UserEntry};
 use super::resume::Slot;
 use crate::broker::{MessageSink, StreamId};
 use crate::protocol::{self, Endpoint, Kind};
@@ -20,7 +26,14 @@ struct Counts {
     dropped: u64,
 }
 
-fn to_user(user: &UserEntry, msg: &Outgoing, endpoint: Endpoint, topic: &str, n: &mut Counts) {
+fn to_user(
+    user: &UserEntry,
+    msg: &Outgoing,
+    endpoint: Endpoint,
+    topic: &str,
+    n: &mut Counts,
+    wakes: &mut Vec<Arc<Connection>>,
+) {
     for c in &user.conns {
         if c.conn.endpoint != endpoint || (endpoint == Endpoint::Notws && !c.topics.matches(topic))
         {
@@ -28,6 +41,10 @@ fn to_user(user: &UserEntry, msg: &Outgoing, endpoint: Endpoint, topic: &str, n:
         }
         match c.conn.outbound.push(msg) {
             Push::Queued => n.delivered += 1,
+            Push::First => {
+                n.delivered += 1;
+                wakes.push(c.conn.clone());
+            }
             Push::Overflow => {
                 n.overflowed += 1;
                 n.dropped += 1;
@@ -81,7 +98,7 @@ impl MessageSink for Registry {
                         if let Some(user) = inner.users.get_mut(u) {
                             advance(&mut user.position, position);
                             msg.position = position.map(|p| (Slot::User, p));
-                            to_user(user, &msg, endpoint, topic, &mut n);
+                            to_user(user, &msg, endpoint, topic, &mut n, &mut inner.wakes);
                         }
                     }
                     Some(Channel::Tenant(t)) => {
@@ -90,7 +107,7 @@ impl MessageSink for Registry {
                             msg.position = position.map(|p| (Slot::Tenant, p));
                             for u in &users.users {
                                 if let Some(user) = inner.users.get(u) {
-                                    to_user(user, &msg, endpoint, topic, &mut n);
+                                    to_user(user, &msg, endpoint, topic, &mut n, &mut inner.wakes);
                                 }
                             }
                         }
@@ -99,7 +116,7 @@ impl MessageSink for Registry {
                         advance(&mut inner.everyone_position, position);
                         msg.position = position.map(|p| (Slot::Everyone, p));
                         for user in inner.users.values() {
-                            to_user(user, &msg, endpoint, topic, &mut n);
+                            to_user(user, &msg, endpoint, topic, &mut n, &mut inner.wakes);
                         }
                     }
                     None => {}
@@ -118,4 +135,24 @@ impl MessageSink for Registry {
             m.slow_consumer_disconnects.inc_by(n.overflowed);
         }
     }
+
+    fn flush(&self) {
+        let mut wakes = std::mem::take(&mut self.inner.lock().wakes);
+        if wakes.is_empty() {
+            return;
+        }
+        for conn in wakes.drain(..) {
+            conn.outbound.wake();
+        }
+        // The emptied buffer goes back for the next batch, unless a huge batch grew it.
+        if wakes.capacity() <= MAX_KEPT_WAKES {
+            let mut inner = self.inner.lock();
+            if inner.wakes.is_empty() {
+                inner.wakes = wakes;
+            }
+        }
+    }
 }
+
+/// Wake-up buffer kept between batches (entries; 8 bytes each).
+const MAX_KEPT_WAKES: usize = 4096;

@@ -124,6 +124,7 @@ impl Hub {
             names: ChannelNames::new(prefix),
             on_revoke: std::sync::OnceLock::new(),
             revocations: AtomicU64::new(0),
+            ping_slots: sweep::PingSlots::new(),
         });
         let broker = make_broker(registry.clone());
         Arc::new(Hub {
@@ -257,6 +258,7 @@ impl Hub {
                     .insert(identity.user_id.clone());
             }
             inner.connections += 1;
+            self.registry.ping_slots.add(&conn);
             let subscribed = self.acquire(&mut inner, &channels);
             let online = first.then(|| {
                 self.broker
@@ -329,6 +331,7 @@ impl Hub {
             return;
         }
         inner.connections -= 1;
+        self.registry.ping_slots.remove(conn.id);
         if last {
             if let Some(user) = inner.users.remove(user_id) {
                 if let Some(t) = user.tenant {

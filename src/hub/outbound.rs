@@ -54,7 +54,11 @@ pub struct Outbound {
 /// Why a push did not queue the message.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Push {
+    /// Queued behind others: the writer is already due to wake.
     Queued,
+    /// Queued into an empty queue: the writer must be woken (`wake`), which the fan-out does
+    /// after the whole batch of broker messages, so that a burst is written in one go.
+    First,
     /// The queue overflowed just now: the connection is being closed.
     Overflow,
     /// The connection is already closing.
@@ -79,6 +83,7 @@ impl Outbound {
         }
     }
 
+    /// Queues a message without waking the writer; [`Push::First`] says a wake is owed.
     pub(super) fn push(&self, msg: &Outgoing) -> Push {
         let mut s = self.state.lock();
         if s.closed.is_some() {
@@ -99,11 +104,16 @@ impl Outbound {
         let was_empty = s.queue.is_empty();
         s.bytes += len;
         s.queue.push_back(msg.clone());
-        drop(s);
         if was_empty {
-            self.ready.notify_one();
+            Push::First
+        } else {
+            Push::Queued
         }
-        Push::Queued
+    }
+
+    /// Wakes the writer for what [`push`](Self::push) queued.
+    pub(super) fn wake(&self) {
+        self.ready.notify_one();
     }
 
     /// Moves every queued message into `into` (which must be empty), so the writer can feed them

@@ -85,6 +85,8 @@ pub(super) struct Inner {
     pub(super) everyone_position: Option<StreamId>,
     pub(super) channels: Channels,
     pub(super) connections: usize,
+    /// Writers owed a wake-up by the fan-out since the broker's last flush (`fanout.rs`).
+    pub(super) wakes: Vec<Arc<Connection>>,
 }
 
 /// The registry is the broker's [`MessageSink`](crate::broker::MessageSink): it owns no broker, so
@@ -97,4 +99,6 @@ pub struct Registry {
     /// Revocations applied so far; a handshake that saw it change while it was authenticating
     /// checks its credential again (see [`Hub::revocations`](super::Hub::revocations)).
     pub(super) revocations: AtomicU64,
+    /// The connections by ping slot, for the heartbeat (`sweep.rs`).
+    pub(super) ping_slots: super::sweep::PingSlots,
 }

@@ -1,9 +1,12 @@
 //! The node's ping sweep and its drain: both reach sessions through their outbound queues, so no
 //! session carries a timer of its own.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
+
+use parking_lot::Mutex;
 
 use super::registry::{now_ms, Connection};
 use super::Hub;
@@ -11,6 +14,40 @@ use crate::disconnect::CloseReason;
 
 /// Ping slots: each connection is pinged in one of these slices of the interval.
 const PING_SLOTS: u32 = 32;
+
+/// The connections of each ping slot, apart from the registry: a sweep visits only the slice it
+/// pings, and takes neither the registry lock (which the fan-out needs) nor the other slices.
+pub(super) struct PingSlots {
+    slots: Box<[Mutex<Slice>]>,
+}
+
+/// One slice's connections, by id.
+type Slice = HashMap<u64, Arc<Connection>>;
+
+impl PingSlots {
+    pub(super) fn new() -> PingSlots {
+        PingSlots {
+            slots: (0..PING_SLOTS).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    fn slot(&self, id: u64) -> &Mutex<Slice> {
+        &self.slots[(id % u64::from(PING_SLOTS)) as usize]
+    }
+
+    pub(super) fn add(&self, conn: &Arc<Connection>) {
+        self.slot(conn.id).lock().insert(conn.id, conn.clone());
+    }
+
+    pub(super) fn remove(&self, id: u64) {
+        let mut slot = self.slot(id).lock();
+        slot.remove(&id);
+        if slot.capacity() > 64 && slot.len() < slot.capacity() / 4 {
+            // A storm of connections came and went: give the table back.
+            slot.shrink_to_fit();
+        }
+    }
+}
 
 /// The node's heartbeat, instead of a timer per connection: every `interval / PING_SLOTS` one
 /// slice of the connections (by id) is visited; a peer silent for two intervals is closed (4000),
@@ -26,17 +63,12 @@ pub(super) async fn heartbeat(hub: Weak<Hub>, interval: Duration) {
         slot = (slot + 1) % u64::from(PING_SLOTS);
         let Some(hub) = hub.upgrade() else { return };
         let silent_since = now_ms().saturating_sub(2 * interval.as_millis() as u64);
-        let inner = hub.registry.inner.lock();
-        for user in inner.users.values() {
-            for c in &user.conns {
-                if c.conn.id % u64::from(PING_SLOTS) != slot {
-                    continue;
-                }
-                if c.conn.last_seen.load(Ordering::Relaxed) < silent_since {
-                    c.conn.outbound.close(CloseReason::PingTimeout);
-                } else {
-                    c.conn.outbound.request_ping();
-                }
+        let conns = hub.registry.ping_slots.slot(slot).lock();
+        for conn in conns.values() {
+            if conn.last_seen.load(Ordering::Relaxed) < silent_since {
+                conn.outbound.close(CloseReason::PingTimeout);
+            } else {
+                conn.outbound.request_ping();
             }
         }
     }
