@@ -7,6 +7,15 @@ use tracing_subscriber::EnvFilter;
 use wsgate::config::{Cli, Command, ServeArgs, EXIT_CONFIG};
 use wsgate::{demo, server};
 
+// The allocator: see ARCHITECTURE.md, "Memory per connection".
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[cfg(all(feature = "mimalloc", not(feature = "jemalloc")))]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
