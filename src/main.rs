@@ -25,10 +25,6 @@ static JEMALLOC_CONF: Option<&'static u8> = Some(&JEMALLOC_OPTIONS[0]);
 #[cfg(feature = "jemalloc")]
 const JEMALLOC_OPTIONS: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
 
-#[cfg(all(feature = "mimalloc", not(feature = "jemalloc")))]
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
