@@ -7,6 +7,24 @@ use tracing_subscriber::EnvFilter;
 use wsgate::config::{Cli, Command, ServeArgs, EXIT_CONFIG};
 use wsgate::{demo, server};
 
+// The allocator: see ARCHITECTURE.md, "Memory per connection". jemalloc by default: its
+// size-class slabs keep the many small blocks an idle connection holds apart from the large
+// transient buffers of a handshake, so a reconnect storm leaves less memory behind than with
+// glibc's malloc.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read once at start (`_RJEM_MALLOC_CONF` in the environment still
+/// overrides them): a background thread returns freed pages to the system within about a second
+/// even when the node is idle afterwards (without it, pages are purged only while the process
+/// allocates), and pages are returned at once instead of being kept as lazily freed.
+#[cfg(feature = "jemalloc")]
+#[export_name = "_rjem_malloc_conf"]
+static JEMALLOC_CONF: Option<&'static u8> = Some(&JEMALLOC_OPTIONS[0]);
+#[cfg(feature = "jemalloc")]
+const JEMALLOC_OPTIONS: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
