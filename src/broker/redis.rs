@@ -82,20 +82,26 @@ impl Shared {
 
     /// A canary came back on `channel`.
     fn canary_arrived(&self, channel: &str) {
-        let now = self.since_epoch();
         if let Some(c) = self
             .canaries
             .lock()
             .iter_mut()
             .find(|c| c.canary.channel == channel)
         {
-            c.seen = now;
+            c.waiting_since = None;
+        }
+    }
+
+    /// The canaries are being sent now.
+    fn canaries_sent(&self) {
+        let now = self.since_epoch();
+        for c in self.canaries.lock().iter_mut() {
+            c.waiting_since.get_or_insert(now);
         }
     }
 
     /// Starts watching these canaries (after a (re)connect): all fresh, one gauge per shard.
     fn watch(&self, canaries: Vec<ShardCanary>) {
-        let now = self.since_epoch();
         let mut current = self.canaries.lock();
         for old in current.iter() {
             if !canaries.iter().any(|c| c.shard == old.canary.shard) {
@@ -107,7 +113,10 @@ impl Shared {
         }
         *current = canaries
             .into_iter()
-            .map(|canary| Canary { canary, seen: now })
+            .map(|canary| Canary {
+                canary,
+                waiting_since: None,
+            })
             .collect();
         for c in current.iter() {
             self.metrics
@@ -123,7 +132,7 @@ impl Shared {
         self.canaries
             .lock()
             .iter()
-            .map(|c| (c.canary.shard.clone(), now.saturating_sub(c.seen)))
+            .filter_map(|c| Some((c.canary.shard.clone(), now.saturating_sub(c.waiting_since?))))
             .find(|(_, late)| *late > CANARY_DEADLINE.as_millis() as u64)
     }
 
@@ -140,8 +149,11 @@ impl Shared {
 
 struct Canary {
     canary: ShardCanary,
-    /// Milliseconds since `epoch` when it last came back.
-    seen: u64,
+    /// Milliseconds since `epoch` when the oldest canary not yet back was sent (`None`: every
+    /// canary sent came back). Lateness counts from the send, not from the last arrival: an
+    /// actor busy restoring thousands of subscriptions in a reconnect storm sends no canary for
+    /// a while, and that is not a lost subscription.
+    waiting_since: Option<u64>,
 }
 
 pub struct RedisBroker {
@@ -699,6 +711,7 @@ impl Actor {
     /// Publishes the canaries (one per shard) without blocking the actor: a Redis that hangs
     /// shows up as a canary that does not come back.
     fn send_canary(&self) {
+        self.shared.canaries_sent();
         let channels: Vec<String> = self
             .shared
             .canaries
