@@ -7,8 +7,13 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 "$here/compare.sh" --smoke --out "$out" "$@"
-# Every scenario must have produced a result for both targets.
 missing=0
+# compare.sh goes on past a run that failed its own checks (and lists it); the smoke run does not.
+if [[ -s "$out/failed-runs.txt" ]]; then
+  echo "smoke: runs that failed their checks: $(tr '\n' ' ' <"$out/failed-runs.txt")" >&2
+  missing=1
+fi
+# Every scenario must have produced a result for both targets.
 for s in idle fanout burst chat storm backend-storm memory-100 memory-300; do
   for t in wsgate socketio; do
     if [[ ! -s "$out/$s-$t-r1.json" ]]; then

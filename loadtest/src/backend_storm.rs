@@ -13,6 +13,7 @@ use anyhow::{bail, Context};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Clone, Debug)]
@@ -38,6 +39,10 @@ pub struct BackendStormArgs {
     /// server's RSS (memory per connection after a storm); 0 = close at once.
     #[arg(long, default_value_t = 0.0)]
     pub hold: f64,
+    /// Clients between their first attempt and getting in at once (0 = all of them): a larger
+    /// storm comes in waves of this size, each client retrying as told until it is in.
+    #[arg(long, default_value_t = 0)]
+    pub wave: usize,
 }
 
 #[derive(Serialize, Default)]
@@ -113,6 +118,11 @@ pub async fn run(a: BackendStormArgs) -> anyhow::Result<()> {
         a.connections
     );
     let start = Instant::now();
+    let wave = Arc::new(tokio::sync::Semaphore::new(if a.wave == 0 {
+        a.connections.max(1)
+    } else {
+        a.wave
+    }));
     let mut joins = Vec::with_capacity(a.connections);
     for i in 0..a.connections {
         let spec = ClientSpec {
@@ -123,7 +133,9 @@ pub async fn run(a: BackendStormArgs) -> anyhow::Result<()> {
             index: i,
             source_ips: c.source_ips,
         };
+        let wave = wave.clone();
         joins.push(tokio::spawn(async move {
+            let _in_wave = wave.acquire_owned().await;
             let (mut attempts, mut with_retry_after) = (0u64, 0u64);
             let mut errs: Vec<String> = Vec::new();
             loop {
