@@ -72,6 +72,9 @@ async fn authenticate(State(p): State<Arc<Pool>>, headers: HeaderMap) -> Respons
     p.calls.fetch_add(1, Ordering::Relaxed);
     let now = p.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     p.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    // Counted out when the call ends either way: a caller that gives up closes its connection,
+    // and the server drops this future without running the rest of it.
+    let _in_flight = InFlight(&p.in_flight);
     let key = headers
         .get("api_key")
         .and_then(|v| v.to_str().ok())
@@ -100,8 +103,16 @@ async fn authenticate(State(p): State<Arc<Pool>>, headers: HeaderMap) -> Respons
         }
         Err(_) => StatusCode::SERVICE_UNAVAILABLE.into_response(),
     };
-    p.in_flight.fetch_sub(1, Ordering::SeqCst);
     resp
+}
+
+/// One call in flight, counted out on drop.
+struct InFlight<'a>(&'a AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 async fn stats(State(p): State<Arc<Pool>>) -> Json<serde_json::Value> {
