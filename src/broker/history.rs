@@ -138,23 +138,10 @@ impl Positions {
         self.last.contains_key(channel)
     }
 
-    /// Judges a message by its position (channels without history are always delivered).
-    pub fn judge(&self, channel: &str, prev: Option<StreamId>, id: Option<StreamId>) -> Verdict {
-        let (Some(id), Some(Some(last))) = (id, self.last.get(channel)) else {
-            return Verdict::Deliver;
-        };
-        if id <= *last {
-            return Verdict::Duplicate;
-        }
-        match prev {
-            Some(p) if p > *last => Verdict::Gap { after: *last },
-            _ => Verdict::Deliver,
-        }
-    }
-
-    /// Records a delivered position (only for channels still subscribed, only forwards).
-    /// [`judge`](Self::judge), and records the message as delivered when the verdict is
-    /// [`Verdict::Deliver`]: the reader's hot path, one hash look-up per message.
+    /// Judges a message by its position (channels without history, and channels not
+    /// subscribed, are always delivered) and records it as delivered when the verdict is
+    /// [`Verdict::Deliver`]: the reader's hot path, one hash look-up per message. A gap is not
+    /// recorded: the message is recorded after what the gap recovers.
     pub fn admit(
         &mut self,
         channel: &str,
@@ -182,6 +169,7 @@ impl Positions {
         }
     }
 
+    /// Records a delivered position (only for channels still subscribed, only forwards).
     pub fn delivered(&mut self, channel: &str, id: StreamId) {
         if let Some(slot) = self.last.get_mut(channel) {
             if slot.is_none_or(|l| l < id) {
@@ -217,21 +205,10 @@ mod tests {
     }
 
     #[test]
-    fn positions_find_gaps_and_duplicates() {
+    fn unsubscribed_channels_are_forgotten() {
         let mut p = Positions::default();
         p.subscribed(&["c".into()]);
-        let id = |n| Some(StreamId(n, 0));
-        assert_eq!(p.judge("c", id(1), id(2)), Verdict::Deliver);
         p.delivered("c", StreamId(2, 0));
-        assert_eq!(p.judge("c", id(2), id(3)), Verdict::Deliver);
-        assert_eq!(p.judge("c", id(1), id(2)), Verdict::Duplicate);
-        assert_eq!(
-            p.judge("c", id(4), id(5)),
-            Verdict::Gap {
-                after: StreamId(2, 0)
-            }
-        );
-        assert_eq!(p.judge("other", id(4), id(5)), Verdict::Deliver);
         p.unsubscribed(&["c".into()]);
         p.delivered("c", StreamId(9, 0));
         assert!(p.known().is_empty());

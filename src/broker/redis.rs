@@ -92,12 +92,14 @@ impl Shared {
         }
     }
 
-    /// The canaries are being sent now.
-    fn canaries_sent(&self) {
+    /// The canaries are being sent now: marks them awaited and names their channels.
+    fn canaries_sent(&self) -> Vec<String> {
         let now = self.since_epoch();
-        for c in self.canaries.lock().iter_mut() {
+        let mut canaries = self.canaries.lock();
+        for c in canaries.iter_mut() {
             c.waiting_since.get_or_insert(now);
         }
+        canaries.iter().map(|c| c.canary.channel.clone()).collect()
     }
 
     /// Starts watching these canaries (after a (re)connect): all fresh, one gauge per shard.
@@ -711,14 +713,7 @@ impl Actor {
     /// Publishes the canaries (one per shard) without blocking the actor: a Redis that hangs
     /// shows up as a canary that does not come back.
     fn send_canary(&self) {
-        self.shared.canaries_sent();
-        let channels: Vec<String> = self
-            .shared
-            .canaries
-            .lock()
-            .iter()
-            .map(|c| c.canary.channel.clone())
-            .collect();
+        let channels = self.shared.canaries_sent();
         let publish = self.keys.publish_cmd();
         for channel in channels {
             let pool = self.pool.clone();
