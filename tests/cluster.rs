@@ -352,10 +352,12 @@ async fn a_silently_dead_subscription_is_detected_by_the_canary() {
     let node = Node::start(redis_config(&backend, &redis, "canary", "n0")).await;
     ready(&node).await;
     let mut alice = Client::subscribed(&node.notws("alice")).await;
-    // Redis stops answering while every connection stays open: nothing arrives any more.
+    // Redis stops answering while every connection stays open: nothing arrives any more. A
+    // canary is late 4 s after the first one sent into the silence (up to a canary interval
+    // after it began), and the check runs once a second: 10 s leaves a loaded machine room.
     let _: () = redis::cmd("CLIENT")
         .arg("PAUSE")
-        .arg(7000)
+        .arg(10000)
         .arg("ALL")
         .query(&mut redis.conn())
         .expect("CLIENT PAUSE");
