@@ -6,6 +6,9 @@
 //! - Accepted keys live `--auth-ttl`, rejected keys `--auth-negative-ttl` (per-entry expiry).
 //! - Concurrent misses for one key are coalesced into one back-end call (moka's
 //!   `or_try_insert_with`): a reconnect storm of N tabs costs one call, not N.
+//! - A call that reached the back-end is finished and cached even when its handshake is gone
+//!   (a client that gave up in a storm comes back to a cached answer); a handshake that goes
+//!   while still queued for a slot takes its place in the queue with it.
 //! - Back-end failures are not cached. With `--auth-serve-stale` a key that was accepted within
 //!   that window is still accepted while the back-end is unreachable.
 
@@ -176,6 +179,33 @@ impl Auth {
         }
     }
 
+    /// Asks the back-end. The wait for a slot ends with the handshake that waits; a call that
+    /// has reached the back-end runs to its end in a task of its own, and if its handshake has
+    /// gone by then (a client that gave up in a storm) the answer is cached for the retry: the
+    /// back-end has done the work, and the retry would otherwise cost a second call.
+    async fn ask(&self, h: KeyHash, credential: &Credential) -> Result<Outcome, BackendError> {
+        let slot = self.backend.slot().await?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let backend = self.backend.clone();
+        let credential = credential.clone();
+        let keep = (self.cache.clone(), self.stale.clone());
+        tokio::spawn(async move {
+            let answer = match backend.authenticate_in(slot, &credential).await {
+                Ok(id) => Ok(Outcome::Valid(id)),
+                Err(BackendError::Rejected) | Err(BackendError::NotFound) => Ok(Outcome::Rejected),
+                Err(e) => Err(e),
+            };
+            if let Err(Ok(outcome)) = tx.send(answer) {
+                let (cache, stale) = keep;
+                remember_stale(stale.as_ref(), h, &outcome).await;
+                cache.insert(h, outcome).await;
+            }
+        });
+        // The task ends only by sending; a panic in it is a failed call.
+        rx.await
+            .unwrap_or(Err(BackendError::InvalidResponse("no answer")))
+    }
+
     /// Who this credential belongs to. One back-end call per credential per TTL at most, however
     /// many connections ask at once.
     pub async fn authenticate(&self, credential: &Credential) -> Result<Identity, AuthError> {
@@ -183,15 +213,7 @@ impl Auth {
         let entry = self
             .cache
             .entry(h)
-            .or_try_insert_with(async {
-                match self.backend.authenticate(credential).await {
-                    Ok(id) => Ok(Outcome::Valid(id)),
-                    Err(BackendError::Rejected) | Err(BackendError::NotFound) => {
-                        Ok(Outcome::Rejected)
-                    }
-                    Err(e) => Err(e),
-                }
-            })
+            .or_try_insert_with(self.ask(h, credential))
             .await;
         match entry {
             Ok(entry) => {
@@ -200,9 +222,8 @@ impl Auth {
                     Outcome::Valid(id) => {
                         if fresh {
                             self.metrics.auth_miss.inc();
-                            if let Some(stale) = &self.stale {
-                                stale.insert(h, id.clone()).await;
-                            }
+                            remember_stale(self.stale.as_ref(), h, &Outcome::Valid(id.clone()))
+                                .await;
                         } else {
                             self.metrics.auth_hit.inc();
                         }
@@ -211,9 +232,7 @@ impl Auth {
                     Outcome::Rejected => {
                         if fresh {
                             self.metrics.auth_miss.inc();
-                            if let Some(stale) = &self.stale {
-                                stale.invalidate(&h).await;
-                            }
+                            remember_stale(self.stale.as_ref(), h, &Outcome::Rejected).await;
                         } else {
                             self.metrics.auth_negative_hit.inc();
                         }
@@ -232,6 +251,16 @@ impl Auth {
                 Err(AuthError::Unavailable)
             }
         }
+    }
+}
+
+/// Keeps a fresh answer for `--auth-serve-stale`: an accepted key is served while the back-end
+/// is down, a rejected one never again.
+async fn remember_stale(stale: Option<&Cache<KeyHash, Identity>>, h: KeyHash, outcome: &Outcome) {
+    let Some(stale) = stale else { return };
+    match outcome {
+        Outcome::Valid(id) => stale.insert(h, id.clone()).await,
+        Outcome::Rejected => stale.invalidate(&h).await,
     }
 }
 

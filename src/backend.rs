@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::{StatusCode, Url};
 use serde_json::Value;
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::identity::Identity;
 use crate::metrics::{BackendCall, Metrics};
@@ -107,7 +107,7 @@ pub struct Backend {
     session_tenant_pointer: Option<String>,
     metrics: Arc<Metrics>,
     /// `--backend-concurrency` permits.
-    slots: Semaphore,
+    slots: Arc<Semaphore>,
     /// Calls waiting for a permit now.
     waiting: AtomicUsize,
     queue_limit: usize,
@@ -117,13 +117,14 @@ pub struct Backend {
 /// How long an idle connection to the back-end is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// One of the `--backend-concurrency` slots, held for the duration of a call.
-struct InFlight<'a> {
-    _permit: SemaphorePermit<'a>,
-    metrics: &'a Metrics,
+/// One of the `--backend-concurrency` slots, held for the duration of a call. Owned, so that a
+/// call can outlive the handshake that queued it ([`crate::auth`]).
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for Slot {
     fn drop(&mut self) {
         self.metrics.backend_in_flight.dec();
     }
@@ -164,7 +165,7 @@ impl Backend {
             session_user_pointer: cfg.session_user_pointer.clone(),
             session_tenant_pointer: cfg.session_tenant_pointer.clone(),
             metrics,
-            slots: Semaphore::new(cfg.backend_concurrency),
+            slots: Arc::new(Semaphore::new(cfg.backend_concurrency)),
             waiting: AtomicUsize::new(0),
             queue_limit: cfg.backend_queue,
             queue_timeout: cfg.backend_queue_timeout,
@@ -172,10 +173,10 @@ impl Backend {
     }
 
     /// Takes a slot, waiting in the bounded queue if all are taken (the semaphore is fair: first
-    /// come, first served).
-    async fn slot(&self) -> Result<InFlight<'_>, BackendError> {
+    /// come, first served). Dropping the wait leaves the queue.
+    pub async fn slot(&self) -> Result<Slot, BackendError> {
         let started = Instant::now();
-        let permit = match self.slots.try_acquire() {
+        let permit = match self.slots.clone().try_acquire_owned() {
             Ok(p) => {
                 self.metrics.backend_queue_wait.observe(0.0);
                 p
@@ -188,7 +189,9 @@ impl Backend {
                 }
                 self.metrics.backend_queued.inc();
                 let _place = Waiting(self);
-                let got = tokio::time::timeout(self.queue_timeout, self.slots.acquire()).await;
+                let got =
+                    tokio::time::timeout(self.queue_timeout, self.slots.clone().acquire_owned())
+                        .await;
                 self.metrics
                     .backend_queue_wait
                     .observe(started.elapsed().as_secs_f64());
@@ -203,9 +206,9 @@ impl Backend {
             }
         };
         self.metrics.backend_in_flight.inc();
-        Ok(InFlight {
+        Ok(Slot {
             _permit: permit,
-            metrics: &self.metrics,
+            metrics: self.metrics.clone(),
         })
     }
 
@@ -214,14 +217,15 @@ impl Backend {
         call: BackendCall,
         url: Url,
         credential: &Credential,
+        slot: Slot,
     ) -> Result<Value, BackendError> {
-        let _slot = self.slot().await?;
         let started = Instant::now();
         let result = self.get_json_inner(url, credential).await;
         self.metrics
             .backend_duration
             .with_label_values(&[call.as_str()])
             .observe(started.elapsed().as_secs_f64());
+        drop(slot);
         if let Err(e) = &result {
             if let Some(kind) = e.kind() {
                 self.metrics.backend_error(call, kind);
@@ -258,6 +262,16 @@ impl Backend {
     /// Says who a credential belongs to: an API key with the Authenticate call, session cookies
     /// with the whoami call, each read at its own JSON pointers.
     pub async fn authenticate(&self, credential: &Credential) -> Result<Identity, BackendError> {
+        let slot = self.slot().await?;
+        self.authenticate_in(slot, credential).await
+    }
+
+    /// [`Backend::authenticate`] in a slot already taken.
+    pub async fn authenticate_in(
+        &self,
+        slot: Slot,
+        credential: &Credential,
+    ) -> Result<Identity, BackendError> {
         let (call, url, user_pointer, tenant_pointer) = match credential {
             Credential::ApiKey(_) => (
                 BackendCall::Authenticate,
@@ -272,7 +286,7 @@ impl Backend {
                 &self.session_tenant_pointer,
             ),
         };
-        let v = self.get_json(call, url.clone(), credential).await?;
+        let v = self.get_json(call, url.clone(), credential, slot).await?;
         identity_from(&v, user_pointer, tenant_pointer.as_deref())
     }
 
@@ -284,8 +298,9 @@ impl Backend {
     ) -> Result<Vec<String>, BackendError> {
         let mut url = self.chat_room_url.clone();
         url.query_pairs_mut().append_pair("chatRoomId", room_id);
+        let slot = self.slot().await?;
         let v = self
-            .get_json(BackendCall::ChatRoom, url, credential)
+            .get_json(BackendCall::ChatRoom, url, credential, slot)
             .await?;
         members_of(&v).ok_or(BackendError::NotFound)
     }

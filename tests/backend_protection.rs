@@ -273,3 +273,70 @@ async fn calls_beyond_the_queue_bound_are_refused_at_once() {
     );
     assert!(backend.max_in_flight() <= 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_in_flight_when_its_client_gives_up_still_fills_the_cache() {
+    let backend = SlowBackend::start().await;
+    let mut cfg = backend.config();
+    cfg.backend_concurrency = 1;
+    cfg.backend_timeout = Duration::from_secs(10);
+    cfg.backend_queue_timeout = Duration::from_secs(30);
+    let node = Node::start(cfg).await;
+
+    // One slot: the first key's call is at the back-end (25 ms), the others wait for the slot
+    // when every client gives up after 10 ms, as clients with a short handshake deadline do
+    // in a storm.
+    let users = users(6);
+    let mut tasks = Vec::new();
+    for u in &users {
+        let url = node.notws(u);
+        tasks.push(tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_millis(10), handshake(url))
+                .await
+                .is_err()
+        }));
+        if tasks.len() == 1 {
+            // The first key takes the slot before the others queue.
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+    }
+    for t in tasks {
+        assert!(
+            t.await.expect("handshake task"),
+            "a handshake ended within 10 ms"
+        );
+    }
+    // The call at the back-end finishes without a client; the queued ones left with theirs.
+    common::eventually(
+        Duration::from_secs(5),
+        "the back-end call to finish",
+        || async {
+            let scrape = node.metrics().await;
+            metric(&scrape, "wsgate_backend_in_flight") == 0.0
+                && metric(&scrape, "wsgate_backend_queued") == 0.0
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let first = format!("key-{}", users[0]);
+    let calls = backend.calls();
+    assert_eq!(
+        calls.get(&first),
+        Some(&1),
+        "the first key's call: {calls:?}"
+    );
+
+    // Every client comes back: the first key's answer was kept, the others are asked once.
+    let outcomes = storm(&node, &users, 1).await;
+    assert!(
+        outcomes.iter().all(|o| matches!(o, Outcome::Connected(_))),
+        "every client connected on its retry"
+    );
+    let calls = backend.calls();
+    let repeated: Vec<_> = calls.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(
+        repeated.is_empty(),
+        "keys asked more than once: {repeated:?}"
+    );
+    assert_eq!(calls.len(), 6, "every key was asked: {calls:?}");
+}
