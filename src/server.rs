@@ -555,10 +555,12 @@ async fn upgrade(
         .write_buffer_size(WRITE_BUFFER_SIZE)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| async move {
-            session::run(socket, session, &node).await;
-            drop(slot);
-            drop(token);
+        .on_upgrade(move |socket| {
+            // A task of its own rather than inside axum's upgrade task: that task keeps the
+            // upgrade's state and this closure for as long as its callback runs, doubling what
+            // an idle connection costs (ARCHITECTURE.md, "Memory per connection").
+            tokio::spawn(session::run(socket, session, node, (slot, token)));
+            std::future::ready(())
         });
     if let (ResumeKey::Cookie(id), false) = (&resume_key, state.config.resume_window.is_zero()) {
         let cookie = format!(

@@ -87,124 +87,140 @@ pub struct Session {
     pub credential: crate::backend::Credential,
 }
 
-/// Runs a connection until it closes. Pings, ping timeouts and the drain come from the hub
-/// (one sweep per node, not a timer per connection) through the outbound queue.
-pub async fn run(mut socket: WebSocket, session: Session, node: &Node) {
-    let conn = session.registration.conn.clone();
-    let endpoint = conn.endpoint;
-    let m = node.metrics.endpoint(endpoint);
-    m.connections.inc();
-    m.opened.inc();
-    let mut batch: VecDeque<Outgoing> = VecDeque::new();
-    let limits = node.limits;
-    let mut budget = FrameBudget::new(limits.frames_per_second);
+/// Runs a connection until it closes, then drops `guard` (what the connection holds of its node,
+/// such as its connection slot). Pings, ping timeouts and the drain come from the hub (one sweep
+/// per node, not a timer per connection) through the outbound queue.
+///
+/// Spawned as a task of its own (`server.rs`), and written as a function that returns an
+/// `async move` block, not as an `async fn`: an `async fn` keeps its arguments twice for its
+/// whole life (as arguments and as the locals they move into), and the socket alone is 368
+/// bytes of every idle connection (ARCHITECTURE.md, "Memory per connection").
+#[allow(clippy::manual_async_fn)]
+pub fn run(
+    mut socket: WebSocket,
+    session: Session,
+    node: Arc<Node>,
+    guard: impl Send + 'static,
+) -> impl Future<Output = ()> + Send + 'static {
+    async move {
+        let node = &*node;
+        let conn = session.registration.conn.clone();
+        let endpoint = conn.endpoint;
+        let m = node.metrics.endpoint(endpoint);
+        m.connections.inc();
+        m.opened.inc();
+        let mut batch: VecDeque<Outgoing> = VecDeque::new();
+        let limits = node.limits;
+        let mut budget = FrameBudget::new(limits.frames_per_second);
 
-    let reason = loop {
-        tokio::select! {
-            // Output first: a wake for output should not also poll the socket for input.
-            // Input cannot starve: a queue that never empties overflows and closes.
-            biased;
-            _ = conn.outbound.ready.notified() => {
-                let wake = conn.outbound.take(&mut batch);
-                if !batch.is_empty() {
-                    // Boxed, like every await below but the select: the task of an idle
-                    // connection then carries only what waiting needs (ARCHITECTURE.md,
-                    // "Memory per connection"); one allocation per batch, not per message.
-                    let write = write_batch(&mut socket, &mut batch, node);
-                    let written = Box::pin(bounded(&conn, limits.write_timeout, write)).await;
-                    if let Some(reason) = written.failure(&conn) {
+        let reason = loop {
+            tokio::select! {
+                // Output first: a wake for output should not also poll the socket for input.
+                // Input cannot starve: a queue that never empties overflows and closes.
+                biased;
+                _ = conn.outbound.ready.notified() => {
+                    let wake = conn.outbound.take(&mut batch);
+                    if !batch.is_empty() {
+                        // Boxed, like every await below but the select: the task of an idle
+                        // connection then carries only what waiting needs (ARCHITECTURE.md,
+                        // "Memory per connection"); one allocation per batch, not per message.
+                        let write = write_batch(&mut socket, &mut batch, node);
+                        let written = Box::pin(bounded(&conn, limits.write_timeout, write)).await;
+                        if let Some(reason) = written.failure(&conn) {
+                            break reason;
+                        }
+                        if batch.capacity() > 64 {
+                            // A burst grew the buffer: give the memory back to idle connections.
+                            batch = VecDeque::new();
+                        }
+                    }
+                    if let Some(reason) = wake.close {
                         break reason;
                     }
-                    if batch.capacity() > 64 {
-                        // A burst grew the buffer: give the memory back to idle connections.
-                        batch = VecDeque::new();
-                    }
-                }
-                if let Some(reason) = wake.close {
-                    break reason;
-                }
-                if wake.ping {
-                    let ping = socket.send(Message::Ping(bytes::Bytes::new()));
-                    let written = Box::pin(bounded(&conn, limits.write_timeout, ping)).await;
-                    if let Some(reason) = written.failure(&conn) {
-                        break reason;
-                    }
-                }
-            }
-            incoming = socket.recv() => {
-                let msg = match incoming {
-                    None => break CloseReason::Client,
-                    Some(Ok(msg)) => msg,
-                    Some(Err(e)) => break read_error(e),
-                };
-                conn.touch();
-                if !budget.take() {
-                    break CloseReason::FrameRate;
-                }
-                match msg {
-                    // Boxed: the chat path (back-end call, cache) is a large future, and an
-                    // inline await would make every idle connection's task carry its size.
-                    Message::Text(text) => {
-                        if let Err(reason) = Box::pin(handle_text(node, &session, endpoint, text)).await {
+                    if wake.ping {
+                        let ping = socket.send(Message::Ping(bytes::Bytes::new()));
+                        let written = Box::pin(bounded(&conn, limits.write_timeout, ping)).await;
+                        if let Some(reason) = written.failure(&conn) {
                             break reason;
                         }
                     }
-                    Message::Binary(_) => m.ignored(IgnoredFrame::Binary).inc(),
-                    Message::Close(_) => break CloseReason::Client,
-                    Message::Ping(_) | Message::Pong(_) => {}
+                }
+                incoming = socket.recv() => {
+                    let msg = match incoming {
+                        None => break CloseReason::Client,
+                        Some(Ok(msg)) => msg,
+                        Some(Err(e)) => break read_error(e),
+                    };
+                    conn.touch();
+                    if !budget.take() {
+                        break CloseReason::FrameRate;
+                    }
+                    match msg {
+                        // Boxed: the chat path (back-end call, cache) is a large future, and an
+                        // inline await would make every idle connection's task carry its size.
+                        Message::Text(text) => {
+                            if let Err(reason) = Box::pin(handle_text(node, &session, endpoint, text)).await {
+                                break reason;
+                            }
+                        }
+                        Message::Binary(_) => m.ignored(IgnoredFrame::Binary).inc(),
+                        Message::Close(_) => break CloseReason::Client,
+                        Message::Ping(_) | Message::Pong(_) => {}
+                    }
                 }
             }
-        }
-    };
-
-    // Before the close frame goes out: a client that reconnects when it sees the close finds
-    // its topics remembered.
-    // Boxed: this future exists once per connection, at its end; inlined it would enlarge
-    // every idle connection's task.
-    if reason == CloseReason::Drain {
-        // Where it stopped, before the close frame: a client that reconnects on the close
-        // resumes from there on any node.
-        Box::pin(session.registration.hub().write_resume(&conn)).await;
-    }
-    Box::pin(session.registration.hub().remember_on_close(&conn)).await;
-    // Unregister from the hub (and release its channels) now: the closing handshake below may
-    // take up to two close timeouts with a peer that does not read. Counted closed now too, so
-    // the metrics agree with the hub whatever the peer does with the close frame.
-    drop(session);
-    m.connections.dec();
-    m.closed(reason).inc();
-    let close_timeout = CLOSE_TIMEOUT.min(limits.write_timeout);
-    if reason == CloseReason::Client {
-        // tungstenite queued the reply to the client's close frame; it goes out only when the
-        // socket is flushed. (If the stream simply ended, this fails at once.)
-        let _ = Box::pin(tokio::time::timeout(close_timeout, socket.flush())).await;
-    } else {
-        if matches!(
-            reason,
-            CloseReason::SlowConsumer | CloseReason::WriteTimeout | CloseReason::FrameRate
-        ) {
-            tracing::debug!(
-                user = %conn.identity.user_id,
-                endpoint = endpoint.as_str(),
-                reason = reason.as_str(),
-                "closing connection"
-            );
-        }
-        let frame = CloseFrame {
-            code: reason.code(),
-            reason: Utf8Bytes::from_static(reason.text()),
         };
-        let close = socket.send(Message::Close(Some(frame)));
-        let sent = Box::pin(tokio::time::timeout(close_timeout, close)).await;
-        if matches!(sent, Ok(Ok(()))) {
-            // Read (and discard) until the client's close reply: closing a socket with unread
-            // input makes the kernel send a reset, which can destroy our close frame before
-            // the client has read it.
-            let _ = Box::pin(tokio::time::timeout(close_timeout, async {
-                while let Some(Ok(_)) = socket.recv().await {}
-            }))
-            .await;
+
+        // Before the close frame goes out: a client that reconnects when it sees the close finds
+        // its topics remembered.
+        // Boxed: this future exists once per connection, at its end; inlined it would enlarge
+        // every idle connection's task.
+        if reason == CloseReason::Drain {
+            // Where it stopped, before the close frame: a client that reconnects on the close
+            // resumes from there on any node.
+            Box::pin(session.registration.hub().write_resume(&conn)).await;
         }
+        Box::pin(session.registration.hub().remember_on_close(&conn)).await;
+        // Unregister from the hub (and release its channels) now: the closing handshake below may
+        // take up to two close timeouts with a peer that does not read. Counted closed now too, so
+        // the metrics agree with the hub whatever the peer does with the close frame.
+        drop(session);
+        m.connections.dec();
+        m.closed(reason).inc();
+        let close_timeout = CLOSE_TIMEOUT.min(limits.write_timeout);
+        if reason == CloseReason::Client {
+            // tungstenite queued the reply to the client's close frame; it goes out only when the
+            // socket is flushed. (If the stream simply ended, this fails at once.)
+            let _ = Box::pin(tokio::time::timeout(close_timeout, socket.flush())).await;
+        } else {
+            if matches!(
+                reason,
+                CloseReason::SlowConsumer | CloseReason::WriteTimeout | CloseReason::FrameRate
+            ) {
+                tracing::debug!(
+                    user = %conn.identity.user_id,
+                    endpoint = endpoint.as_str(),
+                    reason = reason.as_str(),
+                    "closing connection"
+                );
+            }
+            let frame = CloseFrame {
+                code: reason.code(),
+                reason: Utf8Bytes::from_static(reason.text()),
+            };
+            let close = socket.send(Message::Close(Some(frame)));
+            let sent = Box::pin(tokio::time::timeout(close_timeout, close)).await;
+            if matches!(sent, Ok(Ok(()))) {
+                // Read (and discard) until the client's close reply: closing a socket with unread
+                // input makes the kernel send a reset, which can destroy our close frame before
+                // the client has read it.
+                let _ = Box::pin(tokio::time::timeout(close_timeout, async {
+                    while let Some(Ok(_)) = socket.recv().await {}
+                }))
+                .await;
+            }
+        }
+        drop(guard);
     }
 }
 
