@@ -4,13 +4,14 @@
 # figure). What each scenario measures and how: loadtest/README.md.
 #
 #   loadtest/compare.sh [--smoke] [--rounds N] [--out DIR] [--scenarios LIST] [--connections N]
-#                       [--peer-workers N] [--memory-points LO,HI]
+#                       [--peer-workers N] [--memory-points LO,HI] [--targets LIST]
 #
 #   --rounds N          rounds of every scenario (default 5)
 #   --scenarios LIST    default idle,fanout,burst,chat,storm,backend-storm,memory,floor
 #   --connections N     connections of idle/fanout/burst/storm and sockets of floor (default 10000)
 #   --peer-workers N    Socket.IO cluster workers (default 2; 0 = one process without node:cluster)
 #   --memory-points L,H connections of the two memory points (default 2000,16000)
+#   --targets LIST      servers to run, in this order (default wsgate,socketio)
 #   --smoke             small and short (300 connections, 1 round, debug build): for CI
 #
 # Needs: cargo, node + npm (the peer's modules are installed with `npm ci`), redis-server and
@@ -28,6 +29,7 @@ scenarios="idle,fanout,burst,chat,storm,backend-storm,memory,floor"
 conns=10000
 peer_workers=2
 memory_points="2000,16000"
+targets="wsgate,socketio"
 profile="${PROFILE:-release}"
 base_port="${BASE_PORT:-19100}"
 
@@ -40,12 +42,14 @@ while [[ $# -gt 0 ]]; do
     --connections) conns="$2"; shift 2 ;;
     --peer-workers) peer_workers="$2"; shift 2 ;;
     --memory-points) memory_points="$2"; shift 2 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    --targets) targets="$2"; shift 2 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 64 ;;
   esac
 done
 IFS=',' read -r -a scen_list <<<"$scenarios"
 IFS=',' read -r -a mem_list <<<"$memory_points"
+IFS=',' read -r -a target_list <<<"$targets"
 
 if [[ -z "$out" ]]; then
   out="$here/results/run-$(date -u +%Y%m%dT%H%M%SZ)"
@@ -251,7 +255,7 @@ for r in $(seq 1 "$rounds"); do
       done
       continue
     fi
-    for target in wsgate socketio; do
+    for target in "${target_list[@]}"; do
       prefix="r${r}${target:0:1}"
       case "$scen" in
         idle|fanout|burst|storm)

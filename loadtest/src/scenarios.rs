@@ -209,8 +209,9 @@ pub struct FanoutArgs {
     /// Seconds per rate step.
     #[arg(long, default_value_t = 5.0)]
     pub duration: f64,
-    /// Consecutive notifications to the same recipients (1 = isolated deliveries; larger values
-    /// queue several messages per connection at once).
+    /// Consecutive notifications to the same recipients, sent at the same instant (1 = isolated
+    /// deliveries; larger values queue several messages per connection at once). The rate
+    /// stays the same: bursts come `burst` times less often.
     #[arg(long, default_value_t = 1)]
     pub burst: usize,
     /// Notification payload size in bytes (approximate; the JSON object forwarded to clients).
@@ -465,7 +466,11 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
         let mut sent = 0u64;
         let mut tasks = Vec::with_capacity(total as usize);
         while sent < total {
-            let due = ((start.elapsed().as_secs_f64() * pps) as u64 + 1).min(total);
+            // A burst's notifications are due at the same instant (and sent back to back), so
+            // they reach each recipient together; bursts are spread evenly over the step.
+            let burst = a.burst.max(1) as u64;
+            let bursts_due = (start.elapsed().as_secs_f64() * pps / burst as f64) as u64 + 1;
+            let due = (bursts_due * burst).min(total);
             while sent < due {
                 let permit = match sem.clone().acquire_owned().await {
                     Ok(p) => p,
