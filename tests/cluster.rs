@@ -17,28 +17,11 @@ fn redis_config(
     prefix: &str,
     node: &str,
 ) -> wsgate::config::Config {
-    let mut c = config(backend);
-    c.redis_url = Some(redis.url().into());
-    c.redis_prefix = prefix.to_string();
-    c.node_id = node.to_string();
-    c
-}
-
-async fn ready(node: &Node) {
-    eventually(Duration::from_secs(10), "node ready", || async {
-        node.readyz().await == 200
-    })
-    .await;
+    redis_node_config(backend, redis.url(), prefix, node)
 }
 
 async fn cluster(backend: &Backend, redis: &Redis, prefix: &str, n: usize) -> Vec<Node> {
-    let mut nodes = Vec::new();
-    for i in 0..n {
-        let node = Node::start(redis_config(backend, redis, prefix, &format!("n{i}"))).await;
-        ready(&node).await;
-        nodes.push(node);
-    }
-    nodes
+    start_ready_nodes((0..n).map(|i| redis_config(backend, redis, prefix, &format!("n{i}")))).await
 }
 
 #[tokio::test]
@@ -48,47 +31,21 @@ async fn delivery_across_nodes() {
     let nodes = cluster(&backend, &redis, "wsg", 3).await;
     let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
 
-    let mut alice_a = Client::subscribed(&a.notws("alice")).await;
-    let mut alice_c = Client::subscribed(&c.notws("alice")).await; // same user, another node
-    let mut bob_b = Client::subscribed(&b.notws("bob")).await; // ACME
-    let mut dave_c = Client::subscribed(&c.notws("dave")).await; // OTHER
+    // Alice on A and on C (same user, another node), bob (ACME) on B, dave (OTHER) on C.
+    let mut on = ThreeNodeClients::connect(a, b, c).await;
 
     // Users: published on B, delivered on A and C.
     let (s, _) = b
         .notify(json!({"userIds": ["alice"], "notification": notification("T", "to alice")}))
         .await;
     assert_eq!(s, 202);
-    assert_eq!(alice_a.recv_json().await["title"], "to alice");
-    assert_eq!(alice_c.recv_json().await["title"], "to alice");
-    bob_b.expect_silence(SHORT).await;
+    assert_eq!(on.alice_a.recv_json().await["title"], "to alice");
+    assert_eq!(on.alice_c.recv_json().await["title"], "to alice");
+    on.bob_b.expect_silence(SHORT).await;
 
-    // Tenant.
-    a.notify(json!({"tenantId": "ACME", "notification": notification("T", "acme")}))
-        .await;
-    for cl in [&mut alice_a, &mut alice_c, &mut bob_b] {
-        assert_eq!(cl.recv_json().await["title"], "acme");
-    }
-    dave_c.expect_silence(SHORT).await;
-
-    // Broadcast.
-    c.notify(json!({"broadcast": true, "notification": notification("T", "all")}))
-        .await;
-    for cl in [&mut alice_a, &mut alice_c, &mut bob_b, &mut dave_c] {
-        assert_eq!(cl.recv_json().await["title"], "all");
-    }
-
-    // Chat across nodes.
-    let mut chat_alice = Client::connect(&a.chat("alice")).await;
-    let mut chat_bob = Client::connect(&b.chat("bob")).await;
-    let mut chat_carol = Client::connect(&c.chat("carol")).await;
-    chat_alice
-        .send(r#"{"chatRoom":{"chatRoomId":"room1"},"content":"cross"}"#)
-        .await;
-    for cl in [&mut chat_bob, &mut chat_carol] {
-        let m = cl.recv_json().await;
-        assert_eq!(m["content"], "cross");
-        assert_eq!(m["fromUserId"], "alice");
-    }
+    // Tenant, broadcast, and chat across nodes.
+    let [mut chat_alice, chat_bob, _chat_carol] =
+        on.tenant_broadcast_and_chat(a, b, c, SHORT).await;
     chat_alice.expect_silence(SHORT).await;
 
     // Presence answers for the whole cluster, from any node.
@@ -97,7 +54,7 @@ async fn delivery_across_nodes() {
         p,
         json!({"alice": true, "bob": true, "carol": true, "dave": true, "erin": false})
     );
-    drop(bob_b);
+    drop(on.bob_b);
     drop(chat_bob);
     eventually(Duration::from_secs(5), "bob offline everywhere", || async {
         c.presence(&["bob"]).await == json!({"bob": false})
@@ -131,7 +88,7 @@ async fn subscription_churn_leaves_exactly_what_is_needed() {
         cfg.max_connections_per_user = 0;
         cfg.unsubscribe_delay = Duration::from_millis(50);
         let node = Node::start(cfg).await;
-        ready(&node).await;
+        node.until_readyz(200).await;
         nodes.push(node);
     }
     // 1,000 connect/disconnect cycles, 50 at a time, spread over users and nodes.
@@ -190,13 +147,9 @@ async fn redis_restart_keeps_sockets_and_restores_subscriptions() {
     let mut chat = Client::connect(&nodes[0].chat("alice")).await.ws;
 
     redis.kill();
+    // Unready while Redis is down.
     for n in &nodes {
-        eventually(
-            Duration::from_secs(10),
-            "readyz 503 while Redis is down",
-            || async { n.readyz().await == 503 },
-        )
-        .await;
+        n.until_readyz(503).await;
     }
     // Publishing answers 503 while Redis is away.
     let (s, _) = nodes[0]
@@ -232,7 +185,7 @@ async fn redis_restart_keeps_sockets_and_restores_subscriptions() {
 
     redis.restart();
     for n in &nodes {
-        ready(n).await;
+        n.until_readyz(200).await;
     }
     // Sockets stayed open; every message published after readiness returns is delivered.
     for i in 0..20 {
@@ -271,8 +224,8 @@ async fn installations_with_different_prefixes_are_separate() {
     let backend = Backend::start().await;
     let one = Node::start(redis_config(&backend, &redis, "one", "a")).await;
     let two = Node::start(redis_config(&backend, &redis, "two", "b")).await;
-    ready(&one).await;
-    ready(&two).await;
+    one.until_readyz(200).await;
+    two.until_readyz(200).await;
     let mut alice1 = Client::subscribed(&one.notws("alice")).await;
     let mut alice2 = Client::subscribed(&two.notws("alice")).await;
     one.notify(json!({"userIds": ["alice"], "notification": notification("T", "one")}))
@@ -300,7 +253,7 @@ async fn a_killed_node_reads_offline_within_the_presence_ttl() {
     let redis = Redis::start();
     let backend = Backend::start().await;
     let survivor = Node::start(redis_config(&backend, &redis, "kill", "survivor")).await;
-    ready(&survivor).await;
+    survivor.until_readyz(200).await;
     let redis_url = redis.url();
     let mut victim = Binary::serve(
         &backend,
@@ -350,7 +303,7 @@ async fn a_silently_dead_subscription_is_detected_by_the_canary() {
     let redis = Redis::start();
     let backend = Backend::start().await;
     let node = Node::start(redis_config(&backend, &redis, "canary", "n0")).await;
-    ready(&node).await;
+    node.until_readyz(200).await;
     let mut alice = Client::subscribed(&node.notws("alice")).await;
     // Redis stops answering while every connection stays open: nothing arrives any more. A
     // canary is late 4 s after the first one sent into the silence (up to a canary interval
@@ -361,14 +314,10 @@ async fn a_silently_dead_subscription_is_detected_by_the_canary() {
         .arg("ALL")
         .query(&mut redis.conn())
         .expect("CLIENT PAUSE");
-    eventually(
-        Duration::from_secs(10),
-        "unready once the canary is late",
-        || async { node.readyz().await == 503 },
-    )
-    .await;
+    // Unready once the canary is late.
+    node.until_readyz(503).await;
     // Repaired after Redis answers again, and delivery works.
-    ready(&node).await;
+    node.until_readyz(200).await;
     let m = node.metrics().await;
     assert!(metric(&m, "wsgate_broker_canary_failures_total") >= 1.0);
     node.notify(json!({"userIds": ["alice"], "notification": notification("T", "back")}))

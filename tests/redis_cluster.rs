@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -14,29 +12,9 @@ use wsgate::config::RedisMode;
 const SHORT: Duration = Duration::from_millis(300);
 
 fn cluster_config(backend: &Backend, cluster: &RedisCluster, node: &str) -> wsgate::config::Config {
-    let mut c = config(backend);
-    c.redis_url = Some(cluster.url().into());
+    let mut c = redis_node_config(backend, cluster.url(), "wsgate", node);
     c.redis_mode = RedisMode::Cluster;
-    c.redis_prefix = "wsgate".to_string();
-    c.node_id = node.to_string();
     c
-}
-
-async fn ready(node: &Node, within: Duration) {
-    eventually(within, "node ready", || async {
-        node.readyz().await == 200
-    })
-    .await;
-}
-
-async fn nodes(backend: &Backend, cluster: &RedisCluster) -> Vec<Node> {
-    let mut nodes = Vec::new();
-    for id in ["a", "b", "c"] {
-        let node = Node::start(cluster_config(backend, cluster, id)).await;
-        ready(&node, Duration::from_secs(10)).await;
-        nodes.push(node);
-    }
-    nodes
 }
 
 fn query<T: redis::FromRedisValue>(redis: &Redis, cmd: &mut redis::Cmd) -> T {
@@ -49,47 +27,20 @@ async fn three_nodes_deliver_through_sharded_pubsub_spread_over_every_master() {
     let extra: Vec<(&str, &str)> = users.iter().map(|u| (u.as_str(), "BULK")).collect();
     let cluster = RedisCluster::start();
     let backend = Backend::start_with(&extra).await;
-    let nodes = nodes(&backend, &cluster).await;
+    let nodes =
+        start_ready_nodes(["a", "b", "c"].map(|id| cluster_config(&backend, &cluster, id))).await;
     let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
 
-    let mut alice_a = Client::subscribed(&a.notws("alice")).await;
-    let mut alice_c = Client::subscribed(&c.notws("alice")).await;
-    let mut bob_b = Client::subscribed(&b.notws("bob")).await; // ACME
-    let mut dave_c = Client::subscribed(&c.notws("dave")).await; // OTHER
-
+    let mut on = ThreeNodeClients::connect(a, b, c).await;
     let (s, _) = b
         .notify(json!({"userIds": ["alice", "dave"], "notification": notification("T", "users")}))
         .await;
     assert_eq!(s, 202);
-    assert_eq!(alice_a.recv_json().await["title"], "users");
-    assert_eq!(alice_c.recv_json().await["title"], "users");
-    assert_eq!(dave_c.recv_json().await["title"], "users");
-    bob_b.expect_silence(SHORT).await;
-
-    a.notify(json!({"tenantId": "ACME", "notification": notification("T", "acme")}))
-        .await;
-    for cl in [&mut alice_a, &mut alice_c, &mut bob_b] {
-        assert_eq!(cl.recv_json().await["title"], "acme");
-    }
-    dave_c.expect_silence(SHORT).await;
-
-    c.notify(json!({"broadcast": true, "notification": notification("T", "all")}))
-        .await;
-    for cl in [&mut alice_a, &mut alice_c, &mut bob_b, &mut dave_c] {
-        assert_eq!(cl.recv_json().await["title"], "all");
-    }
-
-    let mut chat_alice = Client::connect(&a.chat("alice")).await;
-    let mut chat_bob = Client::connect(&b.chat("bob")).await;
-    let mut chat_carol = Client::connect(&c.chat("carol")).await;
-    chat_alice
-        .send(r#"{"chatRoom":{"chatRoomId":"room1"},"content":"cross"}"#)
-        .await;
-    for cl in [&mut chat_bob, &mut chat_carol] {
-        let m = cl.recv_json().await;
-        assert_eq!(m["content"], "cross");
-        assert_eq!(m["fromUserId"], "alice");
-    }
+    assert_eq!(on.alice_a.recv_json().await["title"], "users");
+    assert_eq!(on.alice_c.recv_json().await["title"], "users");
+    assert_eq!(on.dave_c.recv_json().await["title"], "users");
+    on.bob_b.expect_silence(SHORT).await;
+    let _chats = on.tenant_broadcast_and_chat(a, b, c, SHORT).await;
 
     // Presence lives in the cluster too (its keys share one slot).
     assert_eq!(
@@ -147,13 +98,7 @@ async fn three_nodes_deliver_through_sharded_pubsub_spread_over_every_master() {
         assert_eq!(sockets[i].recv_json().await["title"], "bulk");
     }
     let m = a.metrics().await;
-    assert_eq!(
-        m.lines()
-            .filter(|l| l.starts_with("wsgate_broker_shard_up{") && l.ends_with(" 1"))
-            .count(),
-        3,
-        "one canary per shard"
-    );
+    assert_eq!(shards_up(&m), 3, "one canary per shard");
 }
 
 /// The master that owns alice's channel is SIGKILLed while 200 notifications a second flow from
@@ -170,86 +115,35 @@ async fn a_killed_master_fails_over_and_nothing_acknowledged_is_lost() {
     config_a.outbound_queue_bytes = 16 << 20;
     let a = Node::start(config_a).await;
     let b = Node::start(cluster_config(&backend, &cluster, "b")).await;
-    ready(&a, Duration::from_secs(10)).await;
-    ready(&b, Duration::from_secs(10)).await;
+    a.until_readyz(200).await;
+    b.until_readyz(200).await;
     let mut alice = Client::subscribed(&a.notws("alice")).await;
 
-    let dipped = Arc::new(AtomicBool::new(false));
-    let watching = Arc::new(AtomicBool::new(true));
-    let watcher = {
-        let (dipped, watching, url) = (dipped.clone(), watching.clone(), a.admin_url("/readyz"));
-        tokio::spawn(async move {
-            while watching.load(Ordering::Relaxed) {
-                let status = http()
-                    .get(&url)
-                    .send()
-                    .await
-                    .map(|r| r.status().as_u16())
-                    .unwrap_or(0);
-                if status != 200 {
-                    dipped.store(true, Ordering::Relaxed);
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-    };
-
+    let watch = ReadinessWatch::start(&a);
     const N: usize = 1600;
-    let publisher = async {
-        let mut acked = Vec::new();
-        let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / 200));
-        for i in 0..N {
-            tick.tick().await;
-            if i == N / 4 {
-                cluster.owner_of("wsgate:u:alice").kill();
-            }
-            let (s, _) = b
-                .notify(json!({"userIds": ["alice"], "notification": notification("T", &i.to_string())}))
-                .await;
-            if s == 202 {
-                acked.push(i);
-            }
-        }
-        acked
+    let kill_alice_shard = async {
+        cluster.owner_of("wsgate:u:alice").kill();
     };
+    let publisher = publish_numbered(&b, "alice", N, 200, N / 4, kill_alice_shard);
     let receiver = alice.recv_numbered_until(N - 1, Duration::from_secs(15));
     let (acked, got) = tokio::join!(publisher, receiver);
-    watching.store(false, Ordering::Relaxed);
-    let _ = watcher.await;
+    let dipped = watch.stop().await;
 
     assert!(
         acked.iter().any(|i| *i > N / 2),
         "publishes were acknowledged again after the failover ({} of {N})",
         acked.len()
     );
-    assert!(
-        got.windows(2).all(|w| w[0] < w[1]),
-        "in order and without duplicates"
-    );
-    let received: std::collections::BTreeSet<usize> = got.iter().copied().collect();
-    let lost: Vec<usize> = acked
-        .iter()
-        .copied()
-        .filter(|i| !received.contains(i))
-        .collect();
-    assert!(
-        lost.is_empty(),
-        "acknowledged but never delivered: {lost:?}"
-    );
-    assert!(
-        dipped.load(Ordering::Relaxed),
-        "readiness dipped while the shard was gone"
-    );
-    ready(&a, Duration::from_secs(10)).await;
+    assert_acked_arrived_once_in_order(&acked, &got);
+    assert!(dipped, "readiness dipped while the shard was gone");
+    a.until_readyz(200).await;
     assert_eq!(cluster.masters().len(), 3, "the replica took over");
     assert_eq!(b.presence(&["alice"]).await, json!({"alice": true}));
     let m = a.metrics().await;
     assert!(metric(&m, "wsgate_broker_reconnects_total") >= 1.0);
     assert_eq!(metric(&m, "wsgate_broker_up"), 1.0);
     assert_eq!(
-        m.lines()
-            .filter(|l| l.starts_with("wsgate_broker_shard_up{") && l.ends_with(" 1"))
-            .count(),
+        shards_up(&m),
         3,
         "every shard, the promoted replica's included, is up again"
     );

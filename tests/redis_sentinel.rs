@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -12,20 +10,10 @@ use serde_json::json;
 use wsgate::config::RedisMode;
 
 fn sentinel_config(backend: &Backend, set: &SentinelSet, node: &str) -> wsgate::config::Config {
-    let mut c = config(backend);
-    c.redis_url = Some(set.url().into());
+    let mut c = redis_node_config(backend, set.url(), "sn", node);
     c.redis_mode = RedisMode::Sentinel;
     c.redis_sentinel_master = Some(SENTINEL_MASTER.to_string());
-    c.redis_prefix = "sn".to_string();
-    c.node_id = node.to_string();
     c
-}
-
-async fn ready(node: &Node, within: Duration) {
-    eventually(within, "node ready", || async {
-        node.readyz().await == 200
-    })
-    .await;
 }
 
 /// The master is SIGKILLed while 200 notifications a second flow from one node to a user on
@@ -42,8 +30,8 @@ async fn a_killed_master_fails_over_and_nothing_acknowledged_is_lost() {
     config_a.outbound_queue_bytes = 16 << 20;
     let a = Node::start(config_a).await;
     let b = Node::start(sentinel_config(&backend, &set, "b")).await;
-    ready(&a, Duration::from_secs(10)).await;
-    ready(&b, Duration::from_secs(10)).await;
+    a.until_readyz(200).await;
+    b.until_readyz(200).await;
 
     // Before the failover: cross-node delivery through the master the Sentinels named.
     let mut alice = Client::subscribed(&a.notws("alice")).await;
@@ -54,48 +42,15 @@ async fn a_killed_master_fails_over_and_nothing_acknowledged_is_lost() {
     assert_eq!(alice.recv_json().await["title"], "warm-up");
     assert_eq!(b.presence(&["alice"]).await, json!({"alice": true}));
 
-    let dipped = Arc::new(AtomicBool::new(false));
-    let watching = Arc::new(AtomicBool::new(true));
-    let watcher = {
-        let (dipped, watching, url) = (dipped.clone(), watching.clone(), a.admin_url("/readyz"));
-        tokio::spawn(async move {
-            while watching.load(Ordering::Relaxed) {
-                let status = http()
-                    .get(&url)
-                    .send()
-                    .await
-                    .map(|r| r.status().as_u16())
-                    .unwrap_or(0);
-                if status != 200 {
-                    dipped.store(true, Ordering::Relaxed);
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-    };
-
+    let watch = ReadinessWatch::start(&a);
     const N: usize = 1600;
-    let publisher = async {
-        let mut acked = Vec::new();
-        let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / 200));
-        for i in 0..N {
-            tick.tick().await;
-            if i == N / 4 {
-                set.master.kill();
-            }
-            let (s, _) = b
-                .notify(json!({"userIds": ["alice"], "notification": notification("T", &i.to_string())}))
-                .await;
-            if s == 202 {
-                acked.push(i);
-            }
-        }
-        acked
+    let kill_master = async {
+        set.master.kill();
     };
+    let publisher = publish_numbered(&b, "alice", N, 200, N / 4, kill_master);
     let receiver = alice.recv_numbered_until(N - 1, Duration::from_secs(15));
     let (acked, got) = tokio::join!(publisher, receiver);
-    watching.store(false, Ordering::Relaxed);
-    let _ = watcher.await;
+    let dipped = watch.stop().await;
 
     assert_eq!(
         info_field(&set.replica, "replication", "role"),
@@ -111,25 +66,9 @@ async fn a_killed_master_fails_over_and_nothing_acknowledged_is_lost() {
         acked.iter().any(|i| *i > N / 2),
         "publishes were acknowledged again after the failover"
     );
-    assert!(
-        got.windows(2).all(|w| w[0] < w[1]),
-        "in order and without duplicates"
-    );
-    let received: std::collections::BTreeSet<usize> = got.iter().copied().collect();
-    let lost: Vec<usize> = acked
-        .iter()
-        .copied()
-        .filter(|i| !received.contains(i))
-        .collect();
-    assert!(
-        lost.is_empty(),
-        "acknowledged but never delivered: {lost:?}"
-    );
-    assert!(
-        dipped.load(Ordering::Relaxed),
-        "readiness dipped while the master was gone"
-    );
-    ready(&a, Duration::from_secs(10)).await;
+    assert_acked_arrived_once_in_order(&acked, &got);
+    assert!(dipped, "readiness dipped while the master was gone");
+    a.until_readyz(200).await;
     assert_eq!(
         b.presence(&["alice"]).await,
         json!({"alice": true}),

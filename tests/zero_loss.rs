@@ -9,18 +9,7 @@ use common::*;
 use serde_json::json;
 
 fn redis_config(backend: &Backend, redis: &Redis, node: &str) -> wsgate::config::Config {
-    let mut c = config(backend);
-    c.redis_url = Some(redis.url().into());
-    c.redis_prefix = "zl".to_string();
-    c.node_id = node.to_string();
-    c
-}
-
-async fn ready(node: &Node) {
-    eventually(Duration::from_secs(10), "node ready", || async {
-        node.readyz().await == 200
-    })
-    .await;
+    redis_node_config(backend, redis.url(), "zl", node)
 }
 
 /// Publishes `n` notifications to `user` through `node` at about `rate` per second, in order;
@@ -72,8 +61,8 @@ async fn pubsub_connections_killed_mid_stream_lose_nothing() {
     let backend = Backend::start().await;
     let a = Node::start(redis_config(&backend, &redis, "a")).await;
     let b = Node::start(redis_config(&backend, &redis, "b")).await;
-    ready(&a).await;
-    ready(&b).await;
+    a.until_readyz(200).await;
+    b.until_readyz(200).await;
     let mut alice = Client::subscribed(&a.notws("alice")).await;
     const N: usize = 1500;
     for round in 0..5 {
@@ -113,7 +102,7 @@ async fn history_is_trimmed_by_time_and_expires() {
     let mut cfg = redis_config(&backend, &redis, "a");
     cfg.history_ttl = Duration::from_millis(500);
     let a = Node::start(cfg).await;
-    ready(&a).await;
+    a.until_readyz(200).await;
     let key = "{zl:u:alice}:history";
     for i in 0..50 {
         let (s, _) = a
@@ -155,7 +144,7 @@ async fn history_off_records_nothing_and_still_delivers() {
     let mut cfg = redis_config(&backend, &redis, "a");
     cfg.history_ttl = Duration::ZERO;
     let a = Node::start(cfg).await;
-    ready(&a).await;
+    a.until_readyz(200).await;
     let mut alice = Client::subscribed(&a.notws("alice")).await;
     let (s, _) = a
         .notify(json!({"userIds": ["alice"], "notification": notification("T", "x")}))
@@ -225,18 +214,6 @@ impl MasterAddress {
     }
 }
 
-fn info_field(redis: &Redis, section: &str, field: &str) -> String {
-    let info: String = redis::cmd("INFO")
-        .arg(section)
-        .query(&mut redis.conn())
-        .expect("INFO");
-    info.lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .unwrap_or("")
-        .trim()
-        .to_string()
-}
-
 /// A coordinated failover (`FAILOVER`: the master pauses writes until its replica has them all,
 /// then the roles swap) while 300 notifications a second flow; the master address moves to the
 /// promoted replica. Every acknowledged message arrives, in order, once.
@@ -244,68 +221,28 @@ fn info_field(redis: &Redis, section: &str, field: &str) -> String {
 async fn a_redis_failover_to_a_replica_loses_nothing_acknowledged() {
     let master = Redis::start();
     let replica = Redis::start();
-    // The initial sync goes over the socket, not through an RDB file in the working directory.
-    for (server, name, value) in [
-        (&master, "repl-diskless-sync", "yes"),
-        (&master, "repl-diskless-sync-delay", "0"),
-        (&replica, "repl-diskless-load", "on-empty-db"),
-    ] {
-        let _: () = redis::cmd("CONFIG")
-            .arg("SET")
-            .arg(name)
-            .arg(value)
-            .query(&mut server.conn())
-            .expect("CONFIG SET");
-    }
-    let _: () = redis::cmd("REPLICAOF")
-        .arg("127.0.0.1")
-        .arg(master.port)
-        .query(&mut replica.conn())
-        .expect("REPLICAOF");
-    eventually(Duration::from_secs(10), "replica in sync", || async {
-        info_field(&replica, "replication", "master_link_status") == "up"
-    })
-    .await;
+    replicate(&master, &replica);
     let address = MasterAddress::start(master.port).await;
     let backend = Backend::start().await;
-    let node = |id: &str| {
-        let mut c = config(&backend);
-        c.redis_url = Some(address.url().into());
-        c.redis_prefix = "zl".to_string();
-        c.node_id = id.to_string();
-        c
-    };
+    let node = |id: &str| redis_node_config(&backend, address.url(), "zl", id);
     let a = Node::start(node("a")).await;
     let b = Node::start(node("b")).await;
-    ready(&a).await;
-    ready(&b).await;
+    a.until_readyz(200).await;
+    b.until_readyz(200).await;
     let mut alice = Client::subscribed(&a.notws("alice")).await;
 
     const N: usize = 1500;
-    let publisher = async {
-        let mut acked = Vec::new();
-        let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / 300));
-        for i in 0..N {
-            tick.tick().await;
-            if i == N / 2 {
-                let _: () = redis::cmd("FAILOVER")
-                    .query(&mut master.conn())
-                    .expect("FAILOVER");
-                eventually(Duration::from_secs(10), "replica promoted", || async {
-                    info_field(&replica, "replication", "role") == "master"
-                })
-                .await;
-                address.switch(replica.port);
-            }
-            let (s, _) = b
-                .notify(json!({"userIds": ["alice"], "notification": notification("T", &i.to_string())}))
-                .await;
-            if s == 202 {
-                acked.push(i);
-            }
-        }
-        acked
+    let failover = async {
+        let _: () = redis::cmd("FAILOVER")
+            .query(&mut master.conn())
+            .expect("FAILOVER");
+        eventually(Duration::from_secs(10), "replica promoted", || async {
+            info_field(&replica, "replication", "role") == "master"
+        })
+        .await;
+        address.switch(replica.port);
     };
+    let publisher = publish_numbered(&b, "alice", N, 300, N / 2, failover);
     let receiver = alice.recv_numbered_until(N - 1, Duration::from_secs(10));
     let (acked, got) = tokio::join!(publisher, receiver);
     assert!(
@@ -313,20 +250,7 @@ async fn a_redis_failover_to_a_replica_loses_nothing_acknowledged() {
         "most publishes were acknowledged ({} of {N})",
         acked.len()
     );
-    assert!(
-        got.windows(2).all(|w| w[0] < w[1]),
-        "in order and without duplicates"
-    );
-    let received: std::collections::BTreeSet<usize> = got.iter().copied().collect();
-    let lost: Vec<usize> = acked
-        .iter()
-        .copied()
-        .filter(|i| !received.contains(i))
-        .collect();
-    assert!(
-        lost.is_empty(),
-        "acknowledged but never delivered: {lost:?}"
-    );
+    assert_acked_arrived_once_in_order(&acked, &got);
 }
 
 /// A publish to more users than one publish script call takes (128 channels a call) is split
@@ -340,7 +264,7 @@ async fn a_publish_to_hundreds_of_users_reaches_each_once_and_each_history() {
     let redis = Redis::start();
     let backend = Backend::start_with(&extra).await;
     let a = Node::start(redis_config(&backend, &redis, "a")).await;
-    ready(&a).await;
+    a.until_readyz(200).await;
     let mut clients = Vec::with_capacity(USERS);
     for u in &users {
         clients.push(Client::subscribed(&a.notws(u)).await);

@@ -76,13 +76,7 @@ pub struct BackendStormResult {
 }
 
 async fn slow_stats(http: &reqwest::Client, base: &str) -> anyhow::Result<SlowStats> {
-    let v: serde_json::Value = http
-        .get(format!("{base}/stats"))
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
+    let v = common::get_json(http, &format!("{base}/stats")).await?;
     let n = |k: &str| v[k].as_u64().unwrap_or(0);
     Ok(SlowStats {
         authenticate: n("authenticate"),

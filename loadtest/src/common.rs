@@ -139,14 +139,19 @@ pub struct BackendStats {
     pub chat_room: u64,
 }
 
-pub async fn backend_stats(http: &reqwest::Client, base: &str) -> anyhow::Result<BackendStats> {
-    let v: serde_json::Value = http
-        .get(format!("{base}/stats"))
+/// GETs `url` and reads the JSON it answers with; a status other than 2xx is an error.
+pub async fn get_json(http: &reqwest::Client, url: &str) -> anyhow::Result<serde_json::Value> {
+    Ok(http
+        .get(url)
         .send()
         .await?
         .error_for_status()?
         .json()
-        .await?;
+        .await?)
+}
+
+pub async fn backend_stats(http: &reqwest::Client, base: &str) -> anyhow::Result<BackendStats> {
+    let v = get_json(http, &format!("{base}/stats")).await?;
     Ok(BackendStats {
         authenticate: v["authenticate"].as_u64().unwrap_or(0),
         chat_room: v["chatRoom"].as_u64().unwrap_or(0),
@@ -265,4 +270,44 @@ pub fn mix(mut x: u64) -> u64 {
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     x ^ (x >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stub's `/stats` is read as JSON and as back-end stats; an error status is an error.
+    #[tokio::test]
+    async fn get_json_reads_an_answer_and_refuses_an_error_status() {
+        use axum::http::StatusCode;
+        use axum::routing::get;
+        let app = axum::Router::new()
+            .route(
+                "/up/stats",
+                get(|| async { axum::Json(serde_json::json!({"authenticate": 3, "chatRoom": 2})) }),
+            )
+            .route(
+                "/down/stats",
+                get(|| async { (StatusCode::SERVICE_UNAVAILABLE, "down") }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a loopback port");
+        let base = format!("http://{}", listener.local_addr().expect("its address"));
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let http = http_client();
+
+        let v = get_json(&http, &format!("{base}/up/stats"))
+            .await
+            .expect("the JSON answer");
+        assert_eq!(v["authenticate"], 3);
+        let b = backend_stats(&http, &format!("{base}/up"))
+            .await
+            .expect("the stats");
+        assert_eq!((b.authenticate, b.chat_room), (3, 2));
+        assert!(get_json(&http, &format!("{base}/down/stats"))
+            .await
+            .is_err());
+        server.abort();
+    }
 }

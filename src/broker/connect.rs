@@ -178,6 +178,23 @@ impl ConnectionLike for Conn {
     }
 }
 
+/// The settings of both pooled topologies' command pools: `pool_size` connections at most, and
+/// `timeout` to wait for a free one, to make one and to check one that comes back.
+fn pool_config(pool_size: usize, timeout: Duration) -> deadpool_redis::PoolConfig {
+    let mut config = deadpool_redis::PoolConfig::new(pool_size);
+    config.timeouts = deadpool_redis::Timeouts {
+        wait: Some(timeout),
+        create: Some(timeout),
+        recycle: Some(timeout),
+    };
+    config
+}
+
+/// A pool that could not be built.
+fn pool_setup(e: deadpool_redis::BuildError) -> Outage {
+    Outage::PoolSetup(Arc::new(e))
+}
+
 /// The pub/sub endpoint and the command pool for a topology.
 pub(super) fn open(
     topology: &Topology,
@@ -190,13 +207,10 @@ pub(super) fn open(
             let pool = deadpool_redis::Config::from_url(url.as_str())
                 .builder()
                 .map_err(|_| Outage::BadUrl)?
-                .max_size(pool_size)
-                .wait_timeout(Some(timeout))
-                .create_timeout(Some(timeout))
-                .recycle_timeout(Some(timeout))
+                .config(pool_config(pool_size, timeout))
                 .runtime(deadpool_redis::Runtime::Tokio1)
                 .build()
-                .map_err(|e| Outage::PoolSetup(Arc::new(e)))?;
+                .map_err(pool_setup)?;
             Ok((Endpoint::Fixed(client), Pool::Fixed(pool)))
         }
         Topology::Sentinel { sentinels, master } => {
@@ -253,13 +267,10 @@ pub(super) fn open(
             )
             .map_err(|_| Outage::BadUrl)?;
             let pool = deadpool_redis::sentinel::Pool::builder(manager)
-                .max_size(pool_size)
-                .wait_timeout(Some(timeout))
-                .create_timeout(Some(timeout))
-                .recycle_timeout(Some(timeout))
+                .config(pool_config(pool_size, timeout))
                 .runtime(deadpool_redis::Runtime::Tokio1)
                 .build()
-                .map_err(|e| Outage::PoolSetup(Arc::new(e)))?;
+                .map_err(pool_setup)?;
             Ok((
                 Endpoint::Sentinel(tokio::sync::Mutex::new(client)),
                 Pool::Sentinel(pool),
@@ -273,6 +284,38 @@ pub(super) fn open(
                 Endpoint::Cluster(seeds.clone()),
                 Pool::Cluster(Arc::new((client, parking_lot::Mutex::new(None)))),
             ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_pool(status: deadpool_redis::Status, timeouts: deadpool_redis::Timeouts) {
+        let t = Some(Duration::from_millis(250));
+        assert_eq!(status.max_size, 7);
+        assert_eq!(
+            (timeouts.wait, timeouts.create, timeouts.recycle),
+            (t, t, t)
+        );
+    }
+
+    /// Both pooled topologies' pools get the size and the three timeouts (nothing connects yet).
+    #[tokio::test]
+    async fn pools_take_the_size_and_the_timeouts() {
+        let standalone = Topology::Standalone("redis://127.0.0.1:1".into());
+        match open(&standalone, 7, Duration::from_millis(250)) {
+            Ok((_, Pool::Fixed(p))) => assert_pool(p.status(), p.timeouts()),
+            _ => panic!("a standalone pool"),
+        }
+        let sentinel = Topology::Sentinel {
+            sentinels: vec!["redis://127.0.0.1:1".into()],
+            master: "m".into(),
+        };
+        match open(&sentinel, 7, Duration::from_millis(250)) {
+            Ok((_, Pool::Sentinel(p))) => assert_pool(p.status(), p.timeouts()),
+            _ => panic!("a Sentinel pool"),
         }
     }
 }

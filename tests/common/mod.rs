@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -187,6 +187,11 @@ pub fn info_field(redis: &Redis, section: &str, field: &str) -> String {
         .arg(section)
         .query(&mut redis.conn())
         .unwrap_or_default();
+    field_value(&info, field)
+}
+
+/// The value of `field` in `INFO`-style text (`field:value` lines), or "" without one.
+fn field_value(info: &str, field: &str) -> String {
     info.lines()
         .find_map(|l| l.strip_prefix(&format!("{field}:")))
         .unwrap_or("")
@@ -462,11 +467,7 @@ pub fn cluster_info(redis: &Redis, field: &str) -> String {
         .arg("INFO")
         .query(&mut redis.conn())
         .unwrap_or_default();
-    info.lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .unwrap_or("")
-        .trim()
-        .to_string()
+    field_value(&info, field)
 }
 
 impl Drop for RedisCluster {
@@ -592,6 +593,14 @@ async fn misbehave(s: &BackendState) -> Option<Response> {
     }
 }
 
+/// The `api_key` header the gateway sends the back-end ("" without one).
+fn api_key(headers: &HeaderMap) -> &str {
+    headers
+        .get("api_key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
 async fn authenticate(State(s): State<Arc<BackendState>>, headers: HeaderMap) -> Response {
     s.auth_calls.fetch_add(1, Ordering::SeqCst);
     let delay = s.auth_delay_ms.load(Ordering::SeqCst);
@@ -601,10 +610,7 @@ async fn authenticate(State(s): State<Arc<BackendState>>, headers: HeaderMap) ->
     if let Some(r) = misbehave(&s).await {
         return r;
     }
-    let key = headers
-        .get("api_key")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    let key = api_key(&headers);
     match s.keys.get(key) {
         Some((user, tenant)) => Json(json!({"authenticate": {
             "ownerPartyId": tenant,
@@ -668,10 +674,7 @@ async fn chat_room(
     if let Some(r) = misbehave(&s).await {
         return r;
     }
-    let key = headers
-        .get("api_key")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    let key = api_key(&headers);
     if !s.keys.contains_key(key) {
         return StatusCode::UNAUTHORIZED.into_response();
     }
@@ -710,6 +713,30 @@ pub fn config(backend: &Backend) -> Config {
     // second: the per-IP limit is tested on its own (hostile_handshake.rs).
     c.max_handshakes_per_ip = 0;
     c
+}
+
+/// [`config`] for the node `node` of an installation whose Redis is at `redis_url` and whose keys
+/// and channels start with `prefix`.
+pub fn redis_node_config(backend: &Backend, redis_url: String, prefix: &str, node: &str) -> Config {
+    let mut c = config(backend);
+    c.redis_url = Some(redis_url.into());
+    c.redis_prefix = prefix.to_string();
+    c.node_id = node.to_string();
+    c
+}
+
+/// How long a node may take to answer `/readyz` as a test expects.
+pub const READYZ_WITHIN: Duration = Duration::from_secs(10);
+
+/// Starts a node for each configuration in turn, each ready before the next one starts.
+pub async fn start_ready_nodes(configs: impl IntoIterator<Item = Config>) -> Vec<Node> {
+    let mut nodes = Vec::new();
+    for c in configs {
+        let node = Node::start(c).await;
+        node.until_readyz(200).await;
+        nodes.push(node);
+    }
+    nodes
 }
 
 impl Node {
@@ -773,12 +800,15 @@ impl Node {
     }
 
     pub async fn readyz(&self) -> u16 {
-        http()
-            .get(self.admin_url("/readyz"))
-            .send()
-            .await
-            .map(|r| r.status().as_u16())
-            .unwrap_or(0)
+        status_of(&self.admin_url("/readyz")).await
+    }
+
+    /// Waits until `/readyz` answers `status` ([`READYZ_WITHIN`] at most).
+    pub async fn until_readyz(&self, status: u16) {
+        eventually(READYZ_WITHIN, &format!("readyz {status}"), || async {
+            self.readyz().await == status
+        })
+        .await;
     }
 
     pub async fn metrics(&self) -> String {
@@ -826,6 +856,16 @@ pub fn http() -> reqwest::Client {
         .timeout(Duration::from_secs(10))
         .build()
         .expect("HTTP client")
+}
+
+/// The status a GET of `url` answers with, 0 when nothing answers.
+pub async fn status_of(url: &str) -> u16 {
+    http()
+        .get(url)
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
 }
 
 pub async fn post(url: &str, body: Value) -> (u16, Value) {
@@ -1010,6 +1050,14 @@ pub fn metric(scrape: &str, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("series {series} not in scrape"))
 }
 
+/// How many shards a scrape reports up (`wsgate_broker_shard_up` series at 1).
+pub fn shards_up(scrape: &str) -> usize {
+    scrape
+        .lines()
+        .filter(|l| l.starts_with("wsgate_broker_shard_up{") && l.ends_with(" 1"))
+        .count()
+}
+
 /// A loopback address with a free port, for the real binary's listeners.
 pub fn free_addr() -> String {
     format!("127.0.0.1:{}", free_port())
@@ -1070,12 +1118,7 @@ impl Binary {
     }
 
     pub async fn readyz(&self) -> u16 {
-        http()
-            .get(format!("http://{}/readyz", self.admin))
-            .send()
-            .await
-            .map(|r| r.status().as_u16())
-            .unwrap_or(0)
+        status_of(&format!("http://{}/readyz", self.admin)).await
     }
 }
 
@@ -1092,5 +1135,160 @@ where
         }
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+// ---------------------------------------------------------------- scenarios over several nodes
+
+/// Polls a node's `/readyz` every 50 ms in the background and remembers whether it ever answered
+/// anything but 200.
+pub struct ReadinessWatch {
+    dipped: Arc<AtomicBool>,
+    watching: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ReadinessWatch {
+    pub fn start(node: &Node) -> ReadinessWatch {
+        let dipped = Arc::new(AtomicBool::new(false));
+        let watching = Arc::new(AtomicBool::new(true));
+        let task = {
+            let (dipped, watching) = (dipped.clone(), watching.clone());
+            let url = node.admin_url("/readyz");
+            tokio::spawn(async move {
+                while watching.load(Ordering::Relaxed) {
+                    if status_of(&url).await != 200 {
+                        dipped.store(true, Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        };
+        ReadinessWatch {
+            dipped,
+            watching,
+            task,
+        }
+    }
+
+    /// Stops watching (after the poll under way) and tells whether readiness ever dipped.
+    pub async fn stop(self) -> bool {
+        self.watching.store(false, Ordering::Relaxed);
+        let _ = self.task.await;
+        self.dipped.load(Ordering::Relaxed)
+    }
+}
+
+/// Publishes notifications titled `0` to `n - 1` to `user` through `node`, `rate` a second, and
+/// awaits `fault` just before publish `fault_at`. Returns the titles acknowledged with 202; a
+/// client reads them with [`Client::recv_numbered_until`].
+pub async fn publish_numbered(
+    node: &Node,
+    user: &str,
+    n: usize,
+    rate: u64,
+    fault_at: usize,
+    fault: impl std::future::Future<Output = ()>,
+) -> Vec<usize> {
+    let mut fault = Some(fault);
+    let mut acked = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+    for i in 0..n {
+        tick.tick().await;
+        if i == fault_at {
+            if let Some(f) = fault.take() {
+                f.await;
+            }
+        }
+        let (s, _) = node
+            .notify(json!({"userIds": [user], "notification": notification("T", &i.to_string())}))
+            .await;
+        if s == 202 {
+            acked.push(i);
+        }
+    }
+    acked
+}
+
+/// Asserts that the numbered titles in `got` (in arrival order) came in order and without
+/// duplicates, and that every acknowledged one in `acked` is among them.
+#[track_caller]
+pub fn assert_acked_arrived_once_in_order(acked: &[usize], got: &[usize]) {
+    assert!(
+        got.windows(2).all(|w| w[0] < w[1]),
+        "in order and without duplicates"
+    );
+    let received: std::collections::BTreeSet<usize> = got.iter().copied().collect();
+    let lost: Vec<usize> = acked
+        .iter()
+        .copied()
+        .filter(|i| !received.contains(i))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "acknowledged but never delivered: {lost:?}"
+    );
+}
+
+/// Notification clients on three nodes a, b and c: alice on a and on c, bob (ACME) on b, dave
+/// (OTHER) on c.
+pub struct ThreeNodeClients {
+    pub alice_a: Client,
+    pub alice_c: Client,
+    pub bob_b: Client,
+    pub dave_c: Client,
+}
+
+impl ThreeNodeClients {
+    pub async fn connect(a: &Node, b: &Node, c: &Node) -> ThreeNodeClients {
+        ThreeNodeClients {
+            alice_a: Client::subscribed(&a.notws("alice")).await,
+            alice_c: Client::subscribed(&c.notws("alice")).await,
+            bob_b: Client::subscribed(&b.notws("bob")).await,
+            dave_c: Client::subscribed(&c.notws("dave")).await,
+        }
+    }
+
+    /// A tenant notification published on a reaches ACME's three sockets and not dave's (silent
+    /// for `quiet`); a broadcast published on c reaches all four; a chat message alice sends on a
+    /// reaches bob on b and carol on c. Returns the chat sockets, still open: alice's on a, bob's
+    /// on b, carol's on c.
+    pub async fn tenant_broadcast_and_chat(
+        &mut self,
+        a: &Node,
+        b: &Node,
+        c: &Node,
+        quiet: Duration,
+    ) -> [Client; 3] {
+        a.notify(json!({"tenantId": "ACME", "notification": notification("T", "acme")}))
+            .await;
+        for cl in [&mut self.alice_a, &mut self.alice_c, &mut self.bob_b] {
+            assert_eq!(cl.recv_json().await["title"], "acme");
+        }
+        self.dave_c.expect_silence(quiet).await;
+
+        c.notify(json!({"broadcast": true, "notification": notification("T", "all")}))
+            .await;
+        for cl in [
+            &mut self.alice_a,
+            &mut self.alice_c,
+            &mut self.bob_b,
+            &mut self.dave_c,
+        ] {
+            assert_eq!(cl.recv_json().await["title"], "all");
+        }
+
+        let mut chat_alice = Client::connect(&a.chat("alice")).await;
+        let mut chat_bob = Client::connect(&b.chat("bob")).await;
+        let mut chat_carol = Client::connect(&c.chat("carol")).await;
+        chat_alice
+            .send(r#"{"chatRoom":{"chatRoomId":"room1"},"content":"cross"}"#)
+            .await;
+        for cl in [&mut chat_bob, &mut chat_carol] {
+            let m = cl.recv_json().await;
+            assert_eq!(m["content"], "cross");
+            assert_eq!(m["fromUserId"], "alice");
+        }
+        [chat_alice, chat_bob, chat_carol]
     }
 }
