@@ -287,7 +287,8 @@ pub struct FanoutStep {
     /// User-space and kernel parts of it (from /proc/PID/stat; 0 without --pid).
     pub server_user_us_per_delivery: f64,
     pub server_system_us_per_delivery: f64,
-    /// Write-family system calls of the server per delivery (/proc/PID/io `syscw`; 0 without --pid).
+    /// `write`/`writev` calls of the server per delivery (/proc/PID/io `syscw`, which does not
+    /// count `send`/`sendto`: not the socket writes; 0 without --pid).
     pub server_write_syscalls_per_delivery: f64,
     /// The floor measured in this run at this step's rate.
     pub floor_us_per_write: Option<f64>,
@@ -553,7 +554,7 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
             passed,
         };
         eprintln!(
-            "fanout: step {step_no}: {:.0} deliveries/s, lost {}, p50 {:.2} ms p99 {:.2} ms max {:.1} ms, server {:.2} us/delivery (user {:.2}, kernel {:.2}, {:.3} write syscalls){}, {}",
+            "fanout: step {step_no}: {:.0} deliveries/s, lost {}, p50 {:.2} ms p99 {:.2} ms max {:.1} ms, server {:.2} us/delivery (user {:.2}, kernel {:.2}, {:.3} syscw){}, {}",
             step.deliveries_per_second,
             step.lost,
             step.latency.p50_ms,

@@ -159,8 +159,9 @@ pub struct ProcSample {
     pub user_seconds: f64,
     pub system_seconds: f64,
     pub rss_bytes: u64,
-    /// `syscw` of /proc/PID/io: write-family system calls (write, writev, sendto, sendmsg, and
-    /// the eventfd writes of the runtime's wake-ups); 0 when /proc/PID/io cannot be read.
+    /// `syscw` of /proc/PID/io: `write` and `writev` calls (the eventfd writes of the runtime's
+    /// wake-ups among them), **not** `send`/`sendto`/`sendmsg`, which is how tokio writes to a
+    /// TCP socket: the strace step counts socket writes. 0 when /proc/PID/io cannot be read.
     pub write_syscalls: u64,
 }
 
