@@ -324,3 +324,63 @@ async fn a_silently_dead_subscription_is_detected_by_the_canary() {
         .await;
     assert_eq!(alice.recv_json().await["title"], "back");
 }
+
+/// The titles of one user's history stream, oldest first.
+fn history_titles(redis: &Redis, prefix: &str, user: &str) -> Vec<String> {
+    let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+        .arg(format!("{{{prefix}:u:{user}}}:history"))
+        .arg("-")
+        .arg("+")
+        .query(&mut redis.conn())
+        .expect("XRANGE of the history");
+    entries
+        .iter()
+        .flat_map(|(_, fields)| fields.iter().map(|(_, v)| bytes::Bytes::from(v.clone())))
+        .map(|payload| {
+            let envelope = wsgate::protocol::decode(payload.into()).expect("an envelope");
+            let v: serde_json::Value =
+                serde_json::from_str(envelope.frame.as_str()).expect("a JSON frame");
+            v["title"].as_str().expect("a title").to_owned()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_made_at_the_same_instant_arrive_once_each_in_history_order() {
+    let redis = Redis::start();
+    let backend = Backend::start().await;
+    let nodes = cluster(&backend, &redis, "wsg", 2).await;
+    let mut alice = Client::subscribed(&nodes[1].notws("alice")).await;
+    let mut bob = Client::subscribed(&nodes[1].notws("bob")).await;
+
+    // 40 publishes at once on the other node, each to both users: they share round trips to
+    // Redis, grouped by channel.
+    let publishes = (0..40).map(|i| {
+        nodes[0].notify(json!({
+            "userIds": ["alice", "bob"],
+            "notification": notification("T", &format!("m{i}"))
+        }))
+    });
+    for (status, body) in futures_util::future::join_all(publishes).await {
+        assert_eq!(status, 202, "{body}");
+    }
+    for (user, client) in [("alice", &mut alice), ("bob", &mut bob)] {
+        let mut got = Vec::new();
+        for _ in 0..40 {
+            got.push(
+                client.recv_json().await["title"]
+                    .as_str()
+                    .expect("a title")
+                    .to_owned(),
+            );
+        }
+        client.expect_silence(SHORT).await;
+        let distinct: BTreeSet<&String> = got.iter().collect();
+        assert_eq!(distinct.len(), 40, "{user} got each message once: {got:?}");
+        assert_eq!(
+            got,
+            history_titles(&redis, "wsg", user),
+            "{user} got the messages in the order of the user's history"
+        );
+    }
+}

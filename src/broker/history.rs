@@ -39,24 +39,37 @@ pub fn key(channel: &str) -> String {
 
 /// Appends to each channel's history, trims it by time, publishes with the position frame; one
 /// call for a whole group of channels, atomic per call, so each stream's order is its pub/sub
-/// order. The payload travels once per call, not once per channel: a notification to 400 users
-/// is one argument of 200 bytes, not 400 copies. KEYS[i] the history of channel i; ARGV[1] the
-/// payload, ARGV[2] the window in ms, ARGV[3] the publish command (`PUBLISH`, or `SPUBLISH` in a
-/// Redis Cluster, where every channel of one call shares the slot of its keys), ARGV[3 + i]
-/// channel i. Returns the number of channels published.
+/// order. A call carries several publishes (`publisher.rs`), each payload once however many
+/// channels get it: a notification to 400 users is one argument of 200 bytes, not 400 copies,
+/// and one channel's messages go out back to back.
+///
+/// KEYS[i]: the history of channel i. ARGV[1]: the window in ms; ARGV[2]: the publish command
+/// (`PUBLISH`, or `SPUBLISH` in a Redis Cluster, where every channel of one call shares the slot
+/// of its keys); ARGV[3]: the number of payloads P; ARGV[4 .. 3 + P]: the payloads. Then per
+/// channel, in KEYS order: its name, the number N of its messages, and N payload numbers
+/// (1-based). Returns the number of channels published.
 pub const PUBLISH_SCRIPT: &str = r#"
-local payload = ARGV[1]
-local ttl = tonumber(ARGV[2])
-local cmd = ARGV[3]
+local ttl = tonumber(ARGV[1])
+local cmd = ARGV[2]
+local np = tonumber(ARGV[3])
 local t = redis.call('TIME')
 local minid = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - ttl)
+local a = 4 + np
 for i, key in ipairs(KEYS) do
+  local channel = ARGV[a]
+  local n = tonumber(ARGV[a + 1])
+  a = a + 2
   local prev = ''
   local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
   if last[1] then prev = last[1][1] end
-  local id = redis.call('XADD', key, 'MINID', minid, '*', 'm', payload)
+  for j = 1, n do
+    local payload = ARGV[3 + tonumber(ARGV[a])]
+    a = a + 1
+    local id = redis.call('XADD', key, 'MINID', minid, '*', 'm', payload)
+    redis.call(cmd, channel, prev .. '\n' .. id .. '\n' .. payload)
+    prev = id
+  end
   redis.call('PEXPIRE', key, ttl)
-  redis.call(cmd, ARGV[3 + i], prev .. '\n' .. id .. '\n' .. payload)
 end
 return #KEYS
 "#;

@@ -34,6 +34,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::connect::{self, Endpoint, Pool, Topology};
 use super::history::{self, Positions, StreamId, Verdict};
+use super::publisher::Publisher;
 use super::redis_cluster::{self, ShardCanary};
 use super::{Ack, BrokerError, MessageSink, Outage, Presence};
 use crate::metrics::Metrics;
@@ -164,8 +165,7 @@ pub struct RedisBroker {
     pool: Pool,
     keys: Keys,
     presence_ttl: Duration,
-    history_ttl: Duration,
-    publish_script: redis::Script,
+    publisher: Arc<Publisher>,
 }
 
 #[derive(Clone)]
@@ -267,7 +267,7 @@ fn redis_down(e: redis::RedisError) -> BrokerError {
     BrokerError::Unavailable(Outage::Redis(Arc::new(e)))
 }
 
-async fn timed<T>(
+pub(super) async fn timed<T>(
     fut: impl std::future::Future<Output = redis::RedisResult<T>>,
 ) -> Result<T, BrokerError> {
     match tokio::time::timeout(COMMAND_TIMEOUT, fut).await {
@@ -351,11 +351,10 @@ impl RedisBroker {
         Ok(RedisBroker {
             shared,
             cmds: tx,
+            publisher: Arc::new(Publisher::new(pool.clone(), keys.cluster, cfg.history_ttl)),
             pool,
             keys,
             presence_ttl: cfg.presence_ttl,
-            history_ttl: cfg.history_ttl,
-            publish_script: redis::Script::new(history::PUBLISH_SCRIPT),
         })
     }
 
@@ -394,70 +393,11 @@ impl RedisBroker {
         let _ = self.send(Cmd::Unsubscribe(channels));
     }
 
-    /// Publishes in one round trip; with history, each channel's message is appended to its
-    /// history in the same atomic step, so success means Redis holds it for the window.
+    /// Publishes (grouped with the publishes around it: `publisher.rs`); with history, each
+    /// channel's message is appended to its history in the same atomic step, so success means
+    /// Redis holds it for the window.
     pub async fn publish(&self, channels: Vec<String>, payload: Bytes) -> Result<(), BrokerError> {
-        if self.keys.cluster {
-            // A pipeline may only name one slot: one per slot, all in flight at once.
-            let groups = redis_cluster::by_slot(&channels);
-            let publishes = groups.into_iter().map(|group| {
-                let group: Vec<String> = group.into_iter().cloned().collect();
-                self.publish_on_one_slot(group, &payload)
-            });
-            return futures_util::future::try_join_all(publishes)
-                .await
-                .map(|_| ());
-        }
-        self.publish_on_one_slot(channels, &payload).await
-    }
-
-    async fn publish_on_one_slot(
-        &self,
-        channels: Vec<String>,
-        payload: &Bytes,
-    ) -> Result<(), BrokerError> {
-        let mut conn = self.pool.get().await?;
-        let publish = self.keys.publish_cmd();
-        if self.history_ttl.is_zero() {
-            let framed = history::frame_without_history(payload);
-            let mut pipe = redis::pipe();
-            for ch in &channels {
-                pipe.cmd(publish).arg(ch).arg(&framed[..]).ignore();
-            }
-            return timed(pipe.query_async::<()>(&mut conn)).await;
-        }
-        let ttl_ms = self.history_ttl.as_millis() as u64;
-        // One script call per group of channels, the payload once per call (history.rs).
-        let pipe = |cmd: &str| {
-            let mut pipe = redis::pipe();
-            for group in channels.chunks(history::CHANNELS_PER_CALL) {
-                let call = pipe
-                    .cmd(cmd)
-                    .arg(if cmd == "EVAL" {
-                        history::PUBLISH_SCRIPT
-                    } else {
-                        self.publish_script.get_hash()
-                    })
-                    .arg(group.len());
-                for ch in group {
-                    call.arg(history::key(ch));
-                }
-                call.arg(payload.as_ref()).arg(ttl_ms).arg(publish);
-                for ch in group {
-                    call.arg(ch);
-                }
-                call.ignore();
-            }
-            pipe
-        };
-        match timed(pipe("EVALSHA").query_async::<()>(&mut conn)).await {
-            // The script cache is empty (a restarted or failed-over Redis): EVAL loads it;
-            // nothing ran, since a missing script fails every call of the pipeline.
-            Err(BrokerError::Unavailable(Outage::Redis(e))) if e.code() == Some("NOSCRIPT") => {
-                timed(pipe("EVAL").query_async::<()>(&mut conn)).await
-            }
-            other => other,
-        }
+        self.publisher.publish(channels, payload).await
     }
 
     pub fn set_online(&self, user_id: Arc<str>, presence: Presence) -> Ack {

@@ -28,12 +28,18 @@ const CONCURRENCY: usize = 64;
 
 /// The channels grouped by their slot, each group in the order given.
 pub(super) fn by_slot<'a, I: IntoIterator<Item = &'a String>>(channels: I) -> Vec<Vec<&'a String>> {
-    let mut groups: HashMap<Slot, Vec<&'a String>> = HashMap::new();
-    for c in channels {
-        groups
-            .entry(Slot::for_key(c.as_bytes()))
-            .or_default()
-            .push(c);
+    by_slot_of(channels, |c| c.as_str())
+}
+
+/// Groups anything named by a channel by the channel's slot.
+pub(super) fn by_slot_of<T, I: IntoIterator<Item = T>>(
+    items: I,
+    channel: impl Fn(&T) -> &str,
+) -> Vec<Vec<T>> {
+    let mut groups: HashMap<Slot, Vec<T>> = HashMap::new();
+    for item in items {
+        let slot = Slot::for_key(channel(&item).as_bytes());
+        groups.entry(slot).or_default().push(item);
     }
     groups.into_values().collect()
 }

@@ -1,0 +1,286 @@
+//! Publishing to Redis by group commit: the publishes that arrive while a round trip is under
+//! way go out together in the next one, grouped by channel, so that each channel's messages are
+//! side by side.
+//!
+//! Why: Redis runs one publish's script for all of its channels before it starts the next, so a
+//! burst of notifications to the same users (several publish calls at once) used to reach every
+//! receiving node one whole fan-out apart, and each recipient's socket was written once per
+//! message. Grouped by channel, a recipient's messages arrive back to back, are delivered in one
+//! read batch of the subscription and go out in one socket write. Under load it also saves
+//! round trips. A publish waits at most for the round trip before its own, and its answer is its
+//! round trip's: success means Redis took every message of it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+use super::connect::Pool;
+use super::redis::timed;
+use super::{history, redis_cluster, BrokerError, Outage};
+
+/// Messages (a channel and a payload) per round trip at most: bounds how long one round trip
+/// holds Redis and what it buffers. A publish is never split; one larger than this goes alone.
+const MESSAGES_PER_ROUND_TRIP: usize = 8192;
+
+struct Job {
+    channels: Vec<String>,
+    payload: Bytes,
+    done: oneshot::Sender<Result<(), BrokerError>>,
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: Vec<Job>,
+    /// A task is publishing the queue; it ends when it finds the queue empty.
+    flushing: bool,
+}
+
+pub(super) struct Publisher {
+    queue: Mutex<Queue>,
+    pool: Pool,
+    cluster: bool,
+    history_ttl: Duration,
+    script: redis::Script,
+}
+
+/// What one round trip publishes: every channel once, with the payloads it gets in publish
+/// order (indices into `payloads`, each payload once).
+#[derive(Debug, PartialEq)]
+pub(super) struct Plan<'a> {
+    pub payloads: Vec<&'a Bytes>,
+    pub channels: Vec<(&'a str, Vec<usize>)>,
+}
+
+/// Groups publishes by channel, channels in order of first appearance.
+pub(super) fn plan<'a>(publishes: impl IntoIterator<Item = (&'a [String], &'a Bytes)>) -> Plan<'a> {
+    let mut payloads = Vec::new();
+    let mut channels: Vec<(&str, Vec<usize>)> = Vec::new();
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    for (chs, payload) in publishes {
+        let p = payloads.len();
+        payloads.push(payload);
+        for ch in chs {
+            let at = *index.entry(ch.as_str()).or_insert_with(|| {
+                channels.push((ch.as_str(), Vec::new()));
+                channels.len() - 1
+            });
+            channels[at].1.push(p);
+        }
+    }
+    Plan { payloads, channels }
+}
+
+/// Takes the publishes of the next round trip from the front of the queue.
+fn next_round_trip(jobs: &mut Vec<Job>) -> Vec<Job> {
+    let (mut n, mut messages) = (0, 0);
+    for job in jobs.iter() {
+        if n > 0 && messages + job.channels.len() > MESSAGES_PER_ROUND_TRIP {
+            break;
+        }
+        messages += job.channels.len();
+        n += 1;
+    }
+    jobs.drain(..n).collect()
+}
+
+impl Publisher {
+    pub(super) fn new(pool: Pool, cluster: bool, history_ttl: Duration) -> Publisher {
+        Publisher {
+            queue: Mutex::new(Queue::default()),
+            pool,
+            cluster,
+            history_ttl,
+            script: redis::Script::new(history::PUBLISH_SCRIPT),
+        }
+    }
+
+    pub(super) async fn publish(
+        self: &Arc<Self>,
+        channels: Vec<String>,
+        payload: Bytes,
+    ) -> Result<(), BrokerError> {
+        let (done, answer) = oneshot::channel();
+        let start = {
+            let mut q = self.queue.lock();
+            q.jobs.push(Job {
+                channels,
+                payload,
+                done,
+            });
+            !std::mem::replace(&mut q.flushing, true)
+        };
+        if start {
+            // A task of its own, not the caller: a publish whose caller goes away (an HTTP
+            // client that hung up) must not stop the others queued behind it.
+            let me = self.clone();
+            tokio::spawn(async move { me.flush().await });
+        }
+        // Dropped unanswered only when the runtime is going away.
+        answer.await.unwrap_or(Err(BrokerError::Closed))
+    }
+
+    async fn flush(&self) {
+        let _reset = ResetOnPanic(self);
+        loop {
+            let jobs = {
+                let mut q = self.queue.lock();
+                if q.jobs.is_empty() {
+                    q.flushing = false;
+                    return;
+                }
+                next_round_trip(&mut q.jobs)
+            };
+            let result = self.round_trip(&jobs).await;
+            for job in jobs {
+                let _ = job.done.send(result.clone());
+            }
+        }
+    }
+
+    async fn round_trip(&self, jobs: &[Job]) -> Result<(), BrokerError> {
+        let plan = plan(jobs.iter().map(|j| (&j.channels[..], &j.payload)));
+        if self.cluster {
+            // A pipeline may only name one slot: one per slot, all in flight at once.
+            let groups = redis_cluster::by_slot_of(plan.channels, |(ch, _)| ch);
+            let publishes = groups
+                .iter()
+                .map(|group| self.publish_on_one_slot(group, &plan.payloads));
+            return futures_util::future::try_join_all(publishes)
+                .await
+                .map(|_| ());
+        }
+        self.publish_on_one_slot(&plan.channels, &plan.payloads)
+            .await
+    }
+
+    async fn publish_on_one_slot(
+        &self,
+        channels: &[(&str, Vec<usize>)],
+        payloads: &[&Bytes],
+    ) -> Result<(), BrokerError> {
+        let mut conn = self.pool.get().await?;
+        let publish = if self.cluster { "SPUBLISH" } else { "PUBLISH" };
+        if self.history_ttl.is_zero() {
+            let framed: Vec<Vec<u8>> = payloads
+                .iter()
+                .map(|p| history::frame_without_history(p))
+                .collect();
+            let mut pipe = redis::pipe();
+            for (ch, ps) in channels {
+                for &p in ps {
+                    pipe.cmd(publish).arg(*ch).arg(&framed[p][..]).ignore();
+                }
+            }
+            return timed(pipe.query_async::<()>(&mut conn)).await;
+        }
+        let ttl_ms = self.history_ttl.as_millis() as u64;
+        // One script call per group of channels, each payload once per call (history.rs).
+        let pipe = |cmd: &str| {
+            let mut pipe = redis::pipe();
+            for group in channels.chunks(history::CHANNELS_PER_CALL) {
+                let mut used: Vec<usize> = group
+                    .iter()
+                    .flat_map(|(_, ps)| ps.iter().copied())
+                    .collect();
+                used.sort_unstable();
+                used.dedup();
+                let call = pipe
+                    .cmd(cmd)
+                    .arg(if cmd == "EVAL" {
+                        history::PUBLISH_SCRIPT
+                    } else {
+                        self.script.get_hash()
+                    })
+                    .arg(group.len());
+                for (ch, _) in group {
+                    call.arg(history::key(ch));
+                }
+                call.arg(ttl_ms).arg(publish).arg(used.len());
+                for &p in &used {
+                    call.arg(payloads[p].as_ref());
+                }
+                for (ch, ps) in group {
+                    call.arg(*ch).arg(ps.len());
+                    for p in ps {
+                        // 1-based position among this call's payloads; always found.
+                        call.arg(used.binary_search(p).map_or(0, |k| k + 1));
+                    }
+                }
+                call.ignore();
+            }
+            pipe
+        };
+        match timed(pipe("EVALSHA").query_async::<()>(&mut conn)).await {
+            // The script cache is empty (a restarted or failed-over Redis): EVAL loads it;
+            // nothing ran, since a missing script fails every call of the pipeline.
+            Err(BrokerError::Unavailable(Outage::Redis(e))) if e.code() == Some("NOSCRIPT") => {
+                timed(pipe("EVAL").query_async::<()>(&mut conn)).await
+            }
+            other => other,
+        }
+    }
+}
+
+/// A publishing task that panics leaves the queue to the next publish, and fails the
+/// publishes it had not taken yet instead of leaving them waiting.
+struct ResetOnPanic<'a>(&'a Publisher);
+
+impl Drop for ResetOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let mut q = self.0.queue.lock();
+            q.flushing = false;
+            q.jobs.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chans(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_plan_groups_each_channels_payloads_in_publish_order() {
+        let (a, b, c) = (
+            Bytes::from_static(b"1"),
+            Bytes::from_static(b"2"),
+            Bytes::from_static(b"3"),
+        );
+        let (x, y, z) = (chans(&["u1", "u2"]), chans(&["u2", "u3"]), chans(&["u1"]));
+        let p = plan([(&x[..], &a), (&y[..], &b), (&z[..], &c)]);
+        assert_eq!(p.payloads, vec![&a, &b, &c]);
+        assert_eq!(
+            p.channels,
+            vec![("u1", vec![0, 2]), ("u2", vec![0, 1]), ("u3", vec![1])]
+        );
+    }
+
+    #[test]
+    fn a_round_trip_takes_whole_publishes_up_to_its_bound() {
+        let job = |n: usize| Job {
+            channels: (0..n).map(|i| format!("c{i}")).collect(),
+            payload: Bytes::new(),
+            done: oneshot::channel().0,
+        };
+        let mut jobs = vec![job(5000), job(3000), job(500), job(1)];
+        assert_eq!(
+            next_round_trip(&mut jobs).len(),
+            2,
+            "5,000 + 3,000 fit in 8,192"
+        );
+        assert_eq!(next_round_trip(&mut jobs).len(), 2);
+        assert!(jobs.is_empty());
+        // A publish larger than the bound still goes, alone.
+        let mut jobs = vec![job(10_000), job(1)];
+        assert_eq!(next_round_trip(&mut jobs).len(), 1);
+        assert_eq!(next_round_trip(&mut jobs).len(), 1);
+    }
+}
