@@ -325,9 +325,12 @@ async fn a_silently_dead_subscription_is_detected_by_the_canary() {
     assert_eq!(alice.recv_json().await["title"], "back");
 }
 
+/// A stream's entries as XRANGE answers: id, then field and value pairs.
+type StreamEntries = Vec<(String, Vec<(String, Vec<u8>)>)>;
+
 /// The titles of one user's history stream, oldest first.
 fn history_titles(redis: &Redis, prefix: &str, user: &str) -> Vec<String> {
-    let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+    let entries: StreamEntries = redis::cmd("XRANGE")
         .arg(format!("{{{prefix}:u:{user}}}:history"))
         .arg("-")
         .arg("+")
