@@ -340,7 +340,7 @@ fn history_titles(redis: &Redis, prefix: &str, user: &str) -> Vec<String> {
         .iter()
         .flat_map(|(_, fields)| fields.iter().map(|(_, v)| bytes::Bytes::from(v.clone())))
         .map(|payload| {
-            let envelope = wsgate::protocol::decode(payload.into()).expect("an envelope");
+            let envelope = wsgate::protocol::decode(payload).expect("an envelope");
             let v: serde_json::Value =
                 serde_json::from_str(envelope.frame.as_str()).expect("a JSON frame");
             v["title"].as_str().expect("a title").to_owned()
