@@ -81,8 +81,9 @@ else
   # The sweep starts at a rate both servers sustain without loss; the write-call step runs at it.
   fan_args=(--connections "$conns" --recipients "$recip" --rates 10000,25000,50000,100000,200000 --duration 3
     --floor-seconds 0.5 --warmup 2 --strace-seconds 3 --strace-rate 10000)
+  # Bursts come every 0.8 s at 10,000/s: a longer count window holds more of them.
   burst_args=(--connections "$conns" --recipients "$recip" --rates 10000,50000,100000,200000 --duration 3 --burst 8
-    --floor-seconds 0.5 --warmup 2 --strace-seconds 3 --strace-rate 10000)
+    --floor-seconds 0.5 --warmup 2 --strace-seconds 6 --strace-rate 10000)
   chat_args=(--pairs 1000 --rates 2000,5000 --duration 3)
   storm_args=(--connections "$conns" --keys $((conns / 10)) --spread 1 --deadline 30)
   # As in a reconnect storm after a node loss: 4,000 distinct users at the same instant.

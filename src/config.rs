@@ -211,6 +211,11 @@ pub struct ServeArgs {
     #[arg(long, env = "WSGATE_HISTORY_TTL", default_value = "60s", value_parser = duration)]
     pub history_ttl: Duration,
 
+    /// How long a publish to Redis waits for others to share its round trip when none is under
+    /// way (0: it goes at once).
+    #[arg(long, env = "WSGATE_PUBLISH_LINGER", default_value = "2ms", value_parser = duration)]
+    pub publish_linger: Duration,
+
     /// How long the last unsubscribe of a channel is delayed, to absorb reconnect churn.
     #[arg(long, env = "WSGATE_UNSUBSCRIBE_DELAY", default_value = "2s", value_parser = duration)]
     pub unsubscribe_delay: Duration,
@@ -367,6 +372,7 @@ pub struct Config {
     pub node_id: String,
     pub presence_ttl: Duration,
     pub history_ttl: Duration,
+    pub publish_linger: Duration,
     pub unsubscribe_delay: Duration,
     /// Zero: nothing is remembered.
     pub resubscribe_window: Duration,
@@ -575,6 +581,9 @@ impl ServeArgs {
                 "must be at most 24h (0 turns it off)",
             ));
         }
+        if self.publish_linger > Duration::from_millis(100) {
+            return Err(bad("--publish-linger", "must be at most 100ms"));
+        }
         if self.history_ttl > Duration::from_secs(24 * 3600) {
             return Err(bad("--history-ttl", "must be at most 24h"));
         }
@@ -624,6 +633,7 @@ impl ServeArgs {
             node_id,
             presence_ttl,
             history_ttl: self.history_ttl,
+            publish_linger: self.publish_linger,
             unsubscribe_delay: self.unsubscribe_delay,
             resubscribe_window: self.resubscribe_window,
             resume_window: self.resume_window,

@@ -167,6 +167,9 @@ pub struct Metrics {
     pub broker_publish_errors: IntCounter,
     pub broker_reconnects: IntCounter,
     pub broker_recovered: IntCounter,
+    pub broker_round_trip_publishes: Histogram,
+    pub broker_read_batch: Histogram,
+    pub write_batch_messages: Histogram,
     pub broker_canary_failures: IntCounter,
     /// Per Redis shard (its master's address): 1 while its canary comes back.
     pub broker_shard_up: IntGaugeVec,
@@ -473,6 +476,24 @@ impl Metrics {
                 &r,
                 "wsgate_broker_recovered_messages_total",
                 "Messages the node read from channel history because pub/sub had lost them.",
+            ),
+            broker_round_trip_publishes: histogram(
+                &r,
+                "wsgate_broker_round_trip_publishes",
+                "Publishes that went to Redis in one round trip (grouped by channel).",
+                vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0],
+            ),
+            broker_read_batch: histogram(
+                &r,
+                "wsgate_broker_read_batch_messages",
+                "Messages the subscription delivered before waking the writers.",
+                vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0],
+            ),
+            write_batch_messages: histogram(
+                &r,
+                "wsgate_socket_write_messages",
+                "Messages written to a socket together (one flush).",
+                vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0],
             ),
             broker_canary_failures: counter(
                 &r,

@@ -115,6 +115,7 @@ impl AppState {
                             pool_size: config.redis_pool_size,
                             presence_ttl: config.presence_ttl,
                             history_ttl: config.history_ttl,
+                            publish_linger: config.publish_linger,
                         },
                         sink,
                         metrics.clone(),

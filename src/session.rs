@@ -277,6 +277,9 @@ async fn write_batch(
 ) -> Result<(), axum::Error> {
     // feed() only appends to the socket's write buffer (it writes early only past
     // WRITE_BUFFER_SIZE); flush() then writes the whole batch with as few syscalls as possible.
+    node.metrics
+        .write_batch_messages
+        .observe(batch.len() as f64);
     for msg in batch.iter() {
         socket.feed(Message::Text(msg.frame.clone())).await?;
     }

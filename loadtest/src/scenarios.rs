@@ -312,7 +312,7 @@ pub struct FanoutResult {
     /// Highest rate delivered without loss, whatever the latency.
     pub lossless_max_deliveries_per_second: Option<u64>,
     pub server_disconnects: u64,
-    /// Socket write calls per delivery, counted with strace in a separate step.
+    /// Socket write calls per delivery, counted (perf stat, else strace) in a separate step.
     pub syscalls: Option<crate::strace::SyscallCount>,
 }
 
@@ -443,7 +443,7 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
             "fanout: step {step_no}{}: {rate} deliveries/s = {pps:.1} publishes/s x {} recipients, burst {}",
             match kind {
                 StepKind::Warmup => " (warm-up, not recorded)",
-                StepKind::Strace => " (write calls counted with strace; CPU not recorded)",
+                StepKind::Strace => " (write calls counted with perf stat or strace; CPU not recorded)",
                 StepKind::Measured => "",
             },
             a.recipients, a.burst
@@ -724,8 +724,9 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
     if let Some(sc) = &r.syscalls {
         let _ = writeln!(
             md,
-            "\nSocket write calls (separate step at {}/s, `strace -c -f -e trace={}` on {} process(es) for {:.1} s): {:.3} per delivery (bounds {:.3}–{:.3}) over {} deliveries: {:?}{}",
+            "\nSocket write calls (separate step at {}/s, {} counting {} on {} process(es) for {:.1} s): {:.3} per delivery (bounds {:.3}–{:.3}) over {} deliveries: {:?}{}",
             sc.target_deliveries_per_second,
+            sc.tool,
             crate::strace::CALLS,
             sc.processes,
             sc.window_seconds,
@@ -795,6 +796,7 @@ async fn count_syscalls(
             return c;
         }
     };
+    c.tool = tracer.tool().to_owned();
     let r0 = shared.received.load(Ordering::Relaxed);
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs_f64(window)).await;

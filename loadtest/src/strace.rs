@@ -1,9 +1,14 @@
-//! Counting a server's socket write system calls with `strace -c -f`.
+//! Counting a server's socket write system calls.
 //!
 //! `/proc/PID/io` `syscw` counts `write` and `writev` but not `send`/`sendto`/`sendmsg`, which
 //! is how Rust's standard library (so tokio) and Node's libuv write to TCP sockets, so the
-//! calls are counted by attaching `strace` to every server process for a few seconds. `strace`
-//! slows the traced process, so the window must not overlap a CPU measurement.
+//! calls are counted by attaching a counter to every server process for a few seconds:
+//! `perf stat` on the `syscalls:sys_enter_*` tracepoints where the kernel allows it, which
+//! counts in the kernel without stopping the process, else `strace -c -f`, which stops the
+//! process at every counted call. The stops matter: they stretch how long a server takes to
+//! read a burst of publishes, and so change how many messages it can write together. The
+//! result says which counter was used. Either way the window must not overlap a CPU
+//! measurement.
 
 use anyhow::Context;
 use serde::Serialize;
@@ -14,34 +19,86 @@ use std::time::Duration;
 /// The system calls counted: every way a process can write to a socket.
 pub const CALLS: &str = "sendto,sendmsg,writev,write";
 
-/// `strace -c -f` attached to a set of processes.
+/// A counter attached to a set of processes.
 pub struct Tracer {
     children: Vec<tokio::process::Child>,
+    tool: &'static str,
 }
 
-/// Attaches `strace -c -f -e trace=sendto,sendmsg,writev,write` to each pid, then waits
-/// `settle` for the attachments (all threads) to be in place.
+fn perf(pid: u32) -> std::io::Result<tokio::process::Child> {
+    let events: Vec<String> = CALLS
+        .split(',')
+        .map(|c| format!("syscalls:sys_enter_{c}"))
+        .collect();
+    tokio::process::Command::new("perf")
+        .args(["stat", "-x", ",", "-e", &events.join(","), "-p"])
+        .arg(pid.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+}
+
+fn strace(pid: u32) -> std::io::Result<tokio::process::Child> {
+    tokio::process::Command::new("strace")
+        .args(["-c", "-f", "-e", &format!("trace={CALLS}"), "-p"])
+        .arg(pid.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+}
+
+/// Attaches a counter of sendto, sendmsg, writev and write to each pid (`perf stat`, or
+/// `strace -c -f` when perf is missing or may not read the tracepoints), then waits `settle`
+/// for the attachments (all threads) to be in place.
 pub async fn attach(pids: &[u32], settle: Duration) -> anyhow::Result<Tracer> {
     let mut children = Vec::with_capacity(pids.len());
     for pid in pids {
-        let child = tokio::process::Command::new("strace")
-            .args(["-c", "-f", "-e", &format!("trace={CALLS}"), "-p"])
-            .arg(pid.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting strace (is it installed?)")?;
-        children.push(child);
+        match perf(*pid) {
+            Ok(child) => children.push(child),
+            Err(_) => {
+                children.clear();
+                break;
+            }
+        }
     }
     tokio::time::sleep(settle).await;
-    Ok(Tracer { children })
+    // perf exits at once when it cannot attach (no tracepoints, perf_event_paranoid).
+    let mut perf_ok = !children.is_empty();
+    for c in &mut children {
+        if !matches!(c.try_wait(), Ok(None)) {
+            perf_ok = false;
+        }
+    }
+    if perf_ok {
+        return Ok(Tracer {
+            children,
+            tool: "perf stat",
+        });
+    }
+    drop(children);
+    let mut children = Vec::with_capacity(pids.len());
+    for pid in pids {
+        children.push(strace(*pid).context("starting strace (is it installed?)")?);
+    }
+    tokio::time::sleep(settle).await;
+    Ok(Tracer {
+        children,
+        tool: "strace",
+    })
 }
 
 impl Tracer {
-    /// Detaches (SIGINT, on which strace prints its table) and returns the calls per system call,
-    /// summed over the processes.
+    /// Which counter is attached: `perf stat` or `strace`.
+    pub fn tool(&self) -> &'static str {
+        self.tool
+    }
+
+    /// Detaches (SIGINT, on which both print their counts) and returns the calls per system
+    /// call, summed over the processes.
     pub async fn detach(self) -> anyhow::Result<BTreeMap<String, u64>> {
         for c in &self.children {
             if let Some(id) = c.id() {
@@ -55,13 +112,40 @@ impl Tracer {
         for c in self.children {
             let out = tokio::time::timeout(Duration::from_secs(10), c.wait_with_output())
                 .await
-                .context("strace did not detach")??;
-            for (name, n) in parse_table(&String::from_utf8_lossy(&out.stderr)) {
+                .context("the system call counter did not detach")??;
+            let text = String::from_utf8_lossy(&out.stderr);
+            let counts = if self.tool == "strace" {
+                parse_table(&text)
+            } else {
+                parse_perf(&text)
+            };
+            for (name, n) in counts {
                 *total.entry(name).or_default() += n;
             }
         }
         Ok(total)
     }
+}
+
+/// The counts of `perf stat -x ,` (`count,,syscalls:sys_enter_NAME,…`), per system call.
+pub fn parse_perf(text: &str) -> BTreeMap<String, u64> {
+    let mut m = BTreeMap::new();
+    for line in text.lines() {
+        let t: Vec<&str> = line.split(',').collect();
+        if t.len() < 3 {
+            continue;
+        }
+        let Some(name) = t[2].strip_prefix("syscalls:sys_enter_") else {
+            continue;
+        };
+        if !CALLS.split(',').any(|c| c == name) {
+            continue;
+        }
+        if let Ok(n) = t[0].parse::<u64>() {
+            *m.entry(name.to_string()).or_default() += n;
+        }
+    }
+    m
 }
 
 /// The `calls` column of `strace -c`'s table, per system call.
@@ -105,6 +189,8 @@ pub struct SyscallCount {
     /// The same ÷ the outer and ÷ the inner count: the true figure lies between.
     pub total_per_delivery_bounds: (f64, f64),
     pub processes: usize,
+    /// The counter: `perf stat` (tracepoints, the process is not stopped) or `strace`.
+    pub tool: String,
     /// Why nothing was counted, if so.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -113,6 +199,19 @@ pub struct SyscallCount {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_perf_counts() {
+        let text = "1234,,syscalls:sys_enter_sendto,1905923,100.00,,\n\
+0,,syscalls:sys_enter_sendmsg,1905923,100.00,,\n\
+7,,syscalls:sys_enter_writev,1905923,100.00,,\n\
+<not counted>,,syscalls:sys_enter_write,0,0.00,,\n";
+        let m = parse_perf(text);
+        assert_eq!(m.get("sendto"), Some(&1234));
+        assert_eq!(m.get("sendmsg"), Some(&0));
+        assert_eq!(m.get("writev"), Some(&7));
+        assert_eq!(m.get("write"), None);
+    }
 
     #[test]
     fn parses_strace_summary() {

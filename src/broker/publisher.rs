@@ -21,6 +21,7 @@ use tokio::sync::oneshot;
 use super::connect::Pool;
 use super::redis::timed;
 use super::{history, redis_cluster, BrokerError, Outage};
+use crate::metrics::Metrics;
 
 /// Messages (a channel and a payload) per round trip at most: bounds how long one round trip
 /// holds Redis and what it buffers. A publish is never split; one larger than this goes alone.
@@ -44,7 +45,11 @@ pub(super) struct Publisher {
     pool: Pool,
     cluster: bool,
     history_ttl: Duration,
+    /// `--publish-linger`: how long a publish to an idle queue waits for others to join its
+    /// round trip (tokio's timer rounds it up to its next millisecond tick).
+    linger: Duration,
     script: redis::Script,
+    metrics: Arc<Metrics>,
 }
 
 /// What one round trip publishes: every channel once, with the payloads it gets in publish
@@ -88,8 +93,16 @@ fn next_round_trip(jobs: &mut Vec<Job>) -> Vec<Job> {
 }
 
 impl Publisher {
-    pub(super) fn new(pool: Pool, cluster: bool, history_ttl: Duration) -> Publisher {
+    pub(super) fn new(
+        pool: Pool,
+        cluster: bool,
+        history_ttl: Duration,
+        linger: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Publisher {
         Publisher {
+            linger,
+            metrics,
             queue: Mutex::new(Queue::default()),
             pool,
             cluster,
@@ -125,6 +138,14 @@ impl Publisher {
 
     async fn flush(&self) {
         let _reset = ResetOnPanic(self);
+        // Publishes come in bursts (a back-end notifying the same users of several things at
+        // once, its requests a fraction of a millisecond apart): wait for the rest of the burst
+        // so that it goes out in one round trip, not as its first publish and then the others
+        // a whole fan-out later. Only when the queue was idle: under load the round trips
+        // themselves are the wait.
+        if !self.linger.is_zero() {
+            tokio::time::sleep(self.linger).await;
+        }
         loop {
             let jobs = {
                 let mut q = self.queue.lock();
@@ -134,6 +155,9 @@ impl Publisher {
                 }
                 next_round_trip(&mut q.jobs)
             };
+            self.metrics
+                .broker_round_trip_publishes
+                .observe(jobs.len() as f64);
             let result = self.round_trip(&jobs).await;
             for job in jobs {
                 let _ = job.done.send(result.clone());

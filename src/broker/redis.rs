@@ -302,6 +302,8 @@ pub struct RedisSettings {
     pub presence_ttl: Duration,
     /// How long each channel's history is kept (zero: no history, no recovery).
     pub history_ttl: Duration,
+    /// How long a publish to an idle queue waits for others to share its round trip.
+    pub publish_linger: Duration,
 }
 
 impl std::fmt::Debug for RedisSettings {
@@ -313,6 +315,7 @@ impl std::fmt::Debug for RedisSettings {
             .field("pool_size", &self.pool_size)
             .field("presence_ttl", &self.presence_ttl)
             .field("history_ttl", &self.history_ttl)
+            .field("publish_linger", &self.publish_linger)
             .finish()
     }
 }
@@ -349,9 +352,15 @@ impl RedisBroker {
         };
         tokio::spawn(actor.run(rx));
         Ok(RedisBroker {
+            publisher: Arc::new(Publisher::new(
+                pool.clone(),
+                keys.cluster,
+                cfg.history_ttl,
+                cfg.publish_linger,
+                shared.metrics.clone(),
+            )),
             shared,
             cmds: tx,
-            publisher: Arc::new(Publisher::new(pool.clone(), keys.cluster, cfg.history_ttl)),
             pool,
             keys,
             presence_ttl: cfg.presence_ttl,
@@ -957,8 +966,17 @@ impl Reader {
                 batch += 1;
                 if batch < READ_BATCH {
                     next = self.next_message(stream).now_or_never().flatten();
+                    if next.is_none() {
+                        // The client's connection task parses what Redis sent and hands it
+                        // over one message at a time: when it is merely a step behind, let it
+                        // catch up once before waking the writers, so that the messages Redis
+                        // sent together (a channel's burst) are written together.
+                        tokio::task::yield_now().await;
+                        next = self.next_message(stream).now_or_never().flatten();
+                    }
                 }
             }
+            self.shared.metrics.broker_read_batch.observe(batch as f64);
             self.sink.flush();
         }
     }
