@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A short run of every scenario against wsgate and the Socket.IO peer (small N, seconds long),
 # so that the load generator and the peer cannot rot. Needs cargo, node + npm, redis-server,
-# strace.
+# strace (perf, where installed and allowed, counts the write calls instead).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="$(mktemp -d)"

@@ -17,7 +17,8 @@
 //! - [`hub`]: [`hub::outbound`] (bounded per-connection queues), [`hub::registry`] (users →
 //!   connections → topics), typed [`hub::Channel`]s and their reference counts with delayed
 //!   release, fan-out, the node's ping sweep and drain.
-//! - [`broker`]: the seam between nodes: [`broker::memory`] (one node) and [`broker::redis`].
+//! - [`broker`]: the seam between nodes: [`broker::memory`] (one node) and [`broker::redis`]
+//!   (publishing by group commit, grouped by channel, in `broker/publisher.rs`).
 //! - [`protocol`]: wire formats with no I/O: client frames and the broker envelope.
 //! - [`metrics`]: one Prometheus registry per node.
 //! - [`disconnect`]: the close-code table.
