@@ -25,13 +25,10 @@ pub struct Tracer {
     tool: &'static str,
 }
 
-fn perf(pid: u32) -> std::io::Result<tokio::process::Child> {
-    let events: Vec<String> = CALLS
-        .split(',')
-        .map(|c| format!("syscalls:sys_enter_{c}"))
-        .collect();
-    tokio::process::Command::new("perf")
-        .args(["stat", "-x", ",", "-e", &events.join(","), "-p"])
+/// Starts a counter on `pid`, its report on stderr.
+fn counter(program: &str, args: &[&str], pid: u32) -> std::io::Result<tokio::process::Child> {
+    tokio::process::Command::new(program)
+        .args(args)
         .arg(pid.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -40,15 +37,24 @@ fn perf(pid: u32) -> std::io::Result<tokio::process::Child> {
         .spawn()
 }
 
+fn perf(pid: u32) -> std::io::Result<tokio::process::Child> {
+    let events: Vec<String> = CALLS
+        .split(',')
+        .map(|c| format!("syscalls:sys_enter_{c}"))
+        .collect();
+    counter(
+        "perf",
+        &["stat", "-x", ",", "-e", &events.join(","), "-p"],
+        pid,
+    )
+}
+
 fn strace(pid: u32) -> std::io::Result<tokio::process::Child> {
-    tokio::process::Command::new("strace")
-        .args(["-c", "-f", "-e", &format!("trace={CALLS}"), "-p"])
-        .arg(pid.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
+    counter(
+        "strace",
+        &["-c", "-f", "-e", &format!("trace={CALLS}"), "-p"],
+        pid,
+    )
 }
 
 /// Attaches a counter of sendto, sendmsg, writev and write to each pid (`perf stat`, or
