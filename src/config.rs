@@ -212,8 +212,9 @@ pub struct ServeArgs {
     pub history_ttl: Duration,
 
     /// How long a publish to Redis waits for others to share its round trip when none is under
-    /// way (0: it goes at once).
-    #[arg(long, env = "WSGATE_PUBLISH_LINGER", default_value = "2ms", value_parser = duration)]
+    /// way (0: it goes at once). A burst of publishes then reaches each recipient in one write,
+    /// but a caller that publishes one at a time waits this much longer for each.
+    #[arg(long, env = "WSGATE_PUBLISH_LINGER", default_value = "0s", value_parser = duration)]
     pub publish_linger: Duration,
 
     /// How long the last unsubscribe of a channel is delayed, to absorb reconnect churn.
