@@ -51,6 +51,7 @@ KNOWN_ENV = {
     "WSGATE_SESSION_TENANT_POINTER", "WSGATE_ALLOWED_ORIGINS", "WSGATE_RESUBSCRIBE_WINDOW",
     "WSGATE_MAX_CONNECTIONS", "WSGATE_MAX_HANDSHAKES_PER_IP", "WSGATE_HANDSHAKE_TIMEOUT",
     "WSGATE_TRUSTED_PROXIES", "WSGATE_HISTORY_TTL", "WSGATE_RESUME_WINDOW",
+    "WSGATE_PUBLISH_LINGER",
 }
 
 # Recognisable secrets: they must reach the Secret and nothing else.
@@ -141,6 +142,7 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "allowed origin without scheme": ({"allowedOrigins": ["erp.example.com"]}, "allowedOrigins"),
     "malformed resubscribe window": ({"resubscribeWindow": "ten minutes"}, "resubscribeWindow"),
     "malformed resume window": ({"resumeWindow": "half a minute"}, "resumeWindow"),
+    "publish linger in seconds": ({"publishLinger": "2s"}, "publishLinger"),
 }
 
 
