@@ -120,11 +120,11 @@ pub fn run(
                 biased;
                 _ = conn.outbound.ready.notified() => {
                     let wake = conn.outbound.take(&mut batch);
-                    if !batch.is_empty() {
+                    if !batch.is_empty() || wake.ping {
                         // Boxed, like every await below but the select: the task of an idle
                         // connection then carries only what waiting needs (ARCHITECTURE.md,
                         // "Memory per connection"); one allocation per batch, not per message.
-                        let write = write_batch(&mut socket, &mut batch, node);
+                        let write = write_batch(&mut socket, &mut batch, wake.ping, node);
                         let written = Box::pin(bounded(&conn, limits.write_timeout, write)).await;
                         if let Some(reason) = written.failure(&conn) {
                             break reason;
@@ -136,13 +136,6 @@ pub fn run(
                     }
                     if let Some(reason) = wake.close {
                         break reason;
-                    }
-                    if wake.ping {
-                        let ping = socket.send(Message::Ping(bytes::Bytes::new()));
-                        let written = Box::pin(bounded(&conn, limits.write_timeout, ping)).await;
-                        if let Some(reason) = written.failure(&conn) {
-                            break reason;
-                        }
                     }
                 }
                 incoming = socket.recv() => {
@@ -270,18 +263,25 @@ async fn bounded(
     }
 }
 
+/// Writes the taken messages, and a wanted ping after them, in one flush.
 async fn write_batch(
     socket: &mut WebSocket,
     batch: &mut VecDeque<Outgoing>,
+    ping: bool,
     node: &Node,
 ) -> Result<(), axum::Error> {
     // feed() only appends to the socket's write buffer (it writes early only past
     // WRITE_BUFFER_SIZE); flush() then writes the whole batch with as few syscalls as possible.
-    node.metrics
-        .write_batch_messages
-        .observe(batch.len() as f64);
+    if !batch.is_empty() {
+        node.metrics
+            .write_batch_messages
+            .observe(batch.len() as f64);
+    }
     for msg in batch.iter() {
         socket.feed(Message::Text(msg.frame.clone())).await?;
+    }
+    if ping {
+        socket.feed(Message::Ping(bytes::Bytes::new())).await?;
     }
     socket.flush().await?;
     let now = protocol::now_micros();

@@ -471,6 +471,41 @@ async fn silent_peer_is_closed_after_two_ping_intervals() {
 }
 
 #[tokio::test]
+async fn a_peer_that_answers_pings_stays_open_while_idle() {
+    use futures_util::StreamExt;
+    let backend = Backend::start().await;
+    let mut cfg = config(&backend);
+    cfg.ping_interval = Duration::from_millis(200);
+    let node = Node::start(cfg).await;
+    // A client that only reads: tungstenite answers each ping with a pong as it reads. With no
+    // messages for the pings to ride on, the sweep must send them alone, in time for the pongs
+    // to come back inside the two-interval silence limit.
+    let (mut ws, _) = tokio_tungstenite::connect_async(node.notws("alice"))
+        .await
+        .expect("connect");
+    let mut pings = 0;
+    let until = tokio::time::Instant::now() + Duration::from_millis(2_000);
+    loop {
+        match tokio::time::timeout_at(until, ws.next()).await {
+            Err(_) => break,
+            Ok(Some(Ok(Message::Ping(_)))) => pings += 1,
+            Ok(Some(Ok(other))) => panic!("an idle connection got {other:?}"),
+            Ok(other) => panic!("the connection ended after {pings} pings: {other:?}"),
+        }
+    }
+    // One every 1.5 intervals at the longest: at least 6 in ten intervals.
+    assert!(pings >= 6, "only {pings} pings in ten ping intervals");
+    let m = node.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"wsgate_connections_closed_total{endpoint="notws",reason="ping_timeout"}"#,
+        ),
+        0.0
+    );
+}
+
+#[tokio::test]
 async fn publish_api_validation() {
     let backend = Backend::start().await;
     let node = Node::start(config(&backend)).await;

@@ -22,7 +22,7 @@ struct QueueState {
     queue: VecDeque<Outgoing>,
     bytes: usize,
     closed: Option<CloseReason>,
-    /// The node's heartbeat asks the session to send a ping.
+    /// The node's heartbeat wants a ping sent (with the next write, or alone when it says so).
     ping: bool,
     /// Room a resume replay takes on top of the bounds, until the writer first takes the queue.
     extra_messages: usize,
@@ -164,11 +164,22 @@ impl Outbound {
         self.ready.notify_one();
     }
 
-    pub(super) fn request_ping(&self) {
-        let mut s = self.state.lock();
-        s.ping = true;
-        drop(s);
-        self.ready.notify_one();
+    /// The sweep wants a ping sent, without waking the writer: the ping goes out in the next
+    /// write of messages, in the same system call, or alone on [`ping_if_pending`] (half an
+    /// interval later) if no message came. A busy connection's pings then cost no write of
+    /// their own.
+    ///
+    /// [`ping_if_pending`]: Self::ping_if_pending
+    pub(super) fn want_ping(&self) {
+        self.state.lock().ping = true;
+    }
+
+    /// Wakes the writer for a wanted ping that no write has carried yet.
+    pub(super) fn ping_if_pending(&self) {
+        let pending = self.state.lock().ping;
+        if pending {
+            self.ready.notify_one();
+        }
     }
 
     /// Closes the connection from the gateway's side.

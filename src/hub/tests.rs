@@ -236,3 +236,44 @@ async fn max_topics_counts_distinct_topics_and_applies_nothing_beyond_it() {
         .expect("room again");
     assert_eq!(hub.metrics.topic_subscriptions.get(), 2);
 }
+
+/// Whether the writer has a wake-up waiting, without waiting for one.
+fn woken(out: &Outbound) -> bool {
+    use futures_util::FutureExt;
+    out.ready.notified().now_or_never().is_some()
+}
+
+#[test]
+fn a_wanted_ping_rides_on_the_next_write_and_wakes_the_writer_only_when_none_came() {
+    let msg = Outgoing {
+        frame: "m".into(),
+        published_at: 0,
+        position: None,
+    };
+    let mut taken = VecDeque::new();
+
+    // A busy connection: the ping is taken with the messages, and no wake is left for it.
+    let out = Outbound::new(4, 1 << 20);
+    out.want_ping();
+    assert!(!woken(&out), "wanting a ping must not wake the writer");
+    assert_eq!(out.push(&msg), outbound::Push::First);
+    out.wake();
+    assert!(woken(&out));
+    let wake = out.take(&mut taken);
+    assert_eq!((taken.len(), wake.ping), (1, true));
+    out.ping_if_pending();
+    assert!(
+        !woken(&out),
+        "a ping that went with the messages is not sent again"
+    );
+
+    // An idle connection: half an interval later the sweep wakes it for the ping alone.
+    let out = Outbound::new(4, 1 << 20);
+    out.want_ping();
+    out.ping_if_pending();
+    assert!(woken(&out));
+    taken.clear();
+    let wake = out.take(&mut taken);
+    assert_eq!((taken.len(), wake.ping), (0, true));
+    assert!(!out.take(&mut taken).ping, "one ping per wanted ping");
+}
