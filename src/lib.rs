@@ -3,23 +3,28 @@
 //!
 //! # Layout
 //!
-//! Dependencies point one way: transport ([`server`], [`api`]) → [`session`] → [`chat`] → [`hub`]
-//! → [`broker`]. Nothing imports [`server`]: the session and the API get narrow handles.
+//! Dependencies point one way: transport ([`server`], [`upgrade`], [`api`]) → [`session`] →
+//! [`chat`] → [`hub`] → [`broker`]. Nothing imports [`server`]: the session and the API get
+//! narrow handles.
 //!
 //! - [`config`]: flags and environment, validated before anything binds (exit 64).
 //! - [`server`]: the two listeners and routers, the pre-upgrade auth, the node's drain.
+//! - [`upgrade`]: the WebSocket handshake, handing the session its TCP socket.
 //! - [`api`]: the internal publish and presence API on the admin listener.
-//! - [`session`]: one WebSocket: read client frames, write queued messages, close.
+//! - [`session`]: one WebSocket: read client frames, finish writes the socket did not take at
+//!   once, ping, close.
 //! - [`chat`]: chat-room look-up and routing of client chat frames.
 //! - [`auth`]: API key validation, cached in moka by key hash; bearer-token credentials.
 //! - [`backend`]: the Moqui / GrowERP REST calls (Authenticate, ChatRoom).
 //! - [`identity`]: who a connection belongs to.
-//! - [`hub`]: [`hub::outbound`] (bounded per-connection queues), [`hub::registry`] (users →
+//! - [`hub`]: [`hub::outbound`] (bounded per-connection queues, written straight into the
+//!   socket by the fan-out), [`hub::registry`] (users →
 //!   connections → topics), typed [`hub::Channel`]s and their reference counts with delayed
 //!   release, fan-out, the node's ping sweep and drain.
 //! - [`broker`]: the seam between nodes: [`broker::memory`] (one node) and [`broker::redis`]
 //!   (publishing by group commit, grouped by channel, in `broker/publisher.rs`).
-//! - [`protocol`]: wire formats with no I/O: client frames and the broker envelope.
+//! - [`protocol`]: wire formats with no I/O: client frames, server text frames, the broker
+//!   envelope.
 //! - [`metrics`]: one Prometheus registry per node.
 //! - [`disconnect`]: the close-code table.
 //! - [`demo`]: the built-in demo back-end; [`client`]: a small client for trying it by hand.
@@ -40,3 +45,4 @@ pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod session;
+pub mod upgrade;

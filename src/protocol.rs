@@ -154,6 +154,29 @@ pub fn encode_at(kind: Kind, topic: &str, frame: &[u8], published_at: u64) -> By
     buf.freeze()
 }
 
+/// A server's WebSocket ping with no payload (RFC 6455 §5.5.2; server frames are not masked).
+pub const PING_FRAME: [u8; 2] = [0x89, 0x00];
+
+/// Bytes of a server text frame's header at most (opcode byte, 127, a 64-bit length).
+pub const MAX_FRAME_HEADER: usize = 10;
+
+/// Appends a server's text frame carrying `payload`: final, unmasked (RFC 6455 §5.2), so the
+/// same bytes serve every recipient.
+pub fn put_text_frame(out: &mut Vec<u8>, payload: &[u8]) {
+    out.push(0x81);
+    let len = payload.len();
+    if len < 126 {
+        out.push(len as u8);
+    } else if len <= usize::from(u16::MAX) {
+        out.push(126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    out.extend_from_slice(payload);
+}
+
 /// A decoded envelope. `frame` shares the received buffer.
 #[derive(Debug, Clone)]
 pub struct Envelope {
@@ -223,6 +246,24 @@ pub fn notification_topic(raw: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_frames_carry_their_length_in_the_shortest_form() {
+        for (len, header) in [
+            (0usize, vec![0x81, 0]),
+            (125, vec![0x81, 125]),
+            (126, vec![0x81, 126, 0, 126]),
+            (65_535, vec![0x81, 126, 0xff, 0xff]),
+            (65_536, vec![0x81, 127, 0, 0, 0, 0, 0, 1, 0, 0]),
+        ] {
+            let payload = vec![b'x'; len];
+            let mut out = Vec::new();
+            put_text_frame(&mut out, &payload);
+            assert!(header.len() <= MAX_FRAME_HEADER);
+            assert_eq!(&out[..header.len()], &header[..], "length {len}");
+            assert_eq!(&out[header.len()..], &payload[..], "length {len}");
+        }
+    }
 
     #[test]
     fn subscribe_trims_and_skips_empty_items() {

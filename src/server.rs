@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -39,15 +38,7 @@ use crate::hub::{Hub, HubLimits, RegisterError, ResumeKey, Resumed, Revocation};
 use crate::metrics::{Metrics, RejectReason};
 use crate::protocol::Endpoint;
 use crate::session::{self, Session};
-
-/// Read buffer of each socket. Client frames are tiny (`subscribe: ALL`, a chat line), and
-/// tungstenite allocates this eagerly for every connection: 128 KiB by default would cost more
-/// than everything else an idle connection holds. Larger frames grow it on demand (and are read
-/// at most this much per call).
-const READ_BUFFER_SIZE: usize = 256;
-/// Frames are fed into the write buffer and written once it holds this much, or on flush:
-/// big enough to coalesce a burst into one syscall, allocated only while there is output.
-const WRITE_BUFFER_SIZE: usize = 16 * 1024;
+use crate::upgrade::Upgrade;
 
 /// Largest request head (request line and headers) on the public listener; larger → 431.
 pub const MAX_REQUEST_HEAD: usize = 64 * 1024;
@@ -98,6 +89,7 @@ impl AppState {
         let session_limits = session::SessionLimits {
             frames_per_second: config.max_frames_per_second,
             write_timeout: config.write_timeout,
+            max_frame_size: config.max_frame_size,
         };
         let mut broker_error = None;
         let hub = Hub::new(
@@ -232,7 +224,7 @@ async fn notws(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: Upgrade,
 ) -> Response {
     upgrade(state, Endpoint::Notws, peer, query, headers, ws).await
 }
@@ -242,7 +234,7 @@ async fn chat(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: Upgrade,
 ) -> Response {
     upgrade(state, Endpoint::Chat, peer, query, headers, ws).await
 }
@@ -463,7 +455,7 @@ async fn upgrade(
     peer: SocketAddr,
     query: Option<String>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: Upgrade,
 ) -> Response {
     if state.is_draining() {
         return reject(&state, endpoint, RejectReason::Draining);
@@ -549,20 +541,13 @@ async fn upgrade(
         registration,
         credential,
     };
-    let max = state.config.max_frame_size;
     let node = state.sessions_node.clone();
-    let mut resp = ws
-        .read_buffer_size(READ_BUFFER_SIZE)
-        .write_buffer_size(WRITE_BUFFER_SIZE)
-        .max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |socket| {
-            // A task of its own rather than inside axum's upgrade task: that task keeps the
-            // upgrade's state and this closure for as long as its callback runs, doubling what
-            // an idle connection costs (ARCHITECTURE.md, "Memory per connection").
-            tokio::spawn(session::run(socket, session, node, (slot, token)));
-            std::future::ready(())
-        });
+    let mut resp = ws.on_upgrade(move |tcp, read_ahead| {
+        // A task of its own rather than inside the upgrade's task: that task keeps the
+        // upgrade's state and this closure for as long as its callback runs, doubling what an
+        // idle connection costs (ARCHITECTURE.md, "Memory per connection").
+        tokio::spawn(session::run(tcp, read_ahead, session, node, (slot, token)));
+    });
     if let (ResumeKey::Cookie(id), false) = (&resume_key, state.config.resume_window.is_zero()) {
         let cookie = format!(
             "{RESUME_COOKIE}={id}; Max-Age={}; Path=/; HttpOnly; SameSite=Lax",

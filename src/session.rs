@@ -1,12 +1,16 @@
-//! One WebSocket connection, one task: read client frames, write queued messages, ping, drain.
+//! One WebSocket connection, one task: read client frames, finish writes the socket did not take
+//! at once, ping, close, drain.
 //!
-//! Writes are coalesced: every message queued since the last write is fed into the socket's
-//! write buffer and flushed once, so a burst to one connection costs one `write()` syscall
-//! instead of one per message. Reading and writing share the task; a write that cannot
-//! progress (the peer does not read) is abandoned as soon as the queue overflows, the gateway
-//! closes the connection, or `--write-timeout` passes, whichever comes first: pings and close
-//! frames included, so a peer with a full TCP window never holds a session (and its
-//! registration) open.
+//! Messages are written by the outbound queue (`hub/outbound.rs`): the fan-out writes them
+//! straight into the socket after its batch, every message queued since the last write in one
+//! `send`. The session is woken only for what the socket did not take, a wanted ping with no
+//! message to ride on, or a close. A write that cannot progress (the peer does not read) is
+//! abandoned as soon as the queue overflows, the gateway closes the connection, or
+//! `--write-timeout` passes, whichever comes first: pings and close frames included, so a peer
+//! with a full TCP window never holds a session (and its registration) open.
+//!
+//! tungstenite reads the client's frames; what it writes itself (pongs, the close reply) goes
+//! through the queue's pending bytes, behind every frame accepted before ([`SessionIo`]).
 //!
 //! Client frames are rate limited per connection (`--max-frames-per-second`, a token bucket that
 //! holds two seconds' worth): a client cannot keep its task, and the registry lock its commands
@@ -14,15 +18,23 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::SinkExt;
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
+use tokio_tungstenite::WebSocketStream;
 
 use crate::chat::Chat;
 use crate::disconnect::CloseReason;
-use crate::hub::{Connection, Outgoing, Registration, TopicChange};
+use crate::hub::{Connection, Registration, TopicChange, Wire};
 use crate::metrics::IgnoredFrame;
 use crate::metrics::Metrics;
 use crate::protocol::{self, Endpoint, NotwsCommand};
@@ -45,6 +57,67 @@ pub struct SessionLimits {
     pub frames_per_second: u32,
     /// `--write-timeout`: the longest one socket write may take.
     pub write_timeout: Duration,
+    /// `--max-frame-size`: the largest client frame and message.
+    pub max_frame_size: usize,
+}
+
+/// Read buffer of each socket. Client frames are tiny (`subscribe: ALL`, a chat line), and
+/// tungstenite allocates this eagerly for every connection: 128 KiB by default would cost more
+/// than everything else an idle connection holds. Larger frames grow it on demand (and are read
+/// at most this much per call).
+const READ_BUFFER_SIZE: usize = 256;
+/// tungstenite's own write buffer, for the pongs and the close frame it writes (messages do not
+/// go through it).
+const WRITE_BUFFER_SIZE: usize = 1024;
+
+type Socket = WebSocketStream<SessionIo>;
+
+/// The socket as tungstenite sees it: reads come straight from the socket, writes go behind
+/// the outbound queue's pending bytes, so a pong or a close frame never lands inside a frame
+/// the fan-out wrote.
+struct SessionIo {
+    wire: Wire,
+    conn: Arc<Connection>,
+}
+
+impl AsyncRead for SessionIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            std::task::ready!(self.wire.poll_read_ready(cx))?;
+            match self.wire.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for SessionIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        // tungstenite hands over whole frames: accepted whole, in order, behind what is pending.
+        self.conn.outbound.write_raw(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.conn.outbound.poll_drain(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.conn.outbound.poll_drain(cx)
+    }
 }
 
 /// A token bucket over client frames: `rate` per second, `2 × rate` at most banked.
@@ -97,7 +170,8 @@ pub struct Session {
 /// bytes of every idle connection (ARCHITECTURE.md, "Memory per connection").
 #[allow(clippy::manual_async_fn)]
 pub fn run(
-    mut socket: WebSocket,
+    tcp: TcpStream,
+    read_ahead: Bytes,
     session: Session,
     node: Arc<Node>,
     guard: impl Send + 'static,
@@ -107,10 +181,28 @@ pub fn run(
         let conn = session.registration.conn.clone();
         let endpoint = conn.endpoint;
         let m = node.metrics.endpoint(endpoint);
+        let limits = node.limits;
+        let wire: Wire = Arc::new(tcp);
+        conn.outbound.attach(wire.clone());
+        let config = WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER_SIZE)
+            .write_buffer_size(WRITE_BUFFER_SIZE)
+            .max_message_size(Some(limits.max_frame_size))
+            .max_frame_size(Some(limits.max_frame_size));
+        let io = SessionIo {
+            wire,
+            conn: conn.clone(),
+        };
+        // Bytes the client sent right behind its handshake come first.
+        let mut socket: Socket = Box::pin(WebSocketStream::from_partially_read(
+            io,
+            read_ahead.to_vec(),
+            Role::Server,
+            Some(config),
+        ))
+        .await;
         m.connections.inc();
         m.opened.inc();
-        let mut batch: VecDeque<Outgoing> = VecDeque::new();
-        let limits = node.limits;
         let mut budget = FrameBudget::new(limits.frames_per_second);
 
         let reason = loop {
@@ -119,26 +211,26 @@ pub fn run(
                 // Input cannot starve: a queue that never empties overflows and closes.
                 biased;
                 _ = conn.outbound.ready.notified() => {
-                    let wake = conn.outbound.take(&mut batch);
-                    if !batch.is_empty() || wake.ping {
+                    let written = conn.outbound.write_queued(&node.metrics);
+                    if written.broken {
+                        break conn.outbound.take(&mut VecDeque::new()).close.unwrap_or(CloseReason::Error);
+                    }
+                    if written.pending {
                         // Boxed, like every await below but the select: the task of an idle
                         // connection then carries only what waiting needs (ARCHITECTURE.md,
-                        // "Memory per connection"); one allocation per batch, not per message.
-                        let write = write_batch(&mut socket, &mut batch, wake.ping, node);
-                        let written = Box::pin(bounded(&conn, limits.write_timeout, write)).await;
-                        if let Some(reason) = written.failure(&conn) {
+                        // "Memory per connection"); one allocation per full socket, not per
+                        // message.
+                        let drain = conn.outbound.drain();
+                        let done = Box::pin(bounded(&conn, limits.write_timeout, drain)).await;
+                        if let Some(reason) = done.failure(&conn) {
                             break reason;
                         }
-                        if batch.capacity() > 64 {
-                            // A burst grew the buffer: give the memory back to idle connections.
-                            batch = VecDeque::new();
-                        }
                     }
-                    if let Some(reason) = wake.close {
+                    if let Some(reason) = written.close {
                         break reason;
                     }
                 }
-                incoming = socket.recv() => {
+                incoming = socket.next() => {
                     let msg = match incoming {
                         None => break CloseReason::Client,
                         Some(Ok(msg)) => msg,
@@ -158,7 +250,15 @@ pub fn run(
                         }
                         Message::Binary(_) => m.ignored(IgnoredFrame::Binary).inc(),
                         Message::Close(_) => break CloseReason::Client,
-                        Message::Ping(_) | Message::Pong(_) => {}
+                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+                    }
+                    // tungstenite answers a client's ping as it reads; the pong may wait for room.
+                    if conn.outbound.has_pending() {
+                        let drain = conn.outbound.drain();
+                        let done = Box::pin(bounded(&conn, limits.write_timeout, drain)).await;
+                        if let Some(reason) = done.failure(&conn) {
+                            break reason;
+                        }
                     }
                 }
             }
@@ -198,7 +298,7 @@ pub fn run(
                 );
             }
             let frame = CloseFrame {
-                code: reason.code(),
+                code: reason.code().into(),
                 reason: Utf8Bytes::from_static(reason.text()),
             };
             let close = socket.send(Message::Close(Some(frame)));
@@ -208,11 +308,14 @@ pub fn run(
                 // input makes the kernel send a reset, which can destroy our close frame before
                 // the client has read it.
                 let _ = Box::pin(tokio::time::timeout(close_timeout, async {
-                    while let Some(Ok(_)) = socket.recv().await {}
+                    while let Some(Ok(_)) = socket.next().await {}
                 }))
                 .await;
             }
         }
+        // The socket closes when the session lets go of it, whoever else holds the connection.
+        conn.outbound.detach();
+        drop(socket);
         drop(guard);
     }
 }
@@ -245,10 +348,10 @@ impl Written {
 }
 
 /// Runs one socket write, bounded by `timeout` and by the gateway closing the connection.
-async fn bounded(
+async fn bounded<E>(
     conn: &Connection,
     timeout: Duration,
-    write: impl Future<Output = Result<(), axum::Error>>,
+    write: impl Future<Output = Result<(), E>>,
 ) -> Written {
     tokio::select! {
         // The write first: one that completes at once (the socket had room) then neither
@@ -263,47 +366,17 @@ async fn bounded(
     }
 }
 
-/// Writes the taken messages, and a wanted ping after them, in one flush.
-async fn write_batch(
-    socket: &mut WebSocket,
-    batch: &mut VecDeque<Outgoing>,
-    ping: bool,
-    node: &Node,
-) -> Result<(), axum::Error> {
-    // feed() only appends to the socket's write buffer (it writes early only past
-    // WRITE_BUFFER_SIZE); flush() then writes the whole batch with as few syscalls as possible.
-    if !batch.is_empty() {
-        node.metrics
-            .write_batch_messages
-            .observe(batch.len() as f64);
-    }
-    for msg in batch.iter() {
-        socket.feed(Message::Text(msg.frame.clone())).await?;
-    }
-    if ping {
-        socket.feed(Message::Ping(bytes::Bytes::new())).await?;
-    }
-    socket.flush().await?;
-    let now = protocol::now_micros();
-    for msg in batch.drain(..) {
-        let secs = now.saturating_sub(msg.published_at) as f64 / 1e6;
-        node.metrics.delivery_latency.observe(secs);
-    }
-    Ok(())
-}
-
-fn read_error(e: axum::Error) -> CloseReason {
+fn read_error(e: tungstenite::Error) -> CloseReason {
     use tungstenite::error::ProtocolError;
-    let inner = e.into_inner();
-    match inner.downcast_ref::<tungstenite::Error>() {
-        Some(tungstenite::Error::Capacity(_)) => CloseReason::FrameTooLarge,
-        Some(tungstenite::Error::Utf8(_)) => CloseReason::InvalidUtf8,
+    match e {
+        tungstenite::Error::Capacity(_) => CloseReason::FrameTooLarge,
+        tungstenite::Error::Utf8(_) => CloseReason::InvalidUtf8,
         // The peer went away without a close frame: nobody to answer.
-        Some(tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake))
-        | Some(tungstenite::Error::ConnectionClosed)
-        | Some(tungstenite::Error::AlreadyClosed)
-        | Some(tungstenite::Error::Io(_)) => CloseReason::Client,
-        Some(tungstenite::Error::Protocol(_)) => CloseReason::Protocol,
+        tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake)
+        | tungstenite::Error::ConnectionClosed
+        | tungstenite::Error::AlreadyClosed
+        | tungstenite::Error::Io(_) => CloseReason::Client,
+        tungstenite::Error::Protocol(_) => CloseReason::Protocol,
         _ => CloseReason::Error,
     }
 }

@@ -4,9 +4,10 @@
 //! queued copy (a few copied bytes, no allocation), so a resumed connection can drop live
 //! copies of what it replayed.
 //!
-//! Writers are woken after the broker's batch (`MessageSink::flush`), not per message: the
+//! Writing happens after the broker's batch (`MessageSink::flush`), not per message: the
 //! registry lock is released first, and a connection that got several messages of one batch
-//! writes them all with one system call.
+//! gets them all with one system call, made here, straight into its socket; its session task is
+//! woken only when the socket does not take them at once.
 
 use std::sync::Arc;
 
@@ -141,9 +142,19 @@ impl MessageSink for Registry {
         if wakes.is_empty() {
             return;
         }
-        for conn in wakes.drain(..) {
-            conn.outbound.wake();
+        if wakes.len() > WRITES_PER_TASK {
+            // A large batch (a publish to many local users): its writes are shared out among
+            // tasks, so that every worker thread sends, not only the broker's reader.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                for chunk in wakes[WRITES_PER_TASK..].chunks(WRITES_PER_TASK) {
+                    let (chunk, metrics) = (chunk.to_vec(), self.metrics.clone());
+                    runtime.spawn(async move { write_owed(&chunk, &metrics) });
+                }
+                wakes.truncate(WRITES_PER_TASK);
+            }
         }
+        write_owed(&wakes, &self.metrics);
+        wakes.clear();
         // The emptied buffer goes back for the next batch, unless a huge batch grew it.
         if wakes.capacity() <= MAX_KEPT_WAKES {
             let mut inner = self.inner.lock();
@@ -154,5 +165,19 @@ impl MessageSink for Registry {
     }
 }
 
+/// Writes what is owed to each connection straight into its socket; the session is woken only
+/// for what the socket does not take at once (a full socket buffer), a close, or a connection
+/// without a socket yet.
+fn write_owed(conns: &[Arc<Connection>], metrics: &crate::metrics::Metrics) {
+    for conn in conns {
+        if !conn.outbound.write_through(metrics) {
+            conn.outbound.wake();
+        }
+    }
+}
+
 /// Wake-up buffer kept between batches (entries; 8 bytes each).
 const MAX_KEPT_WAKES: usize = 4096;
+
+/// Connections one task writes after a batch: about a millisecond of `send`s.
+const WRITES_PER_TASK: usize = 128;

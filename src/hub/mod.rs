@@ -44,7 +44,7 @@ mod tests;
 
 pub use channel::Channel;
 use channel::ChannelNames;
-pub use outbound::{Outbound, Outgoing, Wake};
+pub use outbound::{Flushed, Outbound, Outgoing, Wake, Wire};
 use registry::{now_ms, ConnEntry, Inner, TopicFilter, UserEntry};
 pub use registry::{Connection, Registry};
 use remembered::{Remembered, TopicOrigin};

@@ -1,12 +1,34 @@
-//! A connection's bounded outbound queue: what the fan-out pushes and the session writes.
+//! A connection's bounded outbound queue, and the socket it is written into.
+//!
+//! The fan-out pushes messages; after its batch it writes each woken connection's queue straight
+//! into the socket (`write_through`) when nothing is pending there: one non-blocking `send` of
+//! ready-made frames, no task woken, no poll. Only what the kernel does not take at once (a full
+//! socket buffer) is left pending, and the session writes it when the socket is writable, with
+//! `--write-timeout`. Every write to the socket, the session's own included (pongs, close
+//! frames), goes through the queue's lock and its pending bytes, so frames never interleave and
+//! always leave in order.
 
 use std::collections::VecDeque;
+use std::io;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use axum::extract::ws::Utf8Bytes;
+use bytes::{Buf, BytesMut};
 use parking_lot::Mutex;
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use crate::disconnect::CloseReason;
+use crate::metrics::Metrics;
+use crate::protocol;
+
+/// A connection's socket, shared by its session (which reads it) and its outbound queue (which
+/// writes it).
+pub type Wire = Arc<TcpStream>;
+
+/// Pending bytes kept allocated after they are written: a burst's buffer goes back.
+const KEPT_PENDING: usize = 16 * 1024;
 
 /// One message waiting to be written to a socket.
 #[derive(Debug, Clone)]
@@ -27,6 +49,13 @@ struct QueueState {
     /// Room a resume replay takes on top of the bounds, until the writer first takes the queue.
     extra_messages: usize,
     extra_bytes: usize,
+    /// The socket, while the session runs (none in the hub's unit tests).
+    wire: Option<Wire>,
+    /// Frames accepted for the socket that it has not taken yet: written before anything
+    /// else, by the session. Counted against the byte bound.
+    pending: BytesMut,
+    /// A write failed: the socket is gone.
+    broken: bool,
 }
 
 /// What the writer finds when it wakes.
@@ -36,6 +65,17 @@ pub struct Wake {
     pub close: Option<CloseReason>,
     /// Send a ping.
     pub ping: bool,
+}
+
+/// What [`Outbound::write_queued`] left to the session.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Flushed {
+    /// Close the connection with this reason once the pending bytes are out.
+    pub close: Option<CloseReason>,
+    /// Bytes wait for the socket to become writable ([`Outbound::drain`]).
+    pub pending: bool,
+    /// The socket failed.
+    pub broken: bool,
 }
 
 /// A connection's bounded outbound queue (messages and bytes). Pushing never blocks: a full
@@ -75,6 +115,9 @@ impl Outbound {
                 ping: false,
                 extra_messages: 0,
                 extra_bytes: 0,
+                wire: None,
+                pending: BytesMut::new(),
+                broken: false,
             }),
             max_messages,
             max_bytes,
@@ -91,7 +134,7 @@ impl Outbound {
         }
         let len = msg.frame.len();
         if s.queue.len() >= self.max_messages + s.extra_messages
-            || s.bytes + len > self.max_bytes + s.extra_bytes
+            || s.bytes + s.pending.len() + len > self.max_bytes + s.extra_bytes
         {
             s.closed = Some(CloseReason::SlowConsumer);
             s.queue = VecDeque::new();
@@ -114,6 +157,86 @@ impl Outbound {
     /// Wakes the writer for what [`push`](Self::push) queued.
     pub(super) fn wake(&self) {
         self.ready.notify_one();
+    }
+
+    /// Gives the queue its socket: from now on queued messages are written straight into it.
+    pub fn attach(&self, wire: Wire) {
+        self.state.lock().wire = Some(wire);
+    }
+
+    /// Lets go of the socket (the session ends), so it closes with the session.
+    pub fn detach(&self) {
+        let mut s = self.state.lock();
+        s.wire = None;
+        s.pending = BytesMut::new();
+    }
+
+    /// The fan-out's write after its batch: writes what is queued straight into the socket if
+    /// nothing is pending there and the connection is not closing. True when nothing is left
+    /// for the session; otherwise the caller wakes it.
+    pub(super) fn write_through(&self, metrics: &Metrics) -> bool {
+        let mut s = self.state.lock();
+        if s.wire.is_none() || s.closed.is_some() || !s.pending.is_empty() {
+            return false;
+        }
+        let w = write_locked(&mut s, metrics);
+        !w.pending && !w.broken
+    }
+
+    /// The session's write: what is queued, and a wanted ping, as far as the socket takes them
+    /// now; the rest stays pending for [`drain`](Self::drain).
+    pub fn write_queued(&self, metrics: &Metrics) -> Flushed {
+        let mut s = self.state.lock();
+        write_locked(&mut s, metrics)
+    }
+
+    /// Appends bytes of whole frames the session writes itself (pongs, the close frame) behind
+    /// everything accepted before, writing them now if nothing is pending.
+    pub fn write_raw(&self, frames: &[u8]) {
+        let mut s = self.state.lock();
+        push_bytes(&mut s, frames);
+    }
+
+    /// Writes the pending bytes, waiting for the socket to become writable as often as needed.
+    pub fn poll_drain(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            let wire = {
+                let mut s = self.state.lock();
+                let s = &mut *s;
+                if s.pending.is_empty() {
+                    if s.pending.capacity() > KEPT_PENDING {
+                        s.pending = BytesMut::new();
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                let Some(wire) = s.wire.clone() else {
+                    return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+                };
+                match wire.try_write(&s.pending) {
+                    Ok(n) => {
+                        s.pending.advance(n);
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => wire,
+                    Err(e) => {
+                        s.pending.clear();
+                        s.broken = true;
+                        return Poll::Ready(Err(e));
+                    }
+                }
+            };
+            std::task::ready!(wire.poll_write_ready(cx))?;
+        }
+    }
+
+    /// Whether bytes wait for the socket.
+    pub fn has_pending(&self) -> bool {
+        !self.state.lock().pending.is_empty()
+    }
+
+    /// [`poll_drain`](Self::poll_drain) as a future.
+    pub async fn drain(&self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_drain(cx)).await
     }
 
     /// Moves every queued message into `into` (which must be empty), so the writer can feed them
@@ -192,4 +315,61 @@ impl Outbound {
         self.ready.notify_one();
         self.killed.notify_one();
     }
+}
+
+/// Frames everything queued (and a wanted ping) and hands it to the socket.
+fn write_locked(s: &mut QueueState, metrics: &Metrics) -> Flushed {
+    let n = s.queue.len();
+    let ping = std::mem::take(&mut s.ping);
+    if n > 0 || ping {
+        let mut frames = Vec::with_capacity(
+            s.bytes + n * protocol::MAX_FRAME_HEADER + protocol::PING_FRAME.len(),
+        );
+        let now = protocol::now_micros();
+        for msg in s.queue.drain(..) {
+            protocol::put_text_frame(&mut frames, msg.frame.as_str().as_bytes());
+            let secs = now.saturating_sub(msg.published_at) as f64 / 1e6;
+            metrics.delivery_latency.observe(secs);
+        }
+        if ping {
+            frames.extend_from_slice(&protocol::PING_FRAME);
+        }
+        if n > 0 {
+            metrics.write_batch_messages.observe(n as f64);
+        }
+        s.bytes = 0;
+        s.extra_messages = 0;
+        s.extra_bytes = 0;
+        if s.queue.capacity() > 64 {
+            // A burst grew the queue: give the memory back to idle connections.
+            s.queue = VecDeque::new();
+        }
+        push_bytes(s, &frames);
+    }
+    Flushed {
+        close: s.closed,
+        pending: !s.pending.is_empty(),
+        broken: s.broken,
+    }
+}
+
+/// Writes `frames` now if nothing is pending and the socket takes them; keeps the rest pending.
+fn push_bytes(s: &mut QueueState, frames: &[u8]) {
+    if s.broken {
+        return;
+    }
+    let mut rest = frames;
+    if s.pending.is_empty() {
+        if let Some(wire) = &s.wire {
+            match wire.try_write(frames) {
+                Ok(n) => rest = &frames[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => {
+                    s.broken = true;
+                    return;
+                }
+            }
+        }
+    }
+    s.pending.extend_from_slice(rest);
 }
