@@ -211,10 +211,11 @@ pub struct ServeArgs {
     #[arg(long, env = "WSGATE_HISTORY_TTL", default_value = "60s", value_parser = duration)]
     pub history_ttl: Duration,
 
-    /// How long a publish to Redis waits for others to share its round trip when none is under
-    /// way (0: it goes at once). A burst of publishes then reaches each recipient in one write,
-    /// but a caller that publishes one at a time waits this much longer for each.
-    #[arg(long, env = "WSGATE_PUBLISH_LINGER", default_value = "0s", value_parser = duration)]
+    /// While publishes come in bursts, how long one that finds no round trip to Redis under way
+    /// waits for the rest of its burst (0: never), so that a burst reaches each recipient in one
+    /// write. A caller that publishes one at a time does not wait it (but for four publishes after
+    /// a burst of others).
+    #[arg(long, env = "WSGATE_PUBLISH_LINGER", default_value = "2ms", value_parser = duration)]
     pub publish_linger: Duration,
 
     /// How long the last unsubscribe of a channel is delayed, to absorb reconnect churn.

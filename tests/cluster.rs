@@ -387,3 +387,63 @@ async fn publishes_made_at_the_same_instant_arrive_once_each_in_history_order() 
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_bursts_wait_the_publish_linger() {
+    let redis = Redis::start();
+    let backend = Backend::start().await;
+    let mut cfg = redis_config(&backend, &redis, "wsg", "n0");
+    // Long enough that a publish which waited it cannot hide among round trips.
+    let linger = Duration::from_millis(100);
+    cfg.publish_linger = linger;
+    let node = start_ready_nodes([cfg]).await.remove(0);
+    let mut alice = Client::subscribed(&node.notws("alice")).await;
+    let publish = |i: usize| {
+        node.notify(json!({
+            "userIds": ["alice"],
+            "notification": notification("T", &format!("m{i}"))
+        }))
+    };
+    let round_trips = |scrape: &str| {
+        (
+            metric(scrape, "wsgate_broker_round_trip_publishes_count"),
+            metric(scrape, "wsgate_broker_round_trip_publishes_sum"),
+        )
+    };
+
+    // A caller that publishes one at a time (each after the previous answer) never waits it.
+    const SEQUENTIAL: u32 = 20;
+    let started = std::time::Instant::now();
+    for i in 0..SEQUENTIAL as usize {
+        assert_eq!(publish(i).await.0, 202);
+    }
+    let took = started.elapsed();
+    assert!(
+        took < linger * SEQUENTIAL / 2,
+        "{SEQUENTIAL} publishes one at a time took {took:?}: some waited the {linger:?} linger"
+    );
+
+    // A burst: its first publish goes alone, the rest share a round trip; that shows bursts, so
+    // the next burst's first publish waits for the others and the whole burst is one round trip.
+    const BURST: usize = 20;
+    for (status, body) in futures_util::future::join_all((0..BURST).map(|i| publish(100 + i))).await
+    {
+        assert_eq!(status, 202, "{body}");
+    }
+    tokio::time::sleep(linger * 2).await;
+    let before = round_trips(&node.metrics().await);
+    for (status, body) in futures_util::future::join_all((0..BURST).map(|i| publish(200 + i))).await
+    {
+        assert_eq!(status, 202, "{body}");
+    }
+    let after = round_trips(&node.metrics().await);
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (1.0, BURST as f64),
+        "the second burst's {BURST} publishes should share one round trip"
+    );
+    for _ in 0..SEQUENTIAL as usize + 2 * BURST {
+        alice.recv_json().await;
+    }
+    alice.expect_silence(SHORT).await;
+}

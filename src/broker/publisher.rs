@@ -27,6 +27,11 @@ use crate::metrics::Metrics;
 /// holds Redis and what it buffers. A publish is never split; one larger than this goes alone.
 const MESSAGES_PER_ROUND_TRIP: usize = 8192;
 
+/// Round trips of one publish each after which publishes no longer count as bursty: a burst's
+/// stragglers (a round trip or two of one publish each) do not make the next burst's first
+/// publish go alone.
+const BURST_MEMORY: u8 = 4;
+
 struct Job {
     channels: Vec<String>,
     payload: Bytes,
@@ -38,6 +43,12 @@ struct Queue {
     jobs: Vec<Job>,
     /// A task is publishing the queue; it ends when it finds the queue empty.
     flushing: bool,
+    /// Publishes come in bursts now, so one that finds the queue idle waits `linger` for the
+    /// rest of its burst: the round trips left to wait for, set to [`BURST_MEMORY`] by a round
+    /// trip that carried several publishes, counted down by each that carried one. A caller
+    /// publishing one at a time never fills a round trip with two, so it waits at most
+    /// `BURST_MEMORY` times after a burst.
+    bursty: u8,
 }
 
 pub(super) struct Publisher {
@@ -46,7 +57,8 @@ pub(super) struct Publisher {
     cluster: bool,
     history_ttl: Duration,
     /// `--publish-linger`: how long a publish to an idle queue waits for others to join its
-    /// round trip (tokio's timer rounds it up to its next millisecond tick).
+    /// round trip while publishes come in bursts (tokio's timer rounds it up to its next
+    /// millisecond tick).
     linger: Duration,
     script: redis::Script,
     metrics: Arc<Metrics>,
@@ -141,9 +153,11 @@ impl Publisher {
         // Publishes come in bursts (a back-end notifying the same users of several things at
         // once, its requests a fraction of a millisecond apart): wait for the rest of the burst
         // so that it goes out in one round trip, not as its first publish and then the others
-        // a whole fan-out later. Only when the queue was idle: under load the round trips
-        // themselves are the wait.
-        if !self.linger.is_zero() {
+        // a whole fan-out later. Only when the queue was idle (under load the round trips
+        // themselves are the wait) and the last round trips showed bursts: a caller that
+        // publishes one at a time would otherwise wait the linger on every publish.
+        let bursty = self.queue.lock().bursty > 0;
+        if bursty && !self.linger.is_zero() {
             tokio::time::sleep(self.linger).await;
         }
         loop {
@@ -158,6 +172,14 @@ impl Publisher {
             self.metrics
                 .broker_round_trip_publishes
                 .observe(jobs.len() as f64);
+            {
+                let mut q = self.queue.lock();
+                q.bursty = if jobs.len() > 1 {
+                    BURST_MEMORY
+                } else {
+                    q.bursty.saturating_sub(1)
+                };
+            }
             let result = self.round_trip(&jobs).await;
             for job in jobs {
                 let _ = job.done.send(result.clone());
