@@ -546,7 +546,7 @@ async fn upgrade(
         // A task of its own rather than inside the upgrade's task: that task keeps the
         // upgrade's state and this closure for as long as its callback runs, doubling what an
         // idle connection costs (ARCHITECTURE.md, "Memory per connection").
-        tokio::spawn(session::run(tcp, read_ahead, session, node, (slot, token)));
+        session::start(tcp, read_ahead, session, node, (slot, token));
     });
     if let (ResumeKey::Cookie(id), false) = (&resume_key, state.config.resume_window.is_zero()) {
         let cookie = format!(

@@ -24,8 +24,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
@@ -124,7 +123,6 @@ impl AsyncWrite for SessionIo {
 struct FrameBudget {
     tokens: f64,
     rate: f64,
-    burst: f64,
     last: tokio::time::Instant,
 }
 
@@ -134,7 +132,6 @@ impl FrameBudget {
         FrameBudget {
             tokens: 2.0 * rate,
             rate,
-            burst: 2.0 * rate,
             last: tokio::time::Instant::now(),
         }
     }
@@ -144,7 +141,7 @@ impl FrameBudget {
         let now = tokio::time::Instant::now();
         let earned = now.duration_since(self.last).as_secs_f64() * self.rate;
         self.last = now;
-        self.tokens = (self.tokens + earned).min(self.burst);
+        self.tokens = (self.tokens + earned).min(2.0 * self.rate);
         if self.tokens < 1.0 {
             return false;
         }
@@ -160,18 +157,55 @@ pub struct Session {
     pub credential: crate::backend::Credential,
 }
 
+/// Starts a connection's session in a task of its own: tungstenite reads from `tcp`, first the
+/// bytes the client sent behind its handshake (`read_ahead`), and the outbound queue writes to it.
+pub fn start(
+    tcp: TcpStream,
+    read_ahead: Vec<u8>,
+    session: Session,
+    node: Arc<Node>,
+    guard: impl Send + 'static,
+) {
+    let conn = &session.registration.conn;
+    let wire: Wire = Arc::new(tcp);
+    conn.outbound.attach(wire.clone());
+    let max = node.limits.max_frame_size;
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_SIZE)
+        .write_buffer_size(WRITE_BUFFER_SIZE)
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max));
+    let io = SessionIo {
+        wire,
+        conn: conn.clone(),
+    };
+    // There is no handshake left to do, so this completes at once. Built here rather than in
+    // the session's task, whose state would otherwise keep its ingredients (the socket, the
+    // read-ahead) for the connection's whole life.
+    let socket = WebSocketStream::from_partially_read(io, read_ahead, Role::Server, Some(config))
+        .now_or_never();
+    match socket {
+        Some(socket) => {
+            tokio::spawn(run(socket, session, node, guard));
+        }
+        None => {
+            tracing::error!("the WebSocket over an upgraded socket did not start; dropped");
+            session.registration.conn.outbound.detach();
+        }
+    }
+}
+
 /// Runs a connection until it closes, then drops `guard` (what the connection holds of its node,
 /// such as its connection slot). Pings, ping timeouts and the drain come from the hub (one sweep
 /// per node, not a timer per connection) through the outbound queue.
 ///
-/// Spawned as a task of its own (`server.rs`), and written as a function that returns an
-/// `async move` block, not as an `async fn`: an `async fn` keeps its arguments twice for its
-/// whole life (as arguments and as the locals they move into), and the socket alone is 368
-/// bytes of every idle connection (ARCHITECTURE.md, "Memory per connection").
+/// Written as a function that returns an `async move` block, not as an `async fn`: an
+/// `async fn` keeps its arguments twice for its whole life (as arguments and as the locals they
+/// move into), and the socket alone is 296 bytes of every idle connection (ARCHITECTURE.md,
+/// "Memory per connection").
 #[allow(clippy::manual_async_fn)]
-pub fn run(
-    tcp: TcpStream,
-    read_ahead: Bytes,
+fn run(
+    mut socket: Socket,
     session: Session,
     node: Arc<Node>,
     guard: impl Send + 'static,
@@ -181,26 +215,7 @@ pub fn run(
         let conn = session.registration.conn.clone();
         let endpoint = conn.endpoint;
         let m = node.metrics.endpoint(endpoint);
-        let limits = node.limits;
-        let wire: Wire = Arc::new(tcp);
-        conn.outbound.attach(wire.clone());
-        let config = WebSocketConfig::default()
-            .read_buffer_size(READ_BUFFER_SIZE)
-            .write_buffer_size(WRITE_BUFFER_SIZE)
-            .max_message_size(Some(limits.max_frame_size))
-            .max_frame_size(Some(limits.max_frame_size));
-        let io = SessionIo {
-            wire,
-            conn: conn.clone(),
-        };
-        // Bytes the client sent right behind its handshake come first.
-        let mut socket: Socket = Box::pin(WebSocketStream::from_partially_read(
-            io,
-            read_ahead.to_vec(),
-            Role::Server,
-            Some(config),
-        ))
-        .await;
+        let limits = &node.limits;
         m.connections.inc();
         m.opened.inc();
         let mut budget = FrameBudget::new(limits.frames_per_second);

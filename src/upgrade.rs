@@ -11,7 +11,6 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -94,14 +93,16 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
 
 impl Upgrade {
     /// The 101 answer. Once the client has it, `then` gets the TCP socket and the bytes the
-    /// client already sent behind its handshake (read by hyper with the request).
+    /// client already sent behind its handshake (read by hyper with the request), copied out:
+    /// hyper hands them over as a slice of its 8 KiB read buffer, which would otherwise stay
+    /// allocated for as long as the connection keeps the slice.
     ///
     /// `then` runs in a small task of its own that ends once it returns, so it should spawn
     /// the session rather than run it: the task would otherwise keep the upgrade's state for
     /// the connection's whole life (ARCHITECTURE.md, "Memory per connection").
     pub fn on_upgrade<F>(self, then: F) -> Response
     where
-        F: FnOnce(TcpStream, Bytes) + Send + 'static,
+        F: FnOnce(TcpStream, Vec<u8>) + Send + 'static,
     {
         let Upgrade { accept, on_upgrade } = self;
         tokio::spawn(async move {
@@ -115,7 +116,7 @@ impl Upgrade {
             // The public listener serves every connection over `TokioIo<TcpStream>`
             // (server.rs); nothing else can arrive here.
             match upgraded.downcast::<TokioIo<TcpStream>>() {
-                Ok(parts) => then(parts.io.into_inner(), parts.read_buf),
+                Ok(parts) => then(parts.io.into_inner(), parts.read_buf.to_vec()),
                 Err(_) => tracing::error!("an upgraded connection is not a TCP socket; dropped"),
             }
         });
