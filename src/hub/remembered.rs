@@ -21,7 +21,8 @@
 //!   `--resubscribe-window` after the last of these writes. So a GrowERP app (`ALL`) and a Moqui
 //!   tab (its own list) of the same user cannot make each other miss anything on a reconnect:
 //!   at worst a reconnecting client gets more topics than it had, never fewer.
-//! - **Capped** at [`MAX_REMEMBERED_TOPICS`] per set read or written (`ALL` is kept first).
+//! - **Capped** at [`MAX_REMEMBERED_TOPICS`] per set read or written (`ALL` is kept first), and
+//!   a restored connection gets at most `--max-topics` of them.
 //! - **Not covered**: a node that dies without closing its sockets writes nothing at close, so
 //!   its clients get the set of their last explicit frame only if that is younger than the
 //!   window.
@@ -137,9 +138,11 @@ impl Hub {
             self.metrics.remembered_errors.inc();
             return Restore::Failed;
         };
-        // Deterministic under the cap, ALL first.
+        // Deterministic under the cap, ALL first. The set merges every closed connection's
+        // topics, so it can hold more than one connection may (`--max-topics`): a restored
+        // connection gets no more than a `subscribe:` frame could give it.
         topics.sort_unstable_by(|a, b| (b == ALL_TOPICS).cmp(&(a == ALL_TOPICS)).then(a.cmp(b)));
-        topics.truncate(MAX_REMEMBERED_TOPICS);
+        topics.truncate(MAX_REMEMBERED_TOPICS.min(self.max_topics));
         let given = {
             let mut inner = self.registry.inner.lock();
             let entry = inner
@@ -234,6 +237,10 @@ mod tests {
     use crate::metrics::Metrics;
 
     fn hub(window: Duration) -> Arc<Hub> {
+        hub_with(window, usize::MAX)
+    }
+
+    fn hub_with(window: Duration, max_topics: usize) -> Arc<Hub> {
         Hub::new(
             "t",
             Arc::new(Metrics::new()),
@@ -243,7 +250,7 @@ mod tests {
                 outbound_queue_bytes: 1 << 20,
                 unsubscribe_delay: Duration::from_millis(10),
                 ping_interval: Duration::from_secs(30),
-                max_topics: usize::MAX,
+                max_topics,
                 resubscribe_window: window,
                 resume_window: Duration::ZERO,
             },
@@ -396,5 +403,24 @@ mod tests {
         let (second, restore) = connect(&hub, "u", Endpoint::Notws).await;
         assert_eq!(restore, Restore::Restored(MAX_REMEMBERED_TOPICS));
         assert!(topics(&hub, &second).iter().any(|t| t == ALL_TOPICS));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restored_connection_gets_no_more_than_max_topics() {
+        let hub = hub_with(Duration::from_secs(600), 3);
+        // Two connections of one user, within the limit each; merged on close, over it.
+        let (a, _) = connect(&hub, "u", Endpoint::Notws).await;
+        let (b, _) = connect(&hub, "u", Endpoint::Notws).await;
+        frame(&hub, &a, &["t1", "t2", ALL_TOPICS], TopicChange::Subscribe).await;
+        frame(&hub, &b, &["t3", "t4"], TopicChange::Subscribe).await;
+        close(&hub, a).await;
+        close(&hub, b).await;
+        let (c, restore) = connect(&hub, "u", Endpoint::Notws).await;
+        assert_eq!(restore, Restore::Restored(3));
+        let got = topics(&hub, &c);
+        assert!(
+            got.iter().any(|t| t == ALL_TOPICS),
+            "ALL is kept first: {got:?}"
+        );
     }
 }

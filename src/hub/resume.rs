@@ -288,7 +288,7 @@ impl Hub {
                 }
             }
         }
-        topics.truncate(super::MAX_REMEMBERED_TOPICS);
+        topics.truncate(super::MAX_REMEMBERED_TOPICS.min(self.max_topics));
         // Topics first: the history read that follows covers everything the fan-out filtered
         // out before they were set. A record without topics (drained before its client
         // subscribed) falls back to the remembered ones.
