@@ -26,10 +26,7 @@ fn redis_config(
     node: &str,
     window: Duration,
 ) -> wsgate::config::Config {
-    let mut c = config(backend);
-    c.redis_url = Some(redis.url().into());
-    c.redis_prefix = "rs".to_string();
-    c.node_id = node.to_string();
+    let mut c = redis_node_config(backend, redis.url(), "rs", node);
     c.resubscribe_window = window;
     // These tests are about remembered topics; a drained connection's resume record
     // (tests/resume.rs) would take precedence over them.
@@ -37,19 +34,17 @@ fn redis_config(
     c
 }
 
-async fn ready(node: &Node) {
-    eventually(Duration::from_secs(10), "node ready", || async {
-        node.readyz().await == 200
-    })
-    .await;
-}
-
 async fn two_nodes(backend: &Backend, redis: &Redis, window: Duration) -> (Node, Node) {
-    let a = Node::start(redis_config(backend, redis, "a", window)).await;
-    let b = Node::start(redis_config(backend, redis, "b", window)).await;
-    ready(&a).await;
-    ready(&b).await;
-    (a, b)
+    let mut nodes = start_ready_nodes([
+        redis_config(backend, redis, "a", window),
+        redis_config(backend, redis, "b", window),
+    ])
+    .await
+    .into_iter();
+    match (nodes.next(), nodes.next()) {
+        (Some(a), Some(b)) => (a, b),
+        _ => unreachable!("two configurations, two nodes"),
+    }
 }
 
 /// What the GrowERP-like client saw, in order.

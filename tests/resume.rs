@@ -23,19 +23,9 @@ const RECONNECT: Duration = Duration::from_millis(200);
 const N: usize = 1500;
 const RATE: u64 = 300;
 
+/// A node of this file's installation (prefix `rm`) on `redis`.
 fn redis_config(backend: &Backend, redis: &Redis, node: &str) -> wsgate::config::Config {
-    let mut c = config(backend);
-    c.redis_url = Some(redis.url().into());
-    c.redis_prefix = "rm".to_string();
-    c.node_id = node.to_string();
-    c
-}
-
-async fn ready(node: &Node) {
-    eventually(Duration::from_secs(10), "node ready", || async {
-        node.readyz().await == 200
-    })
-    .await;
+    redis_node_config(backend, redis.url(), "rm", node)
 }
 
 #[derive(Debug)]
@@ -163,8 +153,8 @@ async fn growerp_client_resumes_through_another_node_with_nothing_missing() {
     let backend = Backend::start().await;
     let mut a = Node::start(redis_config(&backend, &redis, "a")).await;
     let b = Node::start(redis_config(&backend, &redis, "b")).await;
-    ready(&a).await;
-    ready(&b).await;
+    a.until_readyz(200).await;
+    b.until_readyz(200).await;
     let mut rx = growerp_client(vec![a.notws("alice"), b.notws("alice")]);
     until_receiving(&b, "alice", &mut rx).await;
 
@@ -193,8 +183,8 @@ async fn two_connections_of_one_key_miss_nothing_and_duplicates_are_counted() {
     let backend = Backend::start().await;
     let mut a = Node::start(redis_config(&backend, &redis, "a")).await;
     let b = Node::start(redis_config(&backend, &redis, "b")).await;
-    ready(&a).await;
-    ready(&b).await;
+    a.until_readyz(200).await;
+    b.until_readyz(200).await;
     let mut one = growerp_client(vec![a.notws("alice"), b.notws("alice")]);
     let mut two = growerp_client(vec![a.notws("alice"), b.notws("alice")]);
     until_receiving(&b, "alice", &mut one).await;
@@ -251,8 +241,8 @@ async fn a_browser_resumes_with_its_resume_cookie() {
     let backend = Backend::start().await;
     let mut a = Node::start(redis_config(&backend, &redis, "a")).await;
     let b = Node::start(redis_config(&backend, &redis, "b")).await;
-    ready(&a).await;
-    ready(&b).await;
+    a.until_readyz(200).await;
+    b.until_readyz(200).await;
     let origin_a = format!("http://{}", a.public);
     let (mut tab, set_cookie) = open(
         &a.ws("/notws"),
@@ -313,8 +303,8 @@ async fn after_the_window_nothing_is_replayed() {
     };
     let mut a = Node::start(window("a")).await;
     let b = Node::start(window("b")).await;
-    ready(&a).await;
-    ready(&b).await;
+    a.until_readyz(200).await;
+    b.until_readyz(200).await;
     let mut alice = Client::subscribed(&a.notws("alice")).await;
     publish(&b, "alice", "before").await;
     assert_eq!(alice.recv_json().await["title"], "before");
