@@ -16,9 +16,9 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::extract::ws::Utf8Bytes;
 use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::{Map, Value};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// The two WebSocket endpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

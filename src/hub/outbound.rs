@@ -13,11 +13,11 @@ use std::io;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use axum::extract::ws::Utf8Bytes;
 use bytes::{Buf, BytesMut};
 use parking_lot::Mutex;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::disconnect::CloseReason;
 use crate::metrics::Metrics;
