@@ -195,11 +195,16 @@ impl Auth {
                 Err(BackendError::Rejected) | Err(BackendError::NotFound) => Ok(Outcome::Rejected),
                 Err(e) => Err(e),
             };
-            if let Err(Ok(outcome)) = tx.send(answer) {
+            // Cached here, before the answer is handed over, not only when the handshake is
+            // already gone: a client that gives up can also have its handshake dropped between
+            // this send and the handshake reading the answer, and its retry must not cost a
+            // second call. The handshake's own insert of the same answer is harmless.
+            if let Ok(outcome) = &answer {
                 let (cache, stale) = keep;
-                remember_stale(stale.as_ref(), h, &outcome).await;
-                cache.insert(h, outcome).await;
+                remember_stale(stale.as_ref(), h, outcome).await;
+                cache.insert(h, outcome.clone()).await;
             }
+            let _ = tx.send(answer);
         });
         // The task ends only by sending; a panic in it is a failed call.
         rx.await
