@@ -224,11 +224,10 @@ impl Auth {
             Ok(entry) => {
                 let fresh = entry.is_fresh();
                 match entry.into_value() {
+                    // A fresh answer was kept for serve-stale by the call's task (`ask`).
                     Outcome::Valid(id) => {
                         if fresh {
                             self.metrics.auth_miss.inc();
-                            remember_stale(self.stale.as_ref(), h, &Outcome::Valid(id.clone()))
-                                .await;
                         } else {
                             self.metrics.auth_hit.inc();
                         }
@@ -237,7 +236,6 @@ impl Auth {
                     Outcome::Rejected => {
                         if fresh {
                             self.metrics.auth_miss.inc();
-                            remember_stale(self.stale.as_ref(), h, &Outcome::Rejected).await;
                         } else {
                             self.metrics.auth_negative_hit.inc();
                         }

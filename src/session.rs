@@ -228,7 +228,7 @@ fn run(
                 _ = conn.outbound.ready.notified() => {
                     let written = conn.outbound.write_queued(&node.metrics);
                     if written.broken {
-                        break conn.outbound.take(&mut VecDeque::new()).close.unwrap_or(CloseReason::Error);
+                        break written.close.unwrap_or(CloseReason::Error);
                     }
                     if written.pending {
                         // Boxed, like every await below but the select: the task of an idle
