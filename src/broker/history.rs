@@ -12,8 +12,6 @@
 
 use std::collections::HashMap;
 
-use bytes::Bytes;
-
 /// A Redis stream id: milliseconds and sequence. Ordered as Redis orders them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct StreamId(pub u64, pub u64);
@@ -86,16 +84,16 @@ pub fn frame_without_history(payload: &[u8]) -> Vec<u8> {
     v
 }
 
-/// A received pub/sub message, unframed.
+/// A received pub/sub message, unframed: the payload is still the received bytes.
 #[derive(Debug)]
-pub struct Framed {
+pub struct Framed<'a> {
     pub prev: Option<StreamId>,
     pub id: Option<StreamId>,
-    pub payload: Bytes,
+    pub payload: &'a [u8],
 }
 
 /// Splits the position frame off; `None` if the message is not framed.
-pub fn unframe(raw: &[u8]) -> Option<Framed> {
+pub fn unframe(raw: &[u8]) -> Option<Framed<'_>> {
     let first = raw.iter().position(|b| *b == b'\n')?;
     let rest = &raw[first + 1..];
     let second = rest.iter().position(|b| *b == b'\n')?;
@@ -111,15 +109,17 @@ pub fn unframe(raw: &[u8]) -> Option<Framed> {
     Some(Framed {
         prev: parse(prev).ok()?,
         id: parse(id).ok()?,
-        payload: Bytes::copy_from_slice(&rest[second + 1..]),
+        payload: &rest[second + 1..],
     })
 }
 
 /// What the receiving side knows about each subscribed channel.
 #[derive(Default)]
 pub struct Positions {
-    /// Subscribed channels → id of the last message delivered (None: nothing yet).
-    last: HashMap<String, Option<StreamId>>,
+    /// Subscribed channels → id of the last message delivered (None: nothing yet). Looked up
+    /// once per received message: a fast hasher, seeded per process (the names are the node's
+    /// own subscriptions).
+    last: HashMap<String, Option<StreamId>, foldhash::fast::RandomState>,
 }
 
 /// What to do with a received message.
@@ -209,10 +209,11 @@ mod tests {
         let f = unframe(b"1-0\n2-5\n\x01payload").expect("framed");
         assert_eq!(f.prev, Some(StreamId(1, 0)));
         assert_eq!(f.id, Some(StreamId(2, 5)));
-        assert_eq!(&f.payload[..], b"\x01payload");
-        let f = unframe(&frame_without_history(b"x\ny")).expect("framed");
+        assert_eq!(f.payload, b"\x01payload");
+        let unhistoried = frame_without_history(b"x\ny");
+        let f = unframe(&unhistoried).expect("framed");
         assert_eq!((f.prev, f.id), (None, None));
-        assert_eq!(&f.payload[..], b"x\ny");
+        assert_eq!(f.payload, b"x\ny");
         assert!(unframe(b"no frame").is_none());
         assert!(unframe(b"bad\n1-1\nx").is_none());
     }

@@ -568,6 +568,7 @@ impl Actor {
                 canary: self.keys.canary.clone(),
                 pool: self.pool.clone(),
                 positions: self.positions.clone(),
+                last_payload: parking_lot::Mutex::new(Bytes::new()),
             };
             tokio::spawn(async move {
                 if restored_rx.await.is_ok() && reader.catch_up().await.is_ok() {
@@ -899,9 +900,22 @@ struct Reader {
     canary: String,
     pool: Pool,
     positions: Arc<parking_lot::Mutex<Positions>>,
+    /// The payload last delivered. A publish to many users arrives as one message per user's
+    /// channel, all with the same payload: each copy after the first is compared with this
+    /// one and shares it, so a fan-out copies its payload once, not once per recipient.
+    last_payload: parking_lot::Mutex<Bytes>,
 }
 
 impl Reader {
+    /// `payload` as shared bytes: the last payload again if it is the same.
+    fn share(&self, payload: &[u8]) -> Bytes {
+        let mut last = self.last_payload.lock();
+        if last[..] != *payload {
+            *last = Bytes::copy_from_slice(payload);
+        }
+        last.clone()
+    }
+
     /// Delivers, in order, what each channel's history holds after the last delivered position.
     async fn catch_up(&self) -> Result<(), BrokerError> {
         let known = self.positions.lock().known();
@@ -1023,7 +1037,8 @@ impl Reader {
                 }
             }
         }
-        self.sink.deliver(&[channel], framed.payload, framed.id);
+        self.sink
+            .deliver(&[channel], self.share(framed.payload), framed.id);
         true
     }
 }

@@ -18,13 +18,85 @@ use super::outbound::{Outgoing, Push};
 use super::registry::{Connection, Registry, UserEntry};
 use super::resume::Slot;
 use crate::broker::{MessageSink, StreamId};
-use crate::protocol::{self, Endpoint, Kind};
+use crate::metrics::Metrics;
+use crate::protocol::{self, Endpoint, Envelope, Kind};
 
 #[derive(Default)]
 struct Counts {
     delivered: u64,
     overflowed: u64,
     dropped: u64,
+}
+
+/// What the fan-out counted since the broker's last flush. A message to one user is one
+/// delivery: counted here under the registry lock already held, and added to the shared
+/// metrics once per batch, not with a few atomic additions per message.
+#[derive(Default)]
+pub(super) struct Tally {
+    received: u64,
+    /// Deliveries per endpoint (`/notws`, `/chat`).
+    delivered: [u64; 2],
+    overflowed: u64,
+    dropped: u64,
+    recipients: Option<prometheus::local::LocalHistogram>,
+    /// The payload last decoded and its envelope: a publish to many users arrives as one
+    /// message per user's channel, sharing one payload (the broker's reader shares it), so it
+    /// is decoded (its text checked) once.
+    last: Option<(Bytes, Envelope)>,
+}
+
+impl Tally {
+    fn add(&mut self, m: &Metrics, endpoint: Endpoint, n: &Counts) {
+        self.recipients
+            .get_or_insert_with(|| m.fanout_recipients.local())
+            .observe(n.delivered as f64);
+        self.delivered[endpoint as usize] += n.delivered;
+        self.overflowed += n.overflowed;
+        self.dropped += n.dropped;
+    }
+
+    fn publish(&mut self, m: &Metrics) {
+        let last = self.last.take();
+        let t = std::mem::replace(
+            self,
+            Tally {
+                last,
+                ..Tally::default()
+            },
+        );
+        if t.received > 0 {
+            m.broker_received.inc_by(t.received);
+        }
+        for (endpoint, n) in [Endpoint::Notws, Endpoint::Chat]
+            .into_iter()
+            .zip(t.delivered)
+        {
+            if n > 0 {
+                m.endpoint(endpoint).deliveries.inc_by(n);
+            }
+        }
+        if t.dropped > 0 {
+            m.outbound_dropped.inc_by(t.dropped);
+        }
+        if t.overflowed > 0 {
+            m.slow_consumer_disconnects.inc_by(t.overflowed);
+        }
+        if let Some(h) = t.recipients {
+            h.flush();
+        }
+    }
+
+    /// The envelope of `payload`, decoded once for a run of messages that share it.
+    fn decode(&mut self, payload: Bytes) -> Result<Envelope, protocol::EnvelopeError> {
+        if let Some((bytes, env)) = &self.last {
+            if bytes.as_ptr() == payload.as_ptr() && bytes.len() == payload.len() {
+                return Ok(env.clone());
+            }
+        }
+        let env = protocol::decode(payload.clone())?;
+        self.last = Some((payload, env.clone()));
+        Ok(env)
+    }
 }
 
 fn to_user(
@@ -65,8 +137,10 @@ fn advance(slot: &mut Option<StreamId>, position: Option<StreamId>) {
 
 impl MessageSink for Registry {
     fn deliver(&self, channels: &[&str], payload: Bytes, position: Option<StreamId>) {
-        self.metrics.broker_received.inc();
-        let env = match protocol::decode(payload) {
+        let mut guard = self.inner.lock();
+        let inner = &mut *guard;
+        inner.tally.received += 1;
+        let env = match inner.tally.decode(payload) {
             Ok(env) => env,
             Err(e) => {
                 tracing::warn!(channel = channels.first().copied().unwrap_or(""), error = %e, "undecodable broker message dropped");
@@ -78,6 +152,7 @@ impl MessageSink for Registry {
             Kind::Chat => (Endpoint::Chat, ""),
             Kind::Canary => return,
             Kind::Revoke => {
+                drop(guard);
                 if let Some(r) = super::Revocation::decode(&env.topic, &env.frame) {
                     self.revoke(&r);
                 }
@@ -90,55 +165,45 @@ impl MessageSink for Registry {
             position: None,
         };
         let mut n = Counts::default();
-        {
-            let mut guard = self.inner.lock();
-            let inner = &mut *guard;
-            for channel in channels {
-                match self.names.parse(channel) {
-                    Some(Channel::User(u)) => {
-                        if let Some(user) = inner.users.get_mut(u) {
-                            advance(&mut user.position, position);
-                            msg.position = position.map(|p| (Slot::User, p));
-                            to_user(user, &msg, endpoint, topic, &mut n, &mut inner.wakes);
-                        }
+        for channel in channels {
+            match self.names.parse(channel) {
+                Some(Channel::User(u)) => {
+                    if let Some(user) = inner.users.get_mut(u) {
+                        advance(&mut user.position, position);
+                        msg.position = position.map(|p| (Slot::User, p));
+                        to_user(user, &msg, endpoint, topic, &mut n, &mut inner.wakes);
                     }
-                    Some(Channel::Tenant(t)) => {
-                        if let Some(users) = inner.tenants.get_mut(t) {
-                            advance(&mut users.position, position);
-                            msg.position = position.map(|p| (Slot::Tenant, p));
-                            for u in &users.users {
-                                if let Some(user) = inner.users.get(u) {
-                                    to_user(user, &msg, endpoint, topic, &mut n, &mut inner.wakes);
-                                }
+                }
+                Some(Channel::Tenant(t)) => {
+                    if let Some(users) = inner.tenants.get_mut(t) {
+                        advance(&mut users.position, position);
+                        msg.position = position.map(|p| (Slot::Tenant, p));
+                        for u in &users.users {
+                            if let Some(user) = inner.users.get(u) {
+                                to_user(user, &msg, endpoint, topic, &mut n, &mut inner.wakes);
                             }
                         }
                     }
-                    Some(Channel::Everyone) => {
-                        advance(&mut inner.everyone_position, position);
-                        msg.position = position.map(|p| (Slot::Everyone, p));
-                        for user in inner.users.values() {
-                            to_user(user, &msg, endpoint, topic, &mut n, &mut inner.wakes);
-                        }
-                    }
-                    None => {}
                 }
+                Some(Channel::Everyone) => {
+                    advance(&mut inner.everyone_position, position);
+                    msg.position = position.map(|p| (Slot::Everyone, p));
+                    for user in inner.users.values() {
+                        to_user(user, &msg, endpoint, topic, &mut n, &mut inner.wakes);
+                    }
+                }
+                None => {}
             }
         }
-        let m = &self.metrics;
-        m.fanout_recipients.observe(n.delivered as f64);
-        if n.delivered > 0 {
-            m.endpoint(endpoint).deliveries.inc_by(n.delivered);
-        }
-        if n.dropped > 0 {
-            m.outbound_dropped.inc_by(n.dropped);
-        }
-        if n.overflowed > 0 {
-            m.slow_consumer_disconnects.inc_by(n.overflowed);
-        }
+        inner.tally.add(&self.metrics, endpoint, &n);
     }
 
     fn flush(&self) {
-        let mut wakes = std::mem::take(&mut self.inner.lock().wakes);
+        let mut wakes = {
+            let mut inner = self.inner.lock();
+            inner.tally.publish(&self.metrics);
+            std::mem::take(&mut inner.wakes)
+        };
         if wakes.is_empty() {
             return;
         }
@@ -168,7 +233,7 @@ impl MessageSink for Registry {
 /// Writes what is owed to each connection straight into its socket; the session is woken only
 /// for what the socket does not take at once (a full socket buffer), a close, or a connection
 /// without a socket yet.
-fn write_owed(conns: &[Arc<Connection>], metrics: &crate::metrics::Metrics) {
+fn write_owed(conns: &[Arc<Connection>], metrics: &Metrics) {
     for conn in conns {
         if !conn.outbound.write_through(metrics) {
             conn.outbound.wake();

@@ -30,6 +30,8 @@ pub struct Connection {
     pub(super) resume: super::resume::ConnResume,
 }
 
+pub(super) type FastHash = foldhash::fast::RandomState;
+
 pub(super) fn now_ms() -> u64 {
     protocol::now_micros() / 1000
 }
@@ -79,14 +81,19 @@ pub(super) struct TenantEntry {
 
 #[derive(Default)]
 pub(super) struct Inner {
-    pub(super) users: HashMap<Arc<str>, UserEntry>,
-    pub(super) tenants: HashMap<Arc<str>, TenantEntry>,
+    /// Looked up once per delivery: a fast hasher, seeded per process (user ids and tenants
+    /// come from the back-end, not from clients).
+    pub(super) users: HashMap<Arc<str>, UserEntry, FastHash>,
+    pub(super) tenants: HashMap<Arc<str>, TenantEntry, FastHash>,
     /// Position of the last message this node delivered on the everyone channel.
     pub(super) everyone_position: Option<StreamId>,
     pub(super) channels: Channels,
     pub(super) connections: usize,
     /// Writers owed a wake-up by the fan-out since the broker's last flush (`fanout.rs`).
     pub(super) wakes: Vec<Arc<Connection>>,
+    /// The fan-out's metrics since the broker's last flush, added to the registry's at the
+    /// flush (`fanout.rs`).
+    pub(super) tally: super::fanout::Tally,
 }
 
 /// The registry is the broker's [`MessageSink`](crate::broker::MessageSink): it owns no broker, so

@@ -186,6 +186,39 @@ async fn topic_filter_and_shared_bytes() {
     assert_eq!(qa[0].frame.as_ptr(), qb[0].frame.as_ptr());
 }
 
+/// A publish to many users reaches a node as one broker message per user, all with one
+/// payload: each recipient gets it, and the metrics count every delivery once the batch is
+/// flushed (they are tallied under the registry's lock, not per message).
+#[tokio::test]
+async fn messages_sharing_a_payload_are_all_delivered_and_counted_at_the_flush() {
+    use crate::broker::MessageSink;
+    let (hub, _) = hub(10);
+    hub.start().await.expect("start");
+    let a = register(&hub, "u1", None, Endpoint::Notws).await;
+    let b = register(&hub, "u2", None, Endpoint::Notws).await;
+    for r in [&a, &b] {
+        hub.set_topics(&r.conn, &["ALL"], TopicChange::Subscribe)
+            .expect("within --max-topics");
+    }
+    let before = hub.metrics.notws.deliveries.get();
+    let payload = protocol::encode(Kind::Notification, "X", br#"{"n":1}"#);
+    hub.registry.deliver(&["t:u:u1"], payload.clone(), None);
+    hub.registry.deliver(&["t:u:u2"], payload, None);
+    assert_eq!(
+        hub.metrics.notws.deliveries.get(),
+        before,
+        "counted at the flush"
+    );
+    hub.registry.flush();
+    assert_eq!(hub.metrics.notws.deliveries.get(), before + 2);
+    assert_eq!(hub.metrics.fanout_recipients.get_sample_count(), 2);
+    let (mut qa, mut qb) = (VecDeque::new(), VecDeque::new());
+    a.conn.outbound.take(&mut qa);
+    b.conn.outbound.take(&mut qb);
+    assert_eq!(qa.len() + qb.len(), 2);
+    assert_eq!(qa[0].frame.as_ptr(), qb[0].frame.as_ptr());
+}
+
 #[tokio::test]
 async fn overflow_closes_as_slow_consumer() {
     let (hub, _) = hub(10);
