@@ -76,6 +76,55 @@ fn expected_channels(prefix: &str, nodes: usize, users: &[(&str, &str)]) -> Vec<
     set.into_iter().collect()
 }
 
+/// A node on `rediss://` subscribes through the redis crate's pub/sub (wsgate reads only plain
+/// TCP connections itself); it and a node on the plain port deliver each other's publishes.
+#[tokio::test]
+async fn a_node_over_tls_and_a_node_over_plain_tcp_deliver_each_others_publishes() {
+    let dir = std::env::temp_dir().join(format!("wsgate-tls-{}", free_port()));
+    std::fs::create_dir_all(&dir).expect("a temporary directory for the certificate");
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()])
+        .expect("a self-signed certificate");
+    let (cert_file, key_file) = (dir.join("redis.crt"), dir.join("redis.key"));
+    std::fs::write(&cert_file, cert.cert.pem()).expect("write the certificate");
+    std::fs::write(&key_file, cert.key_pair.serialize_pem()).expect("write the key");
+    let tls_port = free_port();
+    let redis = Redis::start_on(
+        free_port(),
+        [
+            "--tls-port".to_owned(),
+            tls_port.to_string(),
+            "--tls-cert-file".to_owned(),
+            cert_file.display().to_string(),
+            "--tls-key-file".to_owned(),
+            key_file.display().to_string(),
+            "--tls-auth-clients".to_owned(),
+            "no".to_owned(),
+        ]
+        .into(),
+    );
+    let backend = Backend::start().await;
+    let tls_url = format!("rediss://127.0.0.1:{tls_port}/#insecure");
+    let nodes = start_ready_nodes([
+        redis_node_config(&backend, tls_url, "wsg", "tls"),
+        redis_config(&backend, &redis, "wsg", "plain"),
+    ])
+    .await;
+    let (tls, plain) = (&nodes[0], &nodes[1]);
+    let mut on_tls = Client::subscribed(&tls.notws("alice")).await;
+    let mut on_plain = Client::subscribed(&plain.notws("bob")).await;
+    for (from, to, user) in [(plain, &mut on_tls, "alice"), (tls, &mut on_plain, "bob")] {
+        let (s, _) = from
+            .notify(json!({"userIds": [user], "notification": notification("T", user)}))
+            .await;
+        assert_eq!(s, 202);
+        assert_eq!(to.recv_json().await["title"], user);
+    }
+    for node in nodes {
+        node.stop().await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn subscription_churn_leaves_exactly_what_is_needed() {
     let redis = Redis::start();

@@ -22,7 +22,9 @@ mod publisher;
 pub mod redis;
 mod redis_cluster;
 mod replay;
+mod resp;
 mod sets;
+mod subscription;
 
 pub use connect::Topology;
 pub use history::StreamId;

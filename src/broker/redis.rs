@@ -20,7 +20,7 @@
 //!   rewriting the node's set in full (atomically), at once if Redis refused a command, else
 //!   at the next heartbeat.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +36,7 @@ use super::connect::{self, Endpoint, Pool, Topology};
 use super::history::{self, Positions, StreamId, Verdict};
 use super::publisher::Publisher;
 use super::redis_cluster::{self, ShardCanary};
+use super::subscription;
 use super::{Ack, BrokerError, MessageSink, Outage, Presence};
 use crate::metrics::Metrics;
 use crate::protocol::{self, Kind};
@@ -214,6 +215,9 @@ impl Keys {
 
 /// The subscribing half of the node's pub/sub connection.
 enum SubSink {
+    /// wsgate's own connection (plain TCP: `subscription.rs`).
+    Own(subscription::Commands),
+    /// The crate's pub/sub (TLS, Unix sockets).
     Plain(redis::aio::PubSubSink),
     /// Sharded pub/sub over a RESP3 cluster connection.
     Cluster(redis::cluster_async::ClusterConnection),
@@ -222,6 +226,7 @@ enum SubSink {
 impl SubSink {
     async fn subscribe(&mut self, channels: &[String]) -> redis::RedisResult<()> {
         match self {
+            SubSink::Own(c) => c.subscribe(channels).await,
             SubSink::Plain(s) => s.subscribe(channels).await,
             SubSink::Cluster(c) => redis_cluster::shard_subscribe(c, channels, true).await,
         }
@@ -229,6 +234,7 @@ impl SubSink {
 
     async fn unsubscribe(&mut self, channels: &[String]) -> redis::RedisResult<()> {
         match self {
+            SubSink::Own(c) => c.unsubscribe(channels).await,
             SubSink::Plain(s) => s.unsubscribe(channels).await,
             SubSink::Cluster(c) => redis_cluster::shard_subscribe(c, channels, false).await,
         }
@@ -237,6 +243,7 @@ impl SubSink {
 
 /// The receiving half.
 enum SubStream {
+    Own(subscription::Replies),
     Plain(redis::aio::PubSubStream),
     Cluster(tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>),
 }
@@ -571,8 +578,13 @@ impl Actor {
                 last_payload: parking_lot::Mutex::new(Bytes::new()),
             };
             tokio::spawn(async move {
-                if restored_rx.await.is_ok() && reader.catch_up().await.is_ok() {
-                    reader.read(&mut stream).await;
+                match &mut stream {
+                    SubStream::Own(replies) => reader.read_own(replies, restored_rx).await,
+                    stream => {
+                        if restored_rx.await.is_ok() && reader.catch_up().await.is_ok() {
+                            reader.read(stream).await;
+                        }
+                    }
                 }
                 let _ = lost_tx.send(());
             })
@@ -698,12 +710,19 @@ impl Actor {
             return Ok((SubSink::Cluster(conn), SubStream::Cluster(rx), canaries));
         }
         let client = timed(self.endpoint.client()).await?;
-        let shard = client.get_connection_info().addr().to_string();
-        let (sink, stream) = timed(client.get_async_pubsub()).await?.split();
+        let info = client.get_connection_info();
         let canary = ShardCanary {
-            shard,
+            shard: info.addr().to_string(),
             channel: self.keys.canary.clone(),
         };
+        if let Some((commands, replies)) = timed(subscription::connect(info)).await? {
+            return Ok((
+                SubSink::Own(commands),
+                SubStream::Own(replies),
+                vec![canary],
+            ));
+        }
+        let (sink, stream) = timed(client.get_async_pubsub()).await?.split();
         Ok((SubSink::Plain(sink), SubStream::Plain(stream), vec![canary]))
     }
 
@@ -997,6 +1016,8 @@ impl Reader {
 
     async fn next_message(&self, stream: &mut SubStream) -> Option<Incoming> {
         match stream {
+            // Read by `read_own`, never here.
+            SubStream::Own(_) => None,
             SubStream::Plain(s) => s.next().await.map(Incoming::Plain),
             SubStream::Cluster(pushes) => {
                 let wanted = |c: &str| {
@@ -1012,33 +1033,172 @@ impl Reader {
     /// Delivers one message (after what it shows missing); `false` ends the subscription.
     async fn handle(&self, msg: Incoming) -> bool {
         let channel = msg.channel();
-        if channel.starts_with(self.canary.as_str()) {
-            self.shared.canary_arrived(channel);
-            return true;
-        }
-        let Some(framed) = history::unframe(msg.payload()) else {
-            tracing::warn!(channel, "unframed broker message dropped");
-            return true;
-        };
-        // Judged and, when in order, recorded in one look-up.
-        let verdict = self.positions.lock().admit(channel, framed.prev, framed.id);
-        match verdict {
-            Verdict::Deliver => {}
-            Verdict::Duplicate => return true,
-            Verdict::Gap { after } => {
+        match self.handle_now(channel, msg.payload(), false) {
+            Handled::Done => true,
+            Handled::Gap { after, before } => {
                 // Writers of what is already delivered need not wait for the history read.
                 self.sink.flush();
-                if let Err(e) = self.recover(channel, after, framed.id).await {
+                if let Err(e) = self.recover(channel, after, before).await {
                     tracing::warn!(error = %e, "recovering a gap failed; reconnecting");
                     return false;
                 }
-                if let Some(id) = framed.id {
-                    self.positions.lock().delivered(channel, id);
+                self.handle_now(channel, msg.payload(), true);
+                true
+            }
+        }
+    }
+
+    /// Delivers one message unless it shows a gap, which it leaves to recover first. `after_gap`:
+    /// the gap before it was recovered (or cannot be), deliver it whatever its position says.
+    fn handle_now(&self, channel: &str, payload: &[u8], after_gap: bool) -> Handled {
+        if channel.starts_with(self.canary.as_str()) {
+            self.shared.canary_arrived(channel);
+            return Handled::Done;
+        }
+        let Some(framed) = history::unframe(payload) else {
+            tracing::warn!(channel, "unframed broker message dropped");
+            return Handled::Done;
+        };
+        if after_gap {
+            if let Some(id) = framed.id {
+                self.positions.lock().delivered(channel, id);
+            }
+        } else {
+            // Judged and, when in order, recorded in one look-up.
+            let verdict = self.positions.lock().admit(channel, framed.prev, framed.id);
+            match verdict {
+                Verdict::Deliver => {}
+                Verdict::Duplicate => return Handled::Done,
+                Verdict::Gap { after } => {
+                    return Handled::Gap {
+                        after,
+                        before: framed.id,
+                    }
                 }
             }
         }
         self.sink
             .deliver(&[channel], self.share(framed.payload), framed.id);
-        true
+        Handled::Done
     }
+
+    /// Reads wsgate's own subscription connection until it ends. Messages are handled straight
+    /// from the bytes read. While delivery is held back (until the subscriptions are restored
+    /// and the history caught up, and while a gap is recovered) messages are kept in order and
+    /// the socket is still read, so that the actor's SUBSCRIBEs are acknowledged meanwhile.
+    async fn read_own(&self, replies: &mut subscription::Replies, restored: oneshot::Receiver<()>) {
+        // (channel, payload, after a gap): what arrived while delivery was held.
+        let mut held: VecDeque<(String, Bytes, bool)> = VecDeque::new();
+        let mut work: Option<Work<'_>> = Some(Box::pin(async move {
+            restored.await.is_ok() && self.catch_up().await.is_ok()
+        }));
+        loop {
+            tokio::select! {
+                biased;
+                ok = until_done(&mut work) => {
+                    work = None;
+                    if !ok {
+                        self.sink.flush();
+                        return;
+                    }
+                    while let Some((channel, payload, after_gap)) = held.pop_front() {
+                        if let Handled::Gap { after, before } = self.handle_now(&channel, &payload, after_gap) {
+                            work = Some(self.recovery(&mut held, channel, payload, after, before));
+                            break;
+                        }
+                    }
+                    self.sink.flush();
+                }
+                read = replies.fill() => {
+                    if !matches!(read, Ok(true)) {
+                        self.sink.flush();
+                        return;
+                    }
+                    let mut batch = 0;
+                    loop {
+                        let (channel, payload) = match replies.next() {
+                            Ok(Some(message)) => message,
+                            Ok(None) if batch < READ_BATCH => {
+                                // More already waiting (a burst larger than one read) joins
+                                // this batch, so its writes go out together.
+                                match replies.fill().now_or_never() {
+                                    Some(Ok(true)) => continue,
+                                    Some(_) => {
+                                        self.sink.flush();
+                                        return;
+                                    }
+                                    None => break,
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "Redis pub/sub connection unreadable");
+                                self.sink.flush();
+                                return;
+                            }
+                        };
+                        let Ok(channel) = std::str::from_utf8(channel) else {
+                            continue;
+                        };
+                        batch += 1;
+                        let canary = channel.starts_with(self.canary.as_str());
+                        if (work.is_some() || !held.is_empty()) && !canary {
+                            held.push_back((channel.to_owned(), Bytes::copy_from_slice(payload), false));
+                        } else if let Handled::Gap { after, before } = self.handle_now(channel, payload, false) {
+                            let (channel, payload) = (channel.to_owned(), Bytes::copy_from_slice(payload));
+                            work = Some(self.recovery(&mut held, channel, payload, after, before));
+                        }
+                    }
+                    if batch > 0 {
+                        self.shared.metrics.broker_read_batch.observe(batch as f64);
+                        self.sink.flush();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Holds `payload` back (first in line) and returns the recovery of the gap before it.
+    fn recovery<'a>(
+        &'a self,
+        held: &mut VecDeque<(String, Bytes, bool)>,
+        channel: String,
+        payload: Bytes,
+        after: StreamId,
+        before: Option<StreamId>,
+    ) -> Work<'a> {
+        // Writers of what is already delivered need not wait for the history read.
+        self.sink.flush();
+        held.push_front((channel.clone(), payload, true));
+        Box::pin(async move {
+            match self.recover(&channel, after, before).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "recovering a gap failed; reconnecting");
+                    false
+                }
+            }
+        })
+    }
+}
+
+/// What holds delivery back: it ends with `false` when the subscription must be made again.
+type Work<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + 'a>>;
+
+/// Waits for the work in hand (never, without any).
+async fn until_done(work: &mut Option<Work<'_>>) -> bool {
+    match work {
+        Some(w) => w.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What became of a message.
+enum Handled {
+    Done,
+    /// Messages between `after` and this one (`before`) are missing: recover them first.
+    Gap {
+        after: StreamId,
+        before: Option<StreamId>,
+    },
 }

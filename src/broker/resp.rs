@@ -1,0 +1,253 @@
+//! RESP2 replies as a subscribed Redis connection sends them, parsed in place: no I/O and no
+//! allocation; a message's channel and payload are slices of the bytes read.
+//!
+//! A connection in subscribed mode receives only flat arrays (`message`, `subscribe`,
+//! `unsubscribe`, `pong` and their sharded forms), simple strings and errors. Anything nested is
+//! malformed here, and the connection is dropped and made again.
+
+/// One reply.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Reply<'a> {
+    /// A publish on a subscribed channel (`message` or `smessage`).
+    Message {
+        channel: &'a [u8],
+        payload: &'a [u8],
+    },
+    /// One channel of a SUBSCRIBE acknowledged (one reply per channel named).
+    Subscribed,
+    /// One channel of an UNSUBSCRIBE released.
+    Unsubscribed,
+    /// An error: the command it answers failed as a whole (`NOPERM ...`, `WRONGPASS ...`).
+    Error(&'a [u8]),
+    /// Anything else: `+OK` (to AUTH), `pong`, an integer.
+    Other,
+}
+
+/// Bytes that are not RESP2.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Malformed;
+
+/// What was parsed and where the bytes after it start; `None` while incomplete.
+pub(super) type Parsed<T> = Result<Option<(T, usize)>, Malformed>;
+
+/// Largest bulk string accepted: Redis's own default `proto-max-bulk-len`.
+const MAX_BULK: usize = 512 * 1024 * 1024;
+/// Most elements of one array: subscribed-mode replies have at most four.
+const MAX_ELEMENTS: usize = 16;
+
+/// Parses the reply at the start of `buf`: `Ok(None)` while it is incomplete, else the reply
+/// and how many bytes it took.
+pub(super) fn parse(buf: &[u8]) -> Parsed<Reply<'_>> {
+    let Some(((kind, line), mut at)) = line(buf, 0)? else {
+        return Ok(None);
+    };
+    let reply = match kind {
+        b'+' | b':' => Reply::Other,
+        b'-' => Reply::Error(line),
+        b'*' => {
+            let n = int(line)?;
+            if n < 0 {
+                return Ok(Some((Reply::Other, at)));
+            }
+            let n = n as usize;
+            if n > MAX_ELEMENTS {
+                return Err(Malformed);
+            }
+            let mut bulks: [Option<&[u8]>; 3] = [None; 3];
+            for i in 0..n {
+                let Some((bulk, next)) = element(buf, at)? else {
+                    return Ok(None);
+                };
+                if let Some(slot) = bulks.get_mut(i) {
+                    *slot = bulk;
+                }
+                at = next;
+            }
+            classify(bulks)
+        }
+        _ => return Err(Malformed),
+    };
+    Ok(Some((reply, at)))
+}
+
+fn classify(bulks: [Option<&[u8]>; 3]) -> Reply<'_> {
+    match bulks {
+        [Some(b"message" | b"smessage"), Some(channel), Some(payload)] => {
+            Reply::Message { channel, payload }
+        }
+        [Some(b"subscribe" | b"ssubscribe"), ..] => Reply::Subscribed,
+        [Some(b"unsubscribe" | b"sunsubscribe"), ..] => Reply::Unsubscribed,
+        _ => Reply::Other,
+    }
+}
+
+/// One element of an array at `at`: a bulk string (`None` for an integer or a null), and where
+/// the next element starts.
+fn element(buf: &[u8], at: usize) -> Parsed<Option<&[u8]>> {
+    let Some(((kind, line), at)) = line(buf, at)? else {
+        return Ok(None);
+    };
+    match kind {
+        b'$' => {
+            let len = int(line)?;
+            if len < 0 {
+                return Ok(Some((None, at)));
+            }
+            let len = len as usize;
+            if len > MAX_BULK {
+                return Err(Malformed);
+            }
+            let end = at + len;
+            if buf.len() < end + 2 {
+                return Ok(None);
+            }
+            if &buf[end..end + 2] != b"\r\n" {
+                return Err(Malformed);
+            }
+            Ok(Some((Some(&buf[at..end]), end + 2)))
+        }
+        b':' | b'+' => Ok(Some((None, at))),
+        _ => Err(Malformed),
+    }
+}
+
+/// The line at `at`: its type byte, its content, and where the next line starts.
+fn line(buf: &[u8], at: usize) -> Parsed<(u8, &[u8])> {
+    let Some(&kind) = buf.get(at) else {
+        return Ok(None);
+    };
+    let rest = &buf[at + 1..];
+    let Some(cr) = rest.iter().position(|b| *b == b'\r') else {
+        // A line is a length or a short status; one this long is not RESP.
+        return if rest.len() > 64 * 1024 {
+            Err(Malformed)
+        } else {
+            Ok(None)
+        };
+    };
+    match rest.get(cr + 1) {
+        None => Ok(None),
+        Some(b'\n') => Ok(Some(((kind, &rest[..cr]), at + 1 + cr + 2))),
+        Some(_) => Err(Malformed),
+    }
+}
+
+fn int(digits: &[u8]) -> Result<i64, Malformed> {
+    std::str::from_utf8(digits)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or(Malformed)
+}
+
+/// A command as RESP2: an array of bulk strings.
+pub(super) fn command(verb: &str, args: &[String]) -> Vec<u8> {
+    let size = 16 + verb.len() + args.iter().map(|a| a.len() + 16).sum::<usize>();
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(format!("*{}\r\n", args.len() + 1).as_bytes());
+    for arg in std::iter::once(verb).chain(args.iter().map(String::as_str)) {
+        out.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+        out.extend_from_slice(arg.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MESSAGE: &[u8] = b"*3\r\n$7\r\nmessage\r\n$6\r\np:u:ab\r\n$5\r\nhe\r\no\r\n";
+
+    #[test]
+    fn a_message_is_its_channel_and_payload_in_place() {
+        let (reply, used) = parse(MESSAGE).expect("valid").expect("complete");
+        assert_eq!(
+            reply,
+            Reply::Message {
+                channel: b"p:u:ab",
+                payload: b"he\r\no"
+            }
+        );
+        assert_eq!(used, MESSAGE.len());
+    }
+
+    #[test]
+    fn an_incomplete_reply_waits_for_more_at_every_cut() {
+        for cut in 0..MESSAGE.len() {
+            assert_eq!(parse(&MESSAGE[..cut]), Ok(None), "cut at {cut}");
+        }
+        let mut two = MESSAGE.to_vec();
+        two.extend_from_slice(b"*3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:2\r\n");
+        let (_, used) = parse(&two).expect("valid").expect("complete");
+        assert_eq!(
+            parse(&two[used..]),
+            Ok(Some((Reply::Subscribed, two.len() - used)))
+        );
+    }
+
+    #[test]
+    fn acknowledgements_errors_and_others() {
+        let cases: [(&[u8], Reply<'_>); 6] = [
+            (
+                b"*3\r\n$11\r\nunsubscribe\r\n$1\r\nc\r\n:0\r\n",
+                Reply::Unsubscribed,
+            ),
+            (
+                b"*3\r\n$10\r\nssubscribe\r\n$1\r\nc\r\n:1\r\n",
+                Reply::Subscribed,
+            ),
+            (b"-NOPERM no\r\n", Reply::Error(b"NOPERM no")),
+            (b"+OK\r\n", Reply::Other),
+            (b"*2\r\n$4\r\npong\r\n$0\r\n\r\n", Reply::Other),
+            (b"*-1\r\n", Reply::Other),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(parse(bytes), Ok(Some((want, bytes.len()))));
+        }
+    }
+
+    #[test]
+    fn what_is_not_resp_is_malformed() {
+        for bad in [
+            &b"?x\r\n"[..],
+            b"*x\r\n",
+            b"*1\r\n*1\r\n:1\r\n",
+            b"*1\r\n$3\r\nabcd\r\n",
+            b"+OK\rX",
+        ] {
+            assert_eq!(parse(bad), Err(Malformed), "{bad:?}");
+        }
+    }
+
+    proptest::proptest! {
+        /// No bytes from Redis panic the parser, and a reply never claims more than it got.
+        #[test]
+        fn any_bytes_parse_without_panicking(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            if let Ok(Some((_, used))) = parse(&bytes) {
+                proptest::prop_assert!(used <= bytes.len());
+            }
+        }
+
+        /// Any payload (CRLF and all) comes back byte for byte, complete or waiting for more.
+        #[test]
+        fn any_payload_comes_back_as_sent(payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300), cut in 0usize..400) {
+            let mut bytes = format!("*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n${}\r\n", payload.len()).into_bytes();
+            bytes.extend_from_slice(&payload);
+            bytes.extend_from_slice(b"\r\n");
+            let cut = cut.min(bytes.len());
+            if cut < bytes.len() {
+                proptest::prop_assert_eq!(parse(&bytes[..cut]), Ok(None));
+            }
+            let want = Reply::Message { channel: b"ch", payload: &payload };
+            proptest::prop_assert_eq!(parse(&bytes), Ok(Some((want, bytes.len()))));
+        }
+    }
+
+    #[test]
+    fn commands_are_arrays_of_bulk_strings() {
+        assert_eq!(
+            command("SUBSCRIBE", &["a".into(), "bc".into()]),
+            b"*3\r\n$9\r\nSUBSCRIBE\r\n$1\r\na\r\n$2\r\nbc\r\n"
+        );
+    }
+}
