@@ -12,6 +12,8 @@
 
 use std::collections::HashMap;
 
+use compact_str::CompactString;
+
 /// A Redis stream id: milliseconds and sequence. Ordered as Redis orders them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct StreamId(pub u64, pub u64);
@@ -118,8 +120,9 @@ pub fn unframe(raw: &[u8]) -> Option<Framed<'_>> {
 pub struct Positions {
     /// Subscribed channels → id of the last message delivered (None: nothing yet). Looked up
     /// once per received message: a fast hasher, seeded per process (the names are the node's
-    /// own subscriptions).
-    last: HashMap<String, Option<StreamId>, foldhash::fast::RandomState>,
+    /// own subscriptions), and names of up to 24 bytes stored in the table itself, so that
+    /// comparing a key reads no other memory.
+    last: HashMap<CompactString, Option<StreamId>, foldhash::fast::RandomState>,
 }
 
 /// What to do with a received message.
@@ -136,13 +139,13 @@ pub enum Verdict {
 impl Positions {
     pub fn subscribed(&mut self, channels: &[String]) {
         for c in channels {
-            self.last.entry(c.clone()).or_insert(None);
+            self.last.entry(c.as_str().into()).or_insert(None);
         }
     }
 
     pub fn unsubscribed(&mut self, channels: &[String]) {
         for c in channels {
-            self.last.remove(c);
+            self.last.remove(c.as_str());
         }
     }
 
@@ -195,7 +198,7 @@ impl Positions {
     pub fn known(&self) -> Vec<(String, StreamId)> {
         self.last
             .iter()
-            .filter_map(|(c, l)| l.map(|l| (c.clone(), l)))
+            .filter_map(|(c, l)| l.map(|l| (c.to_string(), l)))
             .collect()
     }
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::channel::Channel;
-use super::outbound::{Outgoing, Push};
+use super::outbound::{Outgoing, Push, Writes};
 use super::registry::{Connection, Registry, UserEntry};
 use super::resume::Slot;
 use crate::broker::{MessageSink, StreamId};
@@ -179,7 +179,7 @@ impl MessageSink for Registry {
                         advance(&mut users.position, position);
                         msg.position = position.map(|p| (Slot::Tenant, p));
                         for u in &users.users {
-                            if let Some(user) = inner.users.get(u) {
+                            if let Some(user) = inner.users.get(&**u) {
                                 to_user(user, &msg, endpoint, topic, &mut n, &mut inner.wakes);
                             }
                         }
@@ -234,8 +234,9 @@ impl MessageSink for Registry {
 /// for what the socket does not take at once (a full socket buffer), a close, or a connection
 /// without a socket yet.
 fn write_owed(conns: &[Arc<Connection>], metrics: &Metrics) {
+    let mut writes = Writes::new(metrics);
     for conn in conns {
-        if !conn.outbound.write_through(metrics) {
+        if !conn.outbound.write_through(&mut writes) {
             conn.outbound.wake();
         }
     }

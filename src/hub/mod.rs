@@ -44,7 +44,7 @@ mod tests;
 
 pub use channel::Channel;
 use channel::ChannelNames;
-pub use outbound::{Flushed, Outbound, Outgoing, Wake, Wire};
+pub use outbound::{Flushed, Outbound, Outgoing, Wake, Wire, Writes};
 use registry::{now_ms, ConnEntry, Inner, TopicFilter, UserEntry};
 pub use registry::{Connection, Registry};
 use remembered::{Remembered, TopicOrigin};
@@ -226,7 +226,7 @@ impl Hub {
         }
         let (subscribed, online) = {
             let mut inner = self.registry.inner.lock();
-            let first = match inner.users.get(&identity.user_id) {
+            let first = match inner.users.get(&*identity.user_id) {
                 Some(u) => {
                     if self.max_per_user > 0 && u.conns.len() >= self.max_per_user {
                         return Err(RegisterError::TooManyConnections);
@@ -237,7 +237,7 @@ impl Hub {
             };
             let user = inner
                 .users
-                .entry(identity.user_id.clone())
+                .entry(compact_str::CompactString::from(&*identity.user_id))
                 .or_insert_with(|| UserEntry {
                     // Most users hold one connection: a first push into `Vec::new()` would
                     // reserve room for four (256 bytes per user).
@@ -319,7 +319,7 @@ impl Hub {
         let mut removed_topics = 0usize;
         let mut found = false;
         let mut last = false;
-        if let Some(user) = inner.users.get_mut(user_id) {
+        if let Some(user) = inner.users.get_mut(&**user_id) {
             if let Some(pos) = user.conns.iter().position(|c| c.conn.id == conn.id) {
                 let entry = user.conns.swap_remove(pos);
                 removed_topics = entry.topics.topics.len();
@@ -333,7 +333,7 @@ impl Hub {
         inner.connections -= 1;
         self.registry.ping_slots.remove(conn.id);
         if last {
-            if let Some(user) = inner.users.remove(user_id) {
+            if let Some(user) = inner.users.remove(&**user_id) {
                 if let Some(t) = user.tenant {
                     if let Some(set) = inner.tenants.get_mut(&t) {
                         set.users.remove(user_id);
@@ -372,7 +372,7 @@ impl Hub {
             TopicChange::Unsubscribe => Vec::new(),
         };
         let mut inner = self.registry.inner.lock();
-        let Some(user) = inner.users.get_mut(&conn.identity.user_id) else {
+        let Some(user) = inner.users.get_mut(&*conn.identity.user_id) else {
             return Ok(());
         };
         let Some(entry) = user.conns.iter_mut().find(|c| c.conn.id == conn.id) else {
@@ -478,7 +478,7 @@ impl Hub {
         let inner = self.registry.inner.lock();
         let entry = inner
             .users
-            .get(&conn.identity.user_id)
+            .get(&*conn.identity.user_id)
             .and_then(|u| u.conns.iter().find(|c| c.conn.id == conn.id));
         if let Some(entry) = entry {
             self.stop_for_resume(&inner, entry);

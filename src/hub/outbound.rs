@@ -30,6 +30,27 @@ pub type Wire = Arc<TcpStream>;
 /// Pending bytes kept allocated after they are written: a burst's buffer goes back.
 const KEPT_PENDING: usize = 16 * 1024;
 
+/// What a run of socket writes shares: one framing buffer, and the write histograms, added to
+/// the registry's once at the end of the run (on drop), not with shared atomics per message.
+pub struct Writes {
+    frames: Vec<u8>,
+    latency: prometheus::local::LocalHistogram,
+    batch: prometheus::local::LocalHistogram,
+}
+
+impl Writes {
+    pub fn new(metrics: &Metrics) -> Writes {
+        Writes {
+            frames: Vec::new(),
+            latency: metrics.delivery_latency.local(),
+            batch: metrics.write_batch_messages.local(),
+        }
+    }
+}
+
+/// Framing buffer a run of writes keeps between connections: a burst's grows it, and goes back.
+const KEPT_FRAMES: usize = 64 * 1024;
+
 /// One message waiting to be written to a socket.
 #[derive(Debug, Clone)]
 pub struct Outgoing {
@@ -174,20 +195,20 @@ impl Outbound {
     /// The fan-out's write after its batch: writes what is queued straight into the socket if
     /// nothing is pending there and the connection is not closing. True when nothing is left
     /// for the session; otherwise the caller wakes it.
-    pub(super) fn write_through(&self, metrics: &Metrics) -> bool {
+    pub(super) fn write_through(&self, writes: &mut Writes) -> bool {
         let mut s = self.state.lock();
         if s.wire.is_none() || s.closed.is_some() || !s.pending.is_empty() {
             return false;
         }
-        let w = write_locked(&mut s, metrics);
+        let w = write_locked(&mut s, writes);
         !w.pending && !w.broken
     }
 
     /// The session's write: what is queued, and a wanted ping, as far as the socket takes them
     /// now; the rest stays pending for [`drain`](Self::drain).
-    pub fn write_queued(&self, metrics: &Metrics) -> Flushed {
+    pub fn write_queued(&self, writes: &mut Writes) -> Flushed {
         let mut s = self.state.lock();
-        write_locked(&mut s, metrics)
+        write_locked(&mut s, writes)
     }
 
     /// Appends bytes of whole frames the session writes itself (pongs, the close frame) behind
@@ -318,24 +339,24 @@ impl Outbound {
 }
 
 /// Frames everything queued (and a wanted ping) and hands it to the socket.
-fn write_locked(s: &mut QueueState, metrics: &Metrics) -> Flushed {
+fn write_locked(s: &mut QueueState, writes: &mut Writes) -> Flushed {
     let n = s.queue.len();
     let ping = std::mem::take(&mut s.ping);
     if n > 0 || ping {
-        let mut frames = Vec::with_capacity(
-            s.bytes + n * protocol::MAX_FRAME_HEADER + protocol::PING_FRAME.len(),
-        );
+        let mut frames = std::mem::take(&mut writes.frames);
+        frames.clear();
+        frames.reserve(s.bytes + n * protocol::MAX_FRAME_HEADER + protocol::PING_FRAME.len());
         let now = protocol::now_micros();
         for msg in s.queue.drain(..) {
             protocol::put_text_frame(&mut frames, msg.frame.as_str().as_bytes());
             let secs = now.saturating_sub(msg.published_at) as f64 / 1e6;
-            metrics.delivery_latency.observe(secs);
+            writes.latency.observe(secs);
         }
         if ping {
             frames.extend_from_slice(&protocol::PING_FRAME);
         }
         if n > 0 {
-            metrics.write_batch_messages.observe(n as f64);
+            writes.batch.observe(n as f64);
         }
         s.bytes = 0;
         s.extra_messages = 0;
@@ -345,6 +366,9 @@ fn write_locked(s: &mut QueueState, metrics: &Metrics) -> Flushed {
             s.queue = VecDeque::new();
         }
         push_bytes(s, &frames);
+        if frames.capacity() <= KEPT_FRAMES {
+            writes.frames = frames;
+        }
     }
     Flushed {
         close: s.closed,
@@ -354,6 +378,13 @@ fn write_locked(s: &mut QueueState, metrics: &Metrics) -> Flushed {
 }
 
 /// Writes `frames` now if nothing is pending and the socket takes them; keeps the rest pending.
+///
+/// The `send` goes straight to the socket, not through tokio's readiness: that check reads the
+/// socket's registration, one more cache miss per delivery among thousands of connections, to
+/// learn what the `send` itself says. When the socket is full, the rest waits for
+/// [`Outbound::poll_drain`], which writes through tokio and so learns the socket's readiness
+/// from its own `WouldBlock` (one extra `send` in that rare case). Rust programs ignore SIGPIPE,
+/// so a peer that is gone is an `EPIPE` here, not a signal.
 fn push_bytes(s: &mut QueueState, frames: &[u8]) {
     if s.broken {
         return;
@@ -361,9 +392,13 @@ fn push_bytes(s: &mut QueueState, frames: &[u8]) {
     let mut rest = frames;
     if s.pending.is_empty() {
         if let Some(wire) = &s.wire {
-            match wire.try_write(frames) {
+            match socket2::SockRef::from(&**wire).send(frames) {
                 Ok(n) => rest = &frames[n..],
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
                 Err(_) => {
                     s.broken = true;
                     return;
