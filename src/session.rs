@@ -33,7 +33,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::chat::Chat;
 use crate::disconnect::CloseReason;
-use crate::hub::{Connection, Registration, TopicChange, Wire};
+use crate::hub::{Connection, Registration, TopicChange, Wire, Writes};
 use crate::metrics::IgnoredFrame;
 use crate::metrics::Metrics;
 use crate::protocol::{self, Endpoint, NotwsCommand};
@@ -221,29 +221,18 @@ fn run(
         let mut budget = FrameBudget::new(limits.frames_per_second);
 
         let reason = loop {
-            tokio::select! {
+            // A close the gateway asked for, once what was accepted before it is written.
+            let close = tokio::select! {
                 // Output first: a wake for output should not also poll the socket for input.
                 // Input cannot starve: a queue that never empties overflows and closes.
                 biased;
                 _ = conn.outbound.ready.notified() => {
-                    let written = conn.outbound.write_queued(&node.metrics);
+                    let written = conn.outbound
+                        .write_queued(&mut Writes::new(&node.metrics));
                     if written.broken {
                         break written.close.unwrap_or(CloseReason::Error);
                     }
-                    if written.pending {
-                        // Boxed, like every await below but the select: the task of an idle
-                        // connection then carries only what waiting needs (ARCHITECTURE.md,
-                        // "Memory per connection"); one allocation per full socket, not per
-                        // message.
-                        let drain = conn.outbound.drain();
-                        let done = Box::pin(bounded(&conn, limits.write_timeout, drain)).await;
-                        if let Some(reason) = done.failure(&conn) {
-                            break reason;
-                        }
-                    }
-                    if let Some(reason) = written.close {
-                        break reason;
-                    }
+                    written.close
                 }
                 incoming = socket.next() => {
                     let msg = match incoming {
@@ -267,15 +256,23 @@ fn run(
                         Message::Close(_) => break CloseReason::Client,
                         Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
                     }
-                    // tungstenite answers a client's ping as it reads; the pong may wait for room.
-                    if conn.outbound.has_pending() {
-                        let drain = conn.outbound.drain();
-                        let done = Box::pin(bounded(&conn, limits.write_timeout, drain)).await;
-                        if let Some(reason) = done.failure(&conn) {
-                            break reason;
-                        }
-                    }
+                    None
                 }
+            };
+            // What the socket did not take at once: a batch, a ping, or the pong tungstenite
+            // wrote while reading a client's ping. Boxed, like every await below but the
+            // select: the task of an idle connection then carries only what waiting needs
+            // (ARCHITECTURE.md, "Memory per connection"); one allocation per full socket, not
+            // per message.
+            if conn.outbound.has_pending() {
+                let drain = conn.outbound.drain();
+                let done = Box::pin(bounded(&conn, limits.write_timeout, drain)).await;
+                if let Some(reason) = done.failure(&conn) {
+                    break reason;
+                }
+            }
+            if let Some(reason) = close {
+                break reason;
             }
         };
 
