@@ -22,7 +22,9 @@
 //!   connections → topics), typed [`hub::Channel`]s and their reference counts with delayed
 //!   release, fan-out, the node's ping sweep and drain.
 //! - [`broker`]: the seam between nodes: [`broker::memory`] (one node) and [`broker::redis`]
-//!   (publishing by group commit, grouped by channel, in `broker/publisher.rs`).
+//!   (publishing by group commit, grouped by channel, in `broker/publisher.rs`; the pub/sub
+//!   connection read by the node itself on plain TCP, in `broker/subscription.rs`, its replies
+//!   parsed in place by `broker/resp.rs`).
 //! - [`protocol`]: wire formats with no I/O: client frames, server text frames, the broker
 //!   envelope.
 //! - [`metrics`]: one Prometheus registry per node.
