@@ -1036,10 +1036,7 @@ impl Reader {
         match self.handle_now(channel, msg.payload(), false) {
             Handled::Done => true,
             Handled::Gap { after, before } => {
-                // Writers of what is already delivered need not wait for the history read.
-                self.sink.flush();
-                if let Err(e) = self.recover(channel, after, before).await {
-                    tracing::warn!(error = %e, "recovering a gap failed; reconnecting");
+                if !self.recover_gap(channel, after, before).await {
                     return false;
                 }
                 self.handle_now(channel, msg.payload(), true);
@@ -1141,12 +1138,16 @@ impl Reader {
                             continue;
                         };
                         batch += 1;
-                        let canary = channel.starts_with(self.canary.as_str());
-                        if (work.is_some() || !held.is_empty()) && !canary {
+                        if work.is_none() && held.is_empty() {
+                            if let Handled::Gap { after, before } = self.handle_now(channel, payload, false) {
+                                let (channel, payload) = (channel.to_owned(), Bytes::copy_from_slice(payload));
+                                work = Some(self.recovery(&mut held, channel, payload, after, before));
+                            }
+                        } else if channel.starts_with(self.canary.as_str()) {
+                            // A canary needs no order: held, it could read as a dead subscription.
+                            self.shared.canary_arrived(channel);
+                        } else {
                             held.push_back((channel.to_owned(), Bytes::copy_from_slice(payload), false));
-                        } else if let Handled::Gap { after, before } = self.handle_now(channel, payload, false) {
-                            let (channel, payload) = (channel.to_owned(), Bytes::copy_from_slice(payload));
-                            work = Some(self.recovery(&mut held, channel, payload, after, before));
                         }
                     }
                     if batch > 0 {
@@ -1167,18 +1168,22 @@ impl Reader {
         after: StreamId,
         before: Option<StreamId>,
     ) -> Work<'a> {
+        held.push_front((channel.clone(), payload, true));
+        Box::pin(async move { self.recover_gap(&channel, after, before).await })
+    }
+
+    /// Reads a gap from history and delivers it; `false` when the subscription must be made
+    /// again (the reconnect catches up from the last delivered position).
+    async fn recover_gap(&self, channel: &str, after: StreamId, before: Option<StreamId>) -> bool {
         // Writers of what is already delivered need not wait for the history read.
         self.sink.flush();
-        held.push_front((channel.clone(), payload, true));
-        Box::pin(async move {
-            match self.recover(&channel, after, before).await {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::warn!(error = %e, "recovering a gap failed; reconnecting");
-                    false
-                }
+        match self.recover(channel, after, before).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "recovering a gap failed; reconnecting");
+                false
             }
-        })
+        }
     }
 }
 

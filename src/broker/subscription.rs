@@ -54,6 +54,15 @@ pub(super) struct Replies {
     acks: Acks,
 }
 
+/// Bytes from Redis that are not RESP2: the connection is dropped and made again.
+fn not_resp() -> redis::RedisError {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        "Redis sent a reply that is not RESP2",
+    )
+    .into()
+}
+
 fn closed() -> redis::RedisError {
     io::Error::new(
         io::ErrorKind::ConnectionReset,
@@ -145,12 +154,7 @@ impl Replies {
     /// way; `None` when more must be read.
     pub(super) fn next(&mut self) -> redis::RedisResult<Option<(&[u8], &[u8])>> {
         loop {
-            let parsed = resp::parse(&self.buf[self.at..]).map_err(|_| {
-                redis::RedisError::from(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "Redis sent a reply that is not RESP2",
-                ))
-            })?;
+            let parsed = resp::parse(&self.buf[self.at..]).map_err(|_| not_resp())?;
             let Some((reply, used)) = parsed else {
                 return Ok(None);
             };
@@ -182,7 +186,9 @@ impl Replies {
     /// The reply to a command sent before subscribing (AUTH).
     async fn handshake_reply(&mut self) -> redis::RedisResult<()> {
         loop {
-            if let Some((reply, used)) = resp::parse(&self.buf[self.at..]).map_err(|_| closed())? {
+            if let Some((reply, used)) =
+                resp::parse(&self.buf[self.at..]).map_err(|_| not_resp())?
+            {
                 self.at += used;
                 return match reply {
                     Reply::Error(line) => Err(server_error(line)),

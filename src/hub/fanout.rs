@@ -39,10 +39,6 @@ pub(super) struct Tally {
     overflowed: u64,
     dropped: u64,
     recipients: Option<prometheus::local::LocalHistogram>,
-    /// The payload last decoded and its envelope: a publish to many users arrives as one
-    /// message per user's channel, sharing one payload (the broker's reader shares it), so it
-    /// is decoded (its text checked) once.
-    last: Option<(Bytes, Envelope)>,
 }
 
 impl Tally {
@@ -55,48 +51,45 @@ impl Tally {
         self.dropped += n.dropped;
     }
 
-    fn publish(&mut self, m: &Metrics) {
-        let last = self.last.take();
-        let t = std::mem::replace(
-            self,
-            Tally {
-                last,
-                ..Tally::default()
-            },
-        );
-        if t.received > 0 {
-            m.broker_received.inc_by(t.received);
+    fn publish(self, m: &Metrics) {
+        if self.received > 0 {
+            m.broker_received.inc_by(self.received);
         }
         for (endpoint, n) in [Endpoint::Notws, Endpoint::Chat]
             .into_iter()
-            .zip(t.delivered)
+            .zip(self.delivered)
         {
             if n > 0 {
                 m.endpoint(endpoint).deliveries.inc_by(n);
             }
         }
-        if t.dropped > 0 {
-            m.outbound_dropped.inc_by(t.dropped);
+        if self.dropped > 0 {
+            m.outbound_dropped.inc_by(self.dropped);
         }
-        if t.overflowed > 0 {
-            m.slow_consumer_disconnects.inc_by(t.overflowed);
+        if self.overflowed > 0 {
+            m.slow_consumer_disconnects.inc_by(self.overflowed);
         }
-        if let Some(h) = t.recipients {
+        if let Some(h) = self.recipients {
             h.flush();
         }
     }
+}
 
-    /// The envelope of `payload`, decoded once for a run of messages that share it.
-    fn decode(&mut self, payload: Bytes) -> Result<Envelope, protocol::EnvelopeError> {
-        if let Some((bytes, env)) = &self.last {
-            if bytes.as_ptr() == payload.as_ptr() && bytes.len() == payload.len() {
-                return Ok(env.clone());
-            }
+/// The envelope of `payload`, decoded once for a run of messages that share it: a publish to
+/// many users arrives as one message per user's channel, sharing one payload (the broker's
+/// reader shares it), so its text is checked once. `last` is the payload last decoded.
+fn decode_shared(
+    last: &mut Option<(Bytes, Envelope)>,
+    payload: Bytes,
+) -> Result<Envelope, protocol::EnvelopeError> {
+    if let Some((bytes, env)) = last {
+        if bytes.as_ptr() == payload.as_ptr() && bytes.len() == payload.len() {
+            return Ok(env.clone());
         }
-        let env = protocol::decode(payload.clone())?;
-        self.last = Some((payload, env.clone()));
-        Ok(env)
     }
+    let env = protocol::decode(payload.clone())?;
+    *last = Some((payload, env.clone()));
+    Ok(env)
 }
 
 fn to_user(
@@ -140,7 +133,7 @@ impl MessageSink for Registry {
         let mut guard = self.inner.lock();
         let inner = &mut *guard;
         inner.tally.received += 1;
-        let env = match inner.tally.decode(payload) {
+        let env = match decode_shared(&mut inner.last_decoded, payload) {
             Ok(env) => env,
             Err(e) => {
                 tracing::warn!(channel = channels.first().copied().unwrap_or(""), error = %e, "undecodable broker message dropped");
@@ -201,7 +194,7 @@ impl MessageSink for Registry {
     fn flush(&self) {
         let mut wakes = {
             let mut inner = self.inner.lock();
-            inner.tally.publish(&self.metrics);
+            std::mem::take(&mut inner.tally).publish(&self.metrics);
             std::mem::take(&mut inner.wakes)
         };
         if wakes.is_empty() {
