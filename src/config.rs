@@ -179,7 +179,7 @@ pub struct ServeArgs {
     #[arg(long, env = "WSGATE_CHAT_ROOM_TTL", default_value = "10s", value_parser = duration)]
     pub chat_room_ttl: Duration,
 
-    /// Redis URL (redis:// or rediss://), or a comma-separated list of Sentinels or Cluster seed nodes (see --redis-mode). Absent: a single node on the in-process broker.
+    /// Redis URL (redis://, or rediss:// for TLS: the certificate must chain to a public root, or `rediss://…/#insecure` skips verification), or a comma-separated list of Sentinels or Cluster seed nodes (see --redis-mode). Absent: a single node on the in-process broker.
     #[arg(long, env = "WSGATE_REDIS_URL", hide_env_values = true, value_parser = secret)]
     pub redis_url: Option<SecretString>,
 
