@@ -19,11 +19,27 @@ use compact_str::CompactString;
 pub struct StreamId(pub u64, pub u64);
 
 impl StreamId {
+    /// `ms-seq`, both plain decimal. Read from the bytes directly: every received message
+    /// carries two ids, and the text detour (UTF-8 check, split, `str::parse`) was a visible
+    /// part of the reader's CPU.
     pub fn parse(s: &[u8]) -> Option<StreamId> {
-        let s = std::str::from_utf8(s).ok()?;
-        let (ms, seq) = s.split_once('-')?;
-        Some(StreamId(ms.parse().ok()?, seq.parse().ok()?))
+        let dash = s.iter().position(|&b| b == b'-')?;
+        Some(StreamId(decimal(&s[..dash])?, decimal(&s[dash + 1..])?))
     }
+}
+
+/// A non-empty run of ASCII digits that fits a `u64`.
+fn decimal(s: &[u8]) -> Option<u64> {
+    if s.is_empty() {
+        return None;
+    }
+    s.iter().try_fold(0u64, |n, &b| {
+        let digit = b.wrapping_sub(b'0');
+        if digit > 9 {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u64::from(digit))
+    })
 }
 
 impl std::fmt::Display for StreamId {
@@ -34,7 +50,18 @@ impl std::fmt::Display for StreamId {
 
 /// The history key of a channel: same hash slot as the channel.
 pub fn key(channel: &str) -> String {
-    format!("{{{channel}}}:history")
+    let mut key = String::new();
+    key_into(&mut key, channel);
+    key
+}
+
+/// [`key`] into a reused buffer: the publisher names one key per recipient.
+pub fn key_into(key: &mut String, channel: &str) {
+    key.clear();
+    key.reserve(channel.len() + 10);
+    key.push('{');
+    key.push_str(channel);
+    key.push_str("}:history");
 }
 
 /// Appends to each channel's history, trims it by time, publishes with the position frame; one
@@ -206,6 +233,42 @@ impl Positions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stream_ids_are_plain_decimal_pairs() {
+        assert_eq!(StreamId::parse(b"0-0"), Some(StreamId(0, 0)));
+        assert_eq!(
+            StreamId::parse(b"18446744073709551615-7"),
+            Some(StreamId(u64::MAX, 7))
+        );
+        for bad in [
+            &b""[..],
+            b"1",
+            b"1-",
+            b"-1",
+            b"+1-0",
+            b"1-+0",
+            b"1-2-3",
+            b"1 -2",
+            b"18446744073709551616-0",
+            b"\xff-1",
+        ] {
+            assert_eq!(
+                StreamId::parse(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_id_reads_back_as_written(ms in proptest::prelude::any::<u64>(), seq in proptest::prelude::any::<u64>()) {
+            let text = StreamId(ms, seq).to_string();
+            proptest::prop_assert_eq!(StreamId::parse(text.as_bytes()), Some(StreamId(ms, seq)));
+        }
+    }
 
     #[test]
     fn frames_round_trip() {

@@ -67,22 +67,33 @@ pub(super) struct Publisher {
 /// What one round trip publishes: every channel once, with the payloads it gets in publish
 /// order (indices into `payloads`, each payload once).
 #[derive(Debug, PartialEq)]
-pub(super) struct Plan<'a> {
+struct Plan<'a> {
     pub payloads: Vec<&'a Bytes>,
-    pub channels: Vec<(&'a str, Vec<usize>)>,
+    pub channels: Vec<(&'a str, Payloads)>,
 }
 
+/// A channel's payloads in a round trip: most channels get one, held without an allocation of
+/// its own (a notification to 1,000 users plans 1,000 channels).
+type Payloads = smallvec::SmallVec<[usize; 2]>;
+
 /// Groups publishes by channel, channels in order of first appearance.
-pub(super) fn plan<'a>(publishes: impl IntoIterator<Item = (&'a [String], &'a Bytes)>) -> Plan<'a> {
-    let mut payloads = Vec::new();
-    let mut channels: Vec<(&str, Vec<usize>)> = Vec::new();
-    let mut index: HashMap<&str, usize> = HashMap::new();
-    for (chs, payload) in publishes {
+fn plan<'a>(publishes: &'a [Job]) -> Plan<'a> {
+    let mut payloads = Vec::with_capacity(publishes.len());
+    let n: usize = publishes.iter().map(|j| j.channels.len()).sum();
+    let mut channels: Vec<(&str, Payloads)> = Vec::with_capacity(n);
+    let mut index: HashMap<&str, usize, foldhash::fast::RandomState> =
+        HashMap::with_capacity_and_hasher(n, Default::default());
+    for Job {
+        channels: chs,
+        payload,
+        ..
+    } in publishes
+    {
         let p = payloads.len();
         payloads.push(payload);
         for ch in chs {
             let at = *index.entry(ch.as_str()).or_insert_with(|| {
-                channels.push((ch.as_str(), Vec::new()));
+                channels.push((ch.as_str(), Payloads::new()));
                 channels.len() - 1
             });
             channels[at].1.push(p);
@@ -188,7 +199,7 @@ impl Publisher {
     }
 
     async fn round_trip(&self, jobs: &[Job]) -> Result<(), BrokerError> {
-        let plan = plan(jobs.iter().map(|j| (&j.channels[..], &j.payload)));
+        let plan = plan(jobs);
         if self.cluster {
             // A pipeline may only name one slot: one per slot, all in flight at once.
             let groups = redis_cluster::by_slot_of(plan.channels, |(ch, _)| ch);
@@ -205,7 +216,7 @@ impl Publisher {
 
     async fn publish_on_one_slot(
         &self,
-        channels: &[(&str, Vec<usize>)],
+        channels: &[(&str, Payloads)],
         payloads: &[&Bytes],
     ) -> Result<(), BrokerError> {
         let mut conn = self.pool.get().await?;
@@ -226,7 +237,9 @@ impl Publisher {
         let ttl_ms = self.history_ttl.as_millis() as u64;
         // One script call per group of channels, each payload once per call (history.rs).
         let pipe = |cmd: &str| {
-            let mut pipe = redis::pipe();
+            let mut pipe =
+                redis::Pipeline::with_capacity(channels.len().div_ceil(history::CHANNELS_PER_CALL));
+            let mut key = String::new();
             for group in channels.chunks(history::CHANNELS_PER_CALL) {
                 let mut used: Vec<usize> = group
                     .iter()
@@ -234,8 +247,16 @@ impl Publisher {
                     .collect();
                 used.sort_unstable();
                 used.dedup();
-                let call = pipe
-                    .cmd(cmd)
+                // Sized up front: a call for 128 channels would otherwise grow its buffers a
+                // dozen times.
+                let messages: usize = group.iter().map(|(_, ps)| ps.len()).sum();
+                let names: usize = group.iter().map(|(ch, _)| ch.len()).sum();
+                let bytes: usize = used.iter().map(|&p| payloads[p].len()).sum();
+                let mut call = redis::Cmd::with_capacity(
+                    6 + used.len() + 3 * group.len() + messages,
+                    64 + bytes + 2 * names + 16 * group.len() + 8 * messages,
+                );
+                call.arg(cmd)
                     .arg(if cmd == "EVAL" {
                         history::PUBLISH_SCRIPT
                     } else {
@@ -243,7 +264,8 @@ impl Publisher {
                     })
                     .arg(group.len());
                 for (ch, _) in group {
-                    call.arg(history::key(ch));
+                    history::key_into(&mut key, ch);
+                    call.arg(key.as_str());
                 }
                 call.arg(ttl_ms).arg(publish).arg(used.len());
                 for &p in &used {
@@ -256,7 +278,7 @@ impl Publisher {
                         call.arg(used.binary_search(p).map_or(0, |k| k + 1));
                     }
                 }
-                call.ignore();
+                pipe.add_command(call).ignore();
             }
             pipe
         };
@@ -301,11 +323,22 @@ mod tests {
             Bytes::from_static(b"3"),
         );
         let (x, y, z) = (chans(&["u1", "u2"]), chans(&["u2", "u3"]), chans(&["u1"]));
-        let p = plan([(&x[..], &a), (&y[..], &b), (&z[..], &c)]);
+        let job = |channels: Vec<String>, payload: &Bytes| Job {
+            channels,
+            payload: payload.clone(),
+            done: oneshot::channel().0,
+        };
+        let jobs = [job(x, &a), job(y, &b), job(z, &c)];
+        let p = plan(&jobs);
         assert_eq!(p.payloads, vec![&a, &b, &c]);
+        let sorted = |v: &[usize]| Payloads::from_slice(v);
         assert_eq!(
             p.channels,
-            vec![("u1", vec![0, 2]), ("u2", vec![0, 1]), ("u3", vec![1])]
+            vec![
+                ("u1", sorted(&[0, 2])),
+                ("u2", sorted(&[0, 1])),
+                ("u3", sorted(&[1]))
+            ]
         );
     }
 
