@@ -1113,41 +1113,50 @@ impl Reader {
                     }
                     let mut batch = 0;
                     loop {
-                        let (channel, payload) = match replies.next() {
-                            Ok(Some(message)) => message,
-                            Ok(None) if batch < READ_BATCH => {
-                                // More already waiting (a burst larger than one read) joins
-                                // this batch, so its writes go out together.
-                                match replies.fill().now_or_never() {
-                                    Some(Ok(true)) => continue,
-                                    Some(_) => {
-                                        self.sink.flush();
-                                        return;
-                                    }
-                                    None => break,
-                                }
-                            }
-                            Ok(None) => break,
+                        let run = match replies.take() {
+                            Ok(run) => run,
                             Err(e) => {
                                 tracing::warn!(error = %e, "Redis pub/sub connection unreadable");
                                 self.sink.flush();
                                 return;
                             }
                         };
-                        let Ok(channel) = std::str::from_utf8(channel) else {
-                            continue;
-                        };
-                        batch += 1;
-                        if work.is_none() && held.is_empty() {
-                            if let Handled::Gap { after, before } = self.handle_now(channel, payload, false) {
-                                let (channel, payload) = (channel.to_owned(), Bytes::copy_from_slice(payload));
-                                work = Some(self.recovery(&mut held, channel, payload, after, before));
+                        if run.is_empty() {
+                            drop(run);
+                            if batch >= READ_BATCH {
+                                break;
                             }
-                        } else if channel.starts_with(self.canary.as_str()) {
-                            // A canary needs no order: held, it could read as a dead subscription.
-                            self.shared.canary_arrived(channel);
-                        } else {
-                            held.push_back((channel.to_owned(), Bytes::copy_from_slice(payload), false));
+                            // More already waiting (a burst larger than one read) joins this
+                            // batch, so its writes go out together.
+                            match replies.fill().now_or_never() {
+                                Some(Ok(true)) => continue,
+                                Some(_) => {
+                                    self.sink.flush();
+                                    return;
+                                }
+                                None => break,
+                            }
+                        }
+                        let run: Run<'_> = run
+                            .into_iter()
+                            .filter_map(|(channel, payload)| Some((std::str::from_utf8(channel).ok()?, payload)))
+                            .collect();
+                        if work.is_none() && held.is_empty() {
+                            self.warm(&run);
+                        }
+                        for (channel, payload) in run {
+                            batch += 1;
+                            if work.is_none() && held.is_empty() {
+                                if let Handled::Gap { after, before } = self.handle_now(channel, payload, false) {
+                                    let (channel, payload) = (channel.to_owned(), Bytes::copy_from_slice(payload));
+                                    work = Some(self.recovery(&mut held, channel, payload, after, before));
+                                }
+                            } else if channel.starts_with(self.canary.as_str()) {
+                                // A canary needs no order: held, it could read as a dead subscription.
+                                self.shared.canary_arrived(channel);
+                            } else {
+                                held.push_back((channel.to_owned(), Bytes::copy_from_slice(payload), false));
+                            }
                         }
                     }
                     if batch > 0 {
@@ -1157,6 +1166,22 @@ impl Reader {
                 }
             }
         }
+    }
+
+    /// Looks up the channels of a run of messages together, before any of them is handled
+    /// (`MessageSink::warm`): the look-ups of one message depend on each other, those of
+    /// different messages do not, so the CPU waits for memory once for the run, not once per
+    /// message.
+    fn warm(&self, run: &Run<'_>) {
+        let channels: smallvec::SmallVec<[&str; subscription::RUN]> =
+            run.iter().map(|(channel, _)| *channel).collect();
+        {
+            let positions = self.positions.lock();
+            for channel in &channels {
+                std::hint::black_box(positions.is_subscribed(channel));
+            }
+        }
+        self.sink.warm(&channels);
     }
 
     /// Holds `payload` back (first in line) and returns the recovery of the gap before it.
@@ -1186,6 +1211,9 @@ impl Reader {
         }
     }
 }
+
+/// A run of messages with their channels as text (`subscription::Run`).
+type Run<'a> = smallvec::SmallVec<[(&'a str, &'a [u8]); subscription::RUN]>;
 
 /// What holds delivery back: it ends with `false` when the subscription must be made again.
 type Work<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + 'a>>;

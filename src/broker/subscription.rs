@@ -45,6 +45,13 @@ pub(super) struct Commands {
     acks: Acks,
 }
 
+/// Messages [`Replies::take`] hands over at a time: the reader looks their channels up together
+/// before delivering any of them (`Reader::warm`), so the CPU waits for memory once per run.
+pub(super) const RUN: usize = 16;
+
+/// A run of messages (channel, payload), slices of the bytes read.
+pub(super) type Run<'a> = smallvec::SmallVec<[(&'a [u8], &'a [u8]); RUN]>;
+
 /// The reading half: messages in place, acknowledgements answered on the way.
 pub(super) struct Replies {
     read: OwnedReadHalf,
@@ -150,22 +157,25 @@ impl Replies {
         Ok(self.read.read_buf(&mut self.buf).await? > 0)
     }
 
-    /// The next message already read (channel, payload), answering acknowledgements on the
-    /// way; `None` when more must be read.
-    pub(super) fn next(&mut self) -> redis::RedisResult<Option<(&[u8], &[u8])>> {
-        loop {
-            let parsed = resp::parse(&self.buf[self.at..]).map_err(|_| not_resp())?;
-            let Some((reply, used)) = parsed else {
-                return Ok(None);
+    /// The messages already read (channel, payload), up to [`RUN`] of them, in order, answering
+    /// acknowledgements on the way; empty when more must be read.
+    pub(super) fn take(&mut self) -> redis::RedisResult<Run<'_>> {
+        let mut run = Run::new();
+        let mut at = self.at;
+        while run.len() < RUN {
+            let Some((reply, used)) = resp::parse(&self.buf[at..]).map_err(|_| not_resp())? else {
+                break;
             };
-            self.at += used;
+            at += used;
             match reply {
-                Reply::Message { channel, payload } => return Ok(Some((channel, payload))),
+                Reply::Message { channel, payload } => run.push((channel, payload)),
                 Reply::Subscribed | Reply::Unsubscribed => self.acknowledge(Ok(())),
                 Reply::Error(line) => self.acknowledge(Err(server_error(line))),
                 Reply::Other => {}
             }
         }
+        self.at = at;
+        Ok(run)
     }
 
     /// One reply to the oldest command: an error answers it whole, an acknowledgement answers

@@ -239,13 +239,12 @@ impl Hub {
                 .users
                 .entry(compact_str::CompactString::from(&*identity.user_id))
                 .or_insert_with(|| UserEntry {
-                    // Most users hold one connection: a first push into `Vec::new()` would
-                    // reserve room for four (256 bytes per user).
-                    conns: Vec::with_capacity(1),
+                    conns: smallvec::SmallVec::new(),
                     tenant: identity.tenant_id.clone(),
                     position: None,
                 });
             user.conns.push(ConnEntry {
+                endpoint: conn.endpoint,
                 conn: conn.clone(),
                 topics: TopicFilter::default(),
             });

@@ -16,12 +16,14 @@ use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::protocol::{self, Endpoint};
 
-/// What the session holds of its connection.
+/// What the session holds of its connection. The outbound queue comes first, so that its hot
+/// fields share cache lines with the `Arc`'s reference counts (`outbound.rs`, `QueueState`).
+#[repr(C)]
 pub struct Connection {
+    pub outbound: Outbound,
     pub id: u64,
     pub endpoint: Endpoint,
     pub identity: Identity,
-    pub outbound: Outbound,
     /// SHA-256 of the credential the connection authenticated with (as the auth cache keys
     /// it), so that a revoked key closes exactly its sockets.
     pub credential: Option<[u8; 32]>,
@@ -62,12 +64,17 @@ impl TopicFilter {
 }
 
 pub(super) struct ConnEntry {
+    /// The connection's endpoint, copied here (into what would be padding) so that the
+    /// fan-out skips other endpoints' connections without reading them.
+    pub(super) endpoint: Endpoint,
     pub(super) conn: Arc<Connection>,
     pub(super) topics: TopicFilter,
 }
 
 pub(super) struct UserEntry {
-    pub(super) conns: Vec<ConnEntry>,
+    /// Most users hold one connection, kept inside the entry: a delivery reads no other block
+    /// to find it.
+    pub(super) conns: smallvec::SmallVec<[ConnEntry; 1]>,
     pub(super) tenant: Option<Arc<str>>,
     /// Position of the last message this node delivered on the user's channel.
     pub(super) position: Option<StreamId>,
