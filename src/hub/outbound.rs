@@ -147,6 +147,14 @@ impl Queue {
         self.first.take().into_iter().chain(self.rest.drain(..))
     }
 
+    /// After the queue was emptied: a burst that grew it gives the memory back, so that idle
+    /// connections keep none.
+    fn release_burst(&mut self) {
+        if self.rest.capacity() > 64 {
+            self.rest = VecDeque::new();
+        }
+    }
+
     fn from_deque(mut rest: VecDeque<Outgoing>) -> Queue {
         Queue {
             first: rest.pop_front(),
@@ -252,9 +260,10 @@ impl Outbound {
         }
     }
 
-    /// Starts loading the queue's state into the CPU cache: the fan-out asks for the next
-    /// connection's while the kernel takes the current one's `send`, so that the next write
-    /// does not wait for memory. Only a hint; it reads nothing the program sees.
+    /// Starts loading the queue's state (the three lines [`QueueState`] describes) into the CPU
+    /// cache: the reader asks for the recipients of a run of messages before delivering them
+    /// (`MessageSink::warm`), and the fan-out's writes for the next connection while the
+    /// kernel takes the current one's `send`. Only a hint; it reads nothing the program sees.
     pub(super) fn prefetch(&self) {
         #[cfg(target_arch = "x86_64")]
         {
@@ -364,6 +373,7 @@ impl Outbound {
     pub fn take(&self, into: &mut VecDeque<Outgoing>) -> Wake {
         let mut s = self.state.lock();
         into.extend(s.queue.drain());
+        s.queue.release_burst();
         s.bytes = 0;
         s.extra_messages = 0;
         s.extra_bytes = 0;
@@ -459,10 +469,7 @@ fn write_locked(s: &mut QueueState, writes: &mut Writes) -> Flushed {
         s.bytes = 0;
         s.extra_messages = 0;
         s.extra_bytes = 0;
-        if s.queue.rest.capacity() > 64 {
-            // A burst grew the queue: give the memory back to idle connections.
-            s.queue.rest = VecDeque::new();
-        }
+        s.queue.release_burst();
         push_bytes(s, &frames);
         if frames.capacity() <= KEPT_FRAMES {
             writes.frames = frames;
@@ -517,6 +524,47 @@ fn push_bytes(s: &mut QueueState, frames: &[u8]) {
 mod tests {
     use super::*;
     use std::mem::{offset_of, size_of};
+
+    fn msg(text: &str) -> Outgoing {
+        Outgoing {
+            frame: Utf8Bytes::from(text.to_owned()),
+            published_at: 0,
+            position: None,
+        }
+    }
+
+    fn texts(q: &mut Queue) -> Vec<String> {
+        q.drain().map(|m| m.frame.as_str().to_owned()).collect()
+    }
+
+    #[test]
+    fn the_queue_keeps_its_oldest_message_inline_and_its_order() {
+        let mut q = Queue::default();
+        assert!(q.is_empty());
+        q.push_back(msg("a"));
+        assert_eq!(
+            (q.len(), q.rest.capacity()),
+            (1, 0),
+            "one message allocates nothing"
+        );
+        q.push_back(msg("b"));
+        q.push_back(msg("c"));
+        assert_eq!(q.len(), 3);
+        assert_eq!(texts(&mut q), ["a", "b", "c"]);
+        assert!(q.is_empty());
+        assert_eq!(q.len(), 0);
+        let mut q = Queue::from_deque(VecDeque::from([msg("x"), msg("y")]));
+        q.push_back(msg("z"));
+        assert_eq!(texts(&mut q), ["x", "y", "z"]);
+        let mut q = Queue::from_deque(VecDeque::new());
+        assert!(q.is_empty());
+        for i in 0..100 {
+            q.push_back(msg(&i.to_string()));
+        }
+        q.drain().for_each(drop);
+        q.release_burst();
+        assert_eq!(q.rest.capacity(), 0, "a burst's memory goes back");
+    }
 
     /// The layout `QueueState` describes: behind an `Arc`'s two counts and the lock, everything
     /// a delivery reads fits in the allocation's first three lines.
