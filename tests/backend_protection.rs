@@ -283,22 +283,31 @@ async fn a_call_in_flight_when_its_client_gives_up_still_fills_the_cache() {
     cfg.backend_queue_timeout = Duration::from_secs(30);
     let node = Node::start(cfg).await;
 
-    // One slot: the first key's call is at the back-end (25 ms), the others wait for the slot
-    // when every client gives up after 10 ms, as clients with a short handshake deadline do
-    // in a storm.
+    // One slot: the first key's call is at the back-end (25 ms) when its client gives up, as
+    // a client with a short handshake deadline does in a storm; the others wait for the slot
+    // and give up after 10 ms. The first client gives up once the back-end has its call, not
+    // after a fixed time, so that a slow machine cannot let another key take the slot first.
     let users = users(6);
+    let first = format!("key-{}", users[0]);
+    let url = node.notws(&users[0]);
+    let first_client = tokio::spawn(async move { handshake(url).await });
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !backend.calls().contains_key(&first) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first key's call never reached the back-end"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    first_client.abort();
     let mut tasks = Vec::new();
-    for u in &users {
+    for u in &users[1..] {
         let url = node.notws(u);
         tasks.push(tokio::spawn(async move {
             tokio::time::timeout(Duration::from_millis(10), handshake(url))
                 .await
                 .is_err()
         }));
-        if tasks.len() == 1 {
-            // The first key takes the slot before the others queue.
-            tokio::time::sleep(Duration::from_millis(3)).await;
-        }
     }
     for t in tasks {
         assert!(
@@ -318,7 +327,6 @@ async fn a_call_in_flight_when_its_client_gives_up_still_fills_the_cache() {
     )
     .await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let first = format!("key-{}", users[0]);
     let calls = backend.calls();
     assert_eq!(
         calls.get(&first),
