@@ -64,8 +64,8 @@ impl TopicFilter {
 }
 
 pub(super) struct ConnEntry {
-    /// The connection's endpoint, copied here (into what would be padding) so that the
-    /// fan-out skips other endpoints' connections without reading them.
+    /// The connection's endpoint, copied here (8 bytes with the alignment) so that the fan-out
+    /// skips other endpoints' connections without reading them.
     pub(super) endpoint: Endpoint,
     pub(super) conn: Arc<Connection>,
     pub(super) topics: TopicFilter,
