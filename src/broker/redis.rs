@@ -1137,10 +1137,6 @@ impl Reader {
                                 None => break,
                             }
                         }
-                        let run: Run<'_> = run
-                            .into_iter()
-                            .filter_map(|(channel, payload)| Some((std::str::from_utf8(channel).ok()?, payload)))
-                            .collect();
                         if work.is_none() && held.is_empty() {
                             self.warm(&run);
                         }
@@ -1172,7 +1168,7 @@ impl Reader {
     /// (`MessageSink::warm`): the look-ups of one message depend on each other, those of
     /// different messages do not, so the CPU waits for memory once for the run, not once per
     /// message.
-    fn warm(&self, run: &Run<'_>) {
+    fn warm(&self, run: &subscription::Run<'_>) {
         let channels: smallvec::SmallVec<[&str; subscription::RUN]> =
             run.iter().map(|(channel, _)| *channel).collect();
         {
@@ -1211,9 +1207,6 @@ impl Reader {
         }
     }
 }
-
-/// A run of messages with their channels as text (`subscription::Run`).
-type Run<'a> = smallvec::SmallVec<[(&'a str, &'a [u8]); subscription::RUN]>;
 
 /// What holds delivery back: it ends with `false` when the subscription must be made again.
 type Work<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + 'a>>;

@@ -50,7 +50,7 @@ pub(super) struct Commands {
 pub(super) const RUN: usize = 16;
 
 /// A run of messages (channel, payload), slices of the bytes read.
-pub(super) type Run<'a> = smallvec::SmallVec<[(&'a [u8], &'a [u8]); RUN]>;
+pub(super) type Run<'a> = smallvec::SmallVec<[(&'a str, &'a [u8]); RUN]>;
 
 /// The reading half: messages in place, acknowledgements answered on the way.
 pub(super) struct Replies {
@@ -158,7 +158,8 @@ impl Replies {
     }
 
     /// The messages already read (channel, payload), up to [`RUN`] of them, in order, answering
-    /// acknowledgements on the way; empty when more must be read.
+    /// acknowledgements on the way; empty when more must be read. A message on a channel whose
+    /// name is not UTF-8 (none of the node's own) is skipped.
     pub(super) fn take(&mut self) -> redis::RedisResult<Run<'_>> {
         let mut run = Run::new();
         let mut at = self.at;
@@ -168,7 +169,11 @@ impl Replies {
             };
             at += used;
             match reply {
-                Reply::Message { channel, payload } => run.push((channel, payload)),
+                Reply::Message { channel, payload } => {
+                    if let Ok(channel) = std::str::from_utf8(channel) {
+                        run.push((channel, payload));
+                    }
+                }
                 Reply::Subscribed | Reply::Unsubscribed => self.acknowledge(Ok(())),
                 Reply::Error(line) => self.acknowledge(Err(server_error(line))),
                 Reply::Other => {}
