@@ -61,8 +61,12 @@ pub fn key_into(key: &mut String, channel: &str) {
     key.reserve(channel.len() + 10);
     key.push('{');
     key.push_str(channel);
-    key.push_str("}:history");
+    key.push_str(KEY_SUFFIX);
 }
+
+/// What follows the channel in its history key; [`PUBLISH_SCRIPT`] strips the `{` and this
+/// (9 bytes) to read the channel back.
+const KEY_SUFFIX: &str = "}:history";
 
 /// Appends to each channel's history, trims it by time, publishes with the position frame; one
 /// call for a whole group of channels, atomic per call, so each stream's order is its pub/sub
@@ -70,31 +74,38 @@ pub fn key_into(key: &mut String, channel: &str) {
 /// channels get it: a notification to 400 users is one argument of 200 bytes, not 400 copies,
 /// and one channel's messages go out back to back.
 ///
-/// KEYS[i]: the history of channel i. ARGV[1]: the window in ms; ARGV[2]: the publish command
-/// (`PUBLISH`, or `SPUBLISH` in a Redis Cluster, where every channel of one call shares the slot
-/// of its keys); ARGV[3]: the number of payloads P; ARGV[4 .. 3 + P]: the payloads. Then per
-/// channel, in KEYS order: its name, the number N of its messages, and N payload numbers
-/// (1-based). Returns the number of channels published.
+/// KEYS[i]: the history of channel i ([`key`]: the channel is read back from it, not sent
+/// again). ARGV[1]: the window in ms; ARGV[2]: the publish command (`PUBLISH`, or `SPUBLISH` in
+/// a Redis Cluster, where every channel of one call shares the slot of its keys); ARGV[3]: the
+/// number of payloads P; ARGV[4 .. 3 + P]: the payloads. Then either `*`: every channel gets
+/// every payload, in order (one publish to many users: a call names each recipient once, its
+/// key); or per channel, in KEYS order, the numbers (1-based) of its payloads, separated by
+/// commas. Returns the number of channels published.
 pub const PUBLISH_SCRIPT: &str = r#"
 local ttl = tonumber(ARGV[1])
 local cmd = ARGV[2]
 local np = tonumber(ARGV[3])
+local every = ARGV[4 + np] == '*'
 local t = redis.call('TIME')
 local minid = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - ttl)
-local a = 4 + np
+local function publish(key, channel, prev, payload)
+  local id = redis.call('XADD', key, 'MINID', minid, '*', 'm', payload)
+  redis.call(cmd, channel, prev .. '\n' .. id .. '\n' .. payload)
+  return id
+end
 for i, key in ipairs(KEYS) do
-  local channel = ARGV[a]
-  local n = tonumber(ARGV[a + 1])
-  a = a + 2
+  local channel = string.sub(key, 2, -10)
   local prev = ''
   local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
   if last[1] then prev = last[1][1] end
-  for j = 1, n do
-    local payload = ARGV[3 + tonumber(ARGV[a])]
-    a = a + 1
-    local id = redis.call('XADD', key, 'MINID', minid, '*', 'm', payload)
-    redis.call(cmd, channel, prev .. '\n' .. id .. '\n' .. payload)
-    prev = id
+  if every then
+    for j = 1, np do
+      prev = publish(key, channel, prev, ARGV[3 + j])
+    end
+  else
+    for j in string.gmatch(ARGV[3 + np + i], '%d+') do
+      prev = publish(key, channel, prev, ARGV[3 + tonumber(j)])
+    end
   end
   redis.call('PEXPIRE', key, ttl)
 end
@@ -233,6 +244,14 @@ impl Positions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_publish_script_reads_each_channel_back_from_its_key() {
+        // `string.sub(key, 2, -10)`: the `{` before the channel, the 9 bytes after it.
+        assert_eq!(KEY_SUFFIX.len(), 9);
+        assert!(PUBLISH_SCRIPT.contains("string.sub(key, 2, -10)"));
+        assert_eq!(key("wsgate:u:jo{hn"), "{wsgate:u:jo{hn}:history");
+    }
 
     #[test]
     fn stream_ids_are_plain_decimal_pairs() {

@@ -11,6 +11,7 @@
 //! round trip's: success means Redis took every message of it.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -247,14 +248,22 @@ impl Publisher {
                     .collect();
                 used.sort_unstable();
                 used.dedup();
+                // One publish to many users (the common call): every channel gets every
+                // payload, and the call names each recipient once, by its key.
+                let every = group.iter().all(|(_, ps)| ps[..] == used[..]);
                 // Sized up front: a call for 128 channels would otherwise grow its buffers a
                 // dozen times.
-                let messages: usize = group.iter().map(|(_, ps)| ps.len()).sum();
                 let names: usize = group.iter().map(|(ch, _)| ch.len()).sum();
                 let bytes: usize = used.iter().map(|&p| payloads[p].len()).sum();
+                let (args, lists) = if every {
+                    (1, 1)
+                } else {
+                    let digits: usize = group.iter().map(|(_, ps)| 6 * ps.len()).sum();
+                    (group.len(), digits)
+                };
                 let mut call = redis::Cmd::with_capacity(
-                    6 + used.len() + 3 * group.len() + messages,
-                    64 + bytes + 2 * names + 16 * group.len() + 8 * messages,
+                    6 + used.len() + group.len() + args,
+                    64 + bytes + names + 10 * group.len() + lists,
                 );
                 call.arg(cmd)
                     .arg(if cmd == "EVAL" {
@@ -271,11 +280,21 @@ impl Publisher {
                 for &p in &used {
                     call.arg(payloads[p].as_ref());
                 }
-                for (ch, ps) in group {
-                    call.arg(*ch).arg(ps.len());
-                    for p in ps {
-                        // 1-based position among this call's payloads; always found.
-                        call.arg(used.binary_search(p).map_or(0, |k| k + 1));
+                if every {
+                    call.arg("*");
+                } else {
+                    let mut list = String::new();
+                    for (_, ps) in group {
+                        list.clear();
+                        for p in ps {
+                            // 1-based position among this call's payloads; always found.
+                            let k = used.binary_search(p).map_or(0, |k| k + 1);
+                            if !list.is_empty() {
+                                list.push(',');
+                            }
+                            let _ = write!(list, "{k}");
+                        }
+                        call.arg(list.as_str());
                     }
                 }
                 pipe.add_command(call).ignore();
