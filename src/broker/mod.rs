@@ -18,6 +18,7 @@ use tokio::sync::oneshot;
 mod connect;
 pub mod history;
 pub mod memory;
+mod payloads;
 mod publisher;
 pub mod redis;
 mod redis_cluster;

@@ -34,6 +34,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::connect::{self, Endpoint, Pool, Topology};
 use super::history::{self, Positions, StreamId, Verdict};
+use super::payloads::RecentPayloads;
 use super::publisher::Publisher;
 use super::redis_cluster::{self, ShardCanary};
 use super::subscription;
@@ -575,7 +576,7 @@ impl Actor {
                 canary: self.keys.canary.clone(),
                 pool: self.pool.clone(),
                 positions: self.positions.clone(),
-                last_payload: parking_lot::Mutex::new(Bytes::new()),
+                recent: parking_lot::Mutex::new(RecentPayloads::default()),
             };
             tokio::spawn(async move {
                 match &mut stream {
@@ -919,20 +920,14 @@ struct Reader {
     canary: String,
     pool: Pool,
     positions: Arc<parking_lot::Mutex<Positions>>,
-    /// The payload last delivered. A publish to many users arrives as one message per user's
-    /// channel, all with the same payload: each copy after the first is compared with this
-    /// one and shares it, so a fan-out copies its payload once, not once per recipient.
-    last_payload: parking_lot::Mutex<Bytes>,
+    /// The payloads received last, shared by the messages that repeat them (`payloads.rs`).
+    recent: parking_lot::Mutex<RecentPayloads>,
 }
 
 impl Reader {
-    /// `payload` as shared bytes: the last payload again if it is the same.
+    /// `payload` as shared bytes: a recent payload again if it is the same.
     fn share(&self, payload: &[u8]) -> Bytes {
-        let mut last = self.last_payload.lock();
-        if last[..] != *payload {
-            *last = Bytes::copy_from_slice(payload);
-        }
-        last.clone()
+        self.recent.lock().share(payload)
     }
 
     /// Delivers, in order, what each channel's history holds after the last delivered position.

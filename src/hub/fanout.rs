@@ -75,21 +75,37 @@ impl Tally {
     }
 }
 
-/// The envelope of `payload`, decoded once for a run of messages that share it: a publish to
-/// many users arrives as one message per user's channel, sharing one payload (the broker's
-/// reader shares it), so its text is checked once. `last` is the payload last decoded.
-fn decode_shared(
-    last: &mut Option<(Bytes, Envelope)>,
-    payload: Bytes,
-) -> Result<Envelope, protocol::EnvelopeError> {
-    if let Some((bytes, env)) = last {
-        if bytes.as_ptr() == payload.as_ptr() && bytes.len() == payload.len() {
-            return Ok(env.clone());
+/// Envelopes decoded last, by the payload they were decoded from. The broker hands a payload
+/// that many messages repeat (a publish to many users, or each of a burst's) out as the same
+/// shared bytes (`broker/payloads.rs`), so it is decoded, its text checked, once.
+#[derive(Default)]
+pub(super) struct Decoded {
+    kept: [Option<(Bytes, Envelope)>; DECODED_KEPT],
+    /// The slot the next decoded payload takes (the oldest).
+    next: usize,
+}
+
+/// Envelopes kept: as many as the broker keeps payloads, so a burst that shares its payloads
+/// is also decoded once per payload.
+const DECODED_KEPT: usize = 16;
+
+impl Decoded {
+    /// The envelope of `payload`: a kept one if these are the same bytes (the same memory,
+    /// which a kept payload keeps from being reused), else decoded and kept.
+    fn decode(&mut self, payload: Bytes) -> Result<Envelope, protocol::EnvelopeError> {
+        for back in 1..=DECODED_KEPT {
+            if let Some((bytes, env)) = &self.kept[(self.next + DECODED_KEPT - back) % DECODED_KEPT]
+            {
+                if bytes.as_ptr() == payload.as_ptr() && bytes.len() == payload.len() {
+                    return Ok(env.clone());
+                }
+            }
         }
+        let env = protocol::decode(payload.clone())?;
+        self.kept[self.next] = Some((payload, env.clone()));
+        self.next = (self.next + 1) % DECODED_KEPT;
+        Ok(env)
     }
-    let env = protocol::decode(payload.clone())?;
-    *last = Some((payload, env.clone()));
-    Ok(env)
 }
 
 fn to_user(
@@ -132,7 +148,7 @@ impl MessageSink for Registry {
         let mut guard = self.inner.lock();
         let inner = &mut *guard;
         inner.tally.received += 1;
-        let env = match decode_shared(&mut inner.last_decoded, payload) {
+        let env = match inner.decoded.decode(payload) {
             Ok(env) => env,
             Err(e) => {
                 tracing::warn!(channel = channels.first().copied().unwrap_or(""), error = %e, "undecodable broker message dropped");

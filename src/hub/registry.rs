@@ -103,8 +103,8 @@ pub(super) struct Inner {
     /// The fan-out's metrics since the broker's last flush, added to the registry's at the
     /// flush (`fanout.rs`).
     pub(super) tally: super::fanout::Tally,
-    /// The broker payload last decoded and its envelope (`fanout.rs`).
-    pub(super) last_decoded: Option<(bytes::Bytes, crate::protocol::Envelope)>,
+    /// The broker payloads decoded last and their envelopes (`fanout.rs`).
+    pub(super) decoded: super::fanout::Decoded,
 }
 
 /// The registry is the broker's [`MessageSink`](crate::broker::MessageSink): it owns no broker, so

@@ -1,0 +1,84 @@
+//! The payloads a subscription received last, kept to be shared. A publish to many users reaches
+//! a node as one message per user's channel, all with the same payload; a burst of `b` publishes
+//! to the same users arrives grouped by channel (`publisher.rs`), so the same `b` payloads come
+//! round again for every channel. A payload seen again among the last [`KEPT`] is handed out
+//! as the same shared bytes, not copied: a fan-out, burst or not, copies each payload once, not
+//! once per recipient, and the hub decodes it once (`hub/fanout.rs`).
+
+use bytes::Bytes;
+
+/// Distinct payloads kept. A burst of up to this many publishes to the same users shares its
+/// payloads; a longer one copies them, as every message did before. What is kept stays in
+/// memory until newer payloads replace it: at most this many of the largest accepted size.
+pub(super) const KEPT: usize = 16;
+
+#[derive(Default)]
+pub(super) struct RecentPayloads {
+    kept: [Bytes; KEPT],
+    /// The slot the next new payload takes (the oldest).
+    next: usize,
+}
+
+impl RecentPayloads {
+    /// `payload` as shared bytes: a kept payload with the same bytes, or a copy that is kept.
+    pub(super) fn share(&mut self, payload: &[u8]) -> Bytes {
+        // Newest first: a fan-out repeats the newest, a burst of `b` the `b`-th newest. Two
+        // different payloads differ early (the envelope's publish time comes first), so a miss
+        // is cheap.
+        for back in 1..=KEPT {
+            let kept = &self.kept[(self.next + KEPT - back) % KEPT];
+            if kept.len() == payload.len() && kept[..] == *payload {
+                return kept.clone();
+            }
+        }
+        let copy = Bytes::copy_from_slice(payload);
+        self.kept[self.next] = copy.clone();
+        self.next = (self.next + 1) % KEPT;
+        copy
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(a: &Bytes, b: &Bytes) -> bool {
+        a.as_ptr() == b.as_ptr() && a.len() == b.len()
+    }
+
+    #[test]
+    fn a_fan_out_copies_its_payload_once() {
+        let mut recent = RecentPayloads::default();
+        let first = recent.share(b"hello");
+        for _ in 0..1000 {
+            assert!(shared(&first, &recent.share(b"hello")));
+        }
+    }
+
+    #[test]
+    fn a_burst_grouped_by_channel_copies_each_payload_once() {
+        let mut recent = RecentPayloads::default();
+        let payloads: Vec<Vec<u8>> = (0..KEPT).map(|i| format!("m{i}").into_bytes()).collect();
+        let first: Vec<Bytes> = payloads.iter().map(|p| recent.share(p)).collect();
+        for _channel in 0..100 {
+            for (p, f) in payloads.iter().zip(&first) {
+                let got = recent.share(p);
+                assert_eq!(&got[..], &p[..]);
+                assert!(shared(&got, f), "payload {p:?} was copied again");
+            }
+        }
+    }
+
+    #[test]
+    fn beyond_what_is_kept_payloads_are_copied_and_stay_correct() {
+        let mut recent = RecentPayloads::default();
+        let payloads: Vec<Vec<u8>> = (0..=KEPT).map(|i| format!("m{i}").into_bytes()).collect();
+        let first: Vec<Bytes> = payloads.iter().map(|p| recent.share(p)).collect();
+        // The oldest was replaced by the newest: asked again, it is a fresh copy.
+        let again = recent.share(&payloads[0]);
+        assert_eq!(&again[..], &payloads[0][..]);
+        assert!(!shared(&again, &first[0]));
+        // An empty payload is a payload like any other.
+        assert!(recent.share(b"").is_empty());
+    }
+}
