@@ -29,6 +29,7 @@ mod subscription;
 
 pub use connect::Topology;
 pub use history::StreamId;
+pub use payloads::Recent;
 pub use replay::MAX_REPLAY;
 
 use memory::MemoryBroker;

@@ -10,30 +10,54 @@ use bytes::Bytes;
 /// Distinct payloads kept. A burst of up to this many publishes to the same users shares its
 /// payloads; a longer one copies them, as every message did before. What is kept stays in
 /// memory until newer payloads replace it: at most this many of the largest accepted size.
-pub(super) const KEPT: usize = 16;
+pub const KEPT: usize = 16;
 
-#[derive(Default)]
-pub(super) struct RecentPayloads {
-    kept: [Bytes; KEPT],
-    /// The slot the next new payload takes (the oldest).
+/// The last [`KEPT`] values kept, searched newest first: a fan-out repeats the newest, a burst
+/// of `b` the `b`-th newest. The hub keeps its decoded envelopes in one too.
+pub struct Recent<T> {
+    kept: [Option<T>; KEPT],
+    /// The slot the next value takes (the oldest).
     next: usize,
 }
 
+impl<T> Default for Recent<T> {
+    fn default() -> Self {
+        Recent {
+            kept: std::array::from_fn(|_| None),
+            next: 0,
+        }
+    }
+}
+
+impl<T> Recent<T> {
+    /// The newest kept value that `matches`.
+    pub fn find(&self, matches: impl Fn(&T) -> bool) -> Option<&T> {
+        (1..=KEPT)
+            .filter_map(|back| self.kept[(self.next + KEPT - back) % KEPT].as_ref())
+            .find(|t| matches(t))
+    }
+
+    /// Keeps `value` in place of the oldest.
+    pub fn keep(&mut self, value: T) {
+        self.kept[self.next] = Some(value);
+        self.next = (self.next + 1) % KEPT;
+    }
+}
+
+/// The payloads a subscription received last.
+#[derive(Default)]
+pub(super) struct RecentPayloads(Recent<Bytes>);
+
 impl RecentPayloads {
     /// `payload` as shared bytes: a kept payload with the same bytes, or a copy that is kept.
+    /// Two different payloads differ early (the envelope's publish time comes first), so a
+    /// miss is cheap.
     pub(super) fn share(&mut self, payload: &[u8]) -> Bytes {
-        // Newest first: a fan-out repeats the newest, a burst of `b` the `b`-th newest. Two
-        // different payloads differ early (the envelope's publish time comes first), so a miss
-        // is cheap.
-        for back in 1..=KEPT {
-            let kept = &self.kept[(self.next + KEPT - back) % KEPT];
-            if kept.len() == payload.len() && kept[..] == *payload {
-                return kept.clone();
-            }
+        if let Some(kept) = self.0.find(|kept| kept[..] == *payload) {
+            return kept.clone();
         }
         let copy = Bytes::copy_from_slice(payload);
-        self.kept[self.next] = copy.clone();
-        self.next = (self.next + 1) % KEPT;
+        self.0.keep(copy.clone());
         copy
     }
 }

@@ -17,7 +17,7 @@ use super::channel::Channel;
 use super::outbound::{Outgoing, Push, Writes};
 use super::registry::{Connection, Registry, UserEntry};
 use super::resume::Slot;
-use crate::broker::{MessageSink, StreamId};
+use crate::broker::{MessageSink, Recent, StreamId};
 use crate::metrics::Metrics;
 use crate::protocol::{self, Endpoint, Envelope, Kind};
 
@@ -77,33 +77,23 @@ impl Tally {
 
 /// Envelopes decoded last, by the payload they were decoded from. The broker hands a payload
 /// that many messages repeat (a publish to many users, or each of a burst's) out as the same
-/// shared bytes (`broker/payloads.rs`), so it is decoded, its text checked, once.
+/// shared bytes (`broker/payloads.rs`), so it is decoded, its text checked, once; as many are
+/// kept as the broker keeps payloads, so a burst is also decoded once per payload.
 #[derive(Default)]
-pub(super) struct Decoded {
-    kept: [Option<(Bytes, Envelope)>; DECODED_KEPT],
-    /// The slot the next decoded payload takes (the oldest).
-    next: usize,
-}
-
-/// Envelopes kept: as many as the broker keeps payloads, so a burst that shares its payloads
-/// is also decoded once per payload.
-const DECODED_KEPT: usize = 16;
+pub(super) struct Decoded(Recent<(Bytes, Envelope)>);
 
 impl Decoded {
     /// The envelope of `payload`: a kept one if these are the same bytes (the same memory,
     /// which a kept payload keeps from being reused), else decoded and kept.
     fn decode(&mut self, payload: Bytes) -> Result<Envelope, protocol::EnvelopeError> {
-        for back in 1..=DECODED_KEPT {
-            if let Some((bytes, env)) = &self.kept[(self.next + DECODED_KEPT - back) % DECODED_KEPT]
-            {
-                if bytes.as_ptr() == payload.as_ptr() && bytes.len() == payload.len() {
-                    return Ok(env.clone());
-                }
-            }
+        let same = |(bytes, _): &(Bytes, Envelope)| {
+            bytes.as_ptr() == payload.as_ptr() && bytes.len() == payload.len()
+        };
+        if let Some((_, env)) = self.0.find(same) {
+            return Ok(env.clone());
         }
         let env = protocol::decode(payload.clone())?;
-        self.kept[self.next] = Some((payload, env.clone()));
-        self.next = (self.next + 1) % DECODED_KEPT;
+        self.0.keep((payload, env.clone()));
         Ok(env)
     }
 }
