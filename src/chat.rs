@@ -99,11 +99,17 @@ impl Chat {
         if !members.iter().any(|m| m == sender) {
             return Err(IgnoredFrame::NotMember);
         }
-        let channels: Vec<Channel> = members
+        let mut channels: Vec<Channel> = members
             .iter()
             .filter(|m| m.as_str() != sender)
             .map(|m| Channel::User(m))
             .collect();
+        // A member the back-end lists twice still gets the message once.
+        channels.sort_unstable_by_key(|c| match c {
+            Channel::User(u) => *u,
+            _ => "",
+        });
+        channels.dedup();
         if channels.is_empty() {
             return Ok(0);
         }

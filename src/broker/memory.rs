@@ -10,7 +10,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 
 use super::history::StreamId;
-use super::{Ack, BrokerError, MessageSink, Presence};
+use super::{Ack, BrokerError, ChannelList, MessageSink, Presence};
 
 #[derive(Default)]
 struct State {
@@ -94,7 +94,7 @@ impl MemoryBroker {
         }
     }
 
-    pub fn publish(&self, channels: Vec<String>, payload: Bytes) -> Result<(), BrokerError> {
+    pub fn publish(&self, channels: ChannelList, payload: Bytes) -> Result<(), BrokerError> {
         let _order = self.order.lock();
         let (targets, position) = {
             let mut state = self.state.lock();
@@ -113,8 +113,8 @@ impl MemoryBroker {
                 state.last_position = next;
                 state.publishes += 1;
                 position = Some(next);
-                for c in &channels {
-                    let h = state.history.entry(c.clone()).or_default();
+                for c in channels.iter() {
+                    let h = state.history.entry(c.to_owned()).or_default();
                     trim(h, now, self.history_ttl);
                     h.push_back((next, now, payload.clone()));
                 }
@@ -130,7 +130,6 @@ impl MemoryBroker {
             let targets: Vec<&str> = channels
                 .iter()
                 .filter(|c| state.channels.contains(*c))
-                .map(String::as_str)
                 .collect();
             (targets, position)
         };
@@ -184,9 +183,9 @@ mod tests {
     #[test]
     fn history_keeps_the_window_per_channel_and_forgets_the_rest() {
         let b = MemoryBroker::new(Arc::new(Nothing), Duration::from_millis(50));
-        b.publish(vec!["a".into(), "b".into()], Bytes::from_static(b"1"))
+        b.publish(["a", "b"].into_iter().collect(), Bytes::from_static(b"1"))
             .expect("publish");
-        b.publish(vec!["a".into()], Bytes::from_static(b"2"))
+        b.publish(["a"].into_iter().collect(), Bytes::from_static(b"2"))
             .expect("publish");
         let a = b.history("a", StreamId(0, 0));
         assert_eq!(a.len(), 2);
@@ -199,7 +198,7 @@ mod tests {
         );
         assert_eq!(b.history_len(), 0, "nothing grows without bound");
         let off = MemoryBroker::new(Arc::new(Nothing), Duration::ZERO);
-        off.publish(vec!["a".into()], Bytes::from_static(b"1"))
+        off.publish(["a"].into_iter().collect(), Bytes::from_static(b"1"))
             .expect("publish");
         assert_eq!(off.history_len(), 0, "history off keeps nothing");
     }

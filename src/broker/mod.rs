@@ -15,6 +15,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
+mod channel_list;
 mod connect;
 pub mod history;
 pub mod memory;
@@ -27,6 +28,7 @@ mod resp;
 mod sets;
 mod subscription;
 
+pub use channel_list::ChannelList;
 pub use connect::Topology;
 pub use history::StreamId;
 pub use payloads::Recent;
@@ -119,8 +121,8 @@ impl Broker {
         }
     }
 
-    /// Publishes one payload on many channels in one round trip.
-    pub async fn publish(&self, channels: Vec<String>, payload: Bytes) -> Result<(), BrokerError> {
+    /// Publishes one payload on many channels in one round trip. The channels are distinct.
+    pub async fn publish(&self, channels: ChannelList, payload: Bytes) -> Result<(), BrokerError> {
         match self {
             Broker::Memory(b) => b.publish(channels, payload),
             Broker::Redis(b) => b.publish(channels, payload).await,

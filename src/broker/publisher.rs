@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 
 use super::connect::Pool;
 use super::redis::timed;
-use super::{history, redis_cluster, BrokerError, Outage};
+use super::{history, redis_cluster, BrokerError, ChannelList, Outage};
 use crate::metrics::Metrics;
 
 /// Messages (a channel and a payload) per round trip at most: bounds how long one round trip
@@ -34,7 +34,7 @@ const MESSAGES_PER_ROUND_TRIP: usize = 8192;
 const BURST_MEMORY: u8 = 4;
 
 struct Job {
-    channels: Vec<String>,
+    channels: ChannelList,
     payload: Bytes,
     done: oneshot::Sender<Result<(), BrokerError>>,
 }
@@ -82,6 +82,17 @@ fn plan<'a>(publishes: &'a [Job]) -> Plan<'a> {
     let mut payloads = Vec::with_capacity(publishes.len());
     let n: usize = publishes.iter().map(|j| j.channels.len()).sum();
     let mut channels: Vec<(&str, Payloads)> = Vec::with_capacity(n);
+    if let [only] = publishes {
+        // A publish's channels are distinct (`Broker::publish`): nothing to group, and no
+        // table of 1,000 names to build for a notification to 1,000 users.
+        payloads.push(&only.payload);
+        channels.extend(
+            only.channels
+                .iter()
+                .map(|ch| (ch, Payloads::from_elem(0, 1))),
+        );
+        return Plan { payloads, channels };
+    }
     let mut index: HashMap<&str, usize, foldhash::fast::RandomState> =
         HashMap::with_capacity_and_hasher(n, Default::default());
     for Job {
@@ -92,9 +103,9 @@ fn plan<'a>(publishes: &'a [Job]) -> Plan<'a> {
     {
         let p = payloads.len();
         payloads.push(payload);
-        for ch in chs {
-            let at = *index.entry(ch.as_str()).or_insert_with(|| {
-                channels.push((ch.as_str(), Payloads::new()));
+        for ch in chs.iter() {
+            let at = *index.entry(ch).or_insert_with(|| {
+                channels.push((ch, Payloads::new()));
                 channels.len() - 1
             });
             channels[at].1.push(p);
@@ -137,7 +148,7 @@ impl Publisher {
 
     pub(super) async fn publish(
         self: &Arc<Self>,
-        channels: Vec<String>,
+        channels: ChannelList,
         payload: Bytes,
     ) -> Result<(), BrokerError> {
         let (done, answer) = oneshot::channel();
@@ -330,8 +341,8 @@ impl Drop for ResetOnPanic<'_> {
 mod tests {
     use super::*;
 
-    fn chans(names: &[&str]) -> Vec<String> {
-        names.iter().map(|s| s.to_string()).collect()
+    fn chans(names: &[&str]) -> ChannelList {
+        names.iter().copied().collect()
     }
 
     #[test]
@@ -342,7 +353,7 @@ mod tests {
             Bytes::from_static(b"3"),
         );
         let (x, y, z) = (chans(&["u1", "u2"]), chans(&["u2", "u3"]), chans(&["u1"]));
-        let job = |channels: Vec<String>, payload: &Bytes| Job {
+        let job = |channels: ChannelList, payload: &Bytes| Job {
             channels,
             payload: payload.clone(),
             done: oneshot::channel().0,
@@ -362,9 +373,29 @@ mod tests {
     }
 
     #[test]
+    fn a_plan_of_one_publish_keeps_its_channels_in_order() {
+        let a = Bytes::from_static(b"1");
+        let job = Job {
+            channels: chans(&["u2", "u1", "u3"]),
+            payload: a.clone(),
+            done: oneshot::channel().0,
+        };
+        let p = plan(std::slice::from_ref(&job));
+        assert_eq!(p.payloads, vec![&a]);
+        let first = Payloads::from_slice(&[0]);
+        assert_eq!(
+            p.channels,
+            vec![("u2", first.clone()), ("u1", first.clone()), ("u3", first)]
+        );
+    }
+
+    #[test]
     fn a_round_trip_takes_whole_publishes_up_to_its_bound() {
         let job = |n: usize| Job {
-            channels: (0..n).map(|i| format!("c{i}")).collect(),
+            channels: {
+                let names: Vec<String> = (0..n).map(|i| format!("c{i}")).collect();
+                names.iter().map(String::as_str).collect()
+            },
             payload: Bytes::new(),
             done: oneshot::channel().0,
         };

@@ -38,6 +38,7 @@ use super::payloads::RecentPayloads;
 use super::publisher::Publisher;
 use super::redis_cluster::{self, ShardCanary};
 use super::subscription;
+use super::ChannelList;
 use super::{Ack, BrokerError, MessageSink, Outage, Presence};
 use crate::metrics::Metrics;
 use crate::protocol::{self, Kind};
@@ -413,7 +414,7 @@ impl RedisBroker {
     /// Publishes (grouped with the publishes around it: `publisher.rs`); with history, each
     /// channel's message is appended to its history in the same atomic step, so success means
     /// Redis holds it for the window.
-    pub async fn publish(&self, channels: Vec<String>, payload: Bytes) -> Result<(), BrokerError> {
+    pub async fn publish(&self, channels: ChannelList, payload: Bytes) -> Result<(), BrokerError> {
         self.publisher.publish(channels, payload).await
     }
 

@@ -3,6 +3,8 @@
 //! Everything above the hub speaks [`Channel`]; the names (`{prefix}:u:{user}`,
 //! `{prefix}:t:{tenant}`, `{prefix}:all`) exist only where the hub talks to the broker.
 
+use crate::broker::ChannelList;
+
 /// A broker channel, by what it reaches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Channel<'a> {
@@ -47,6 +49,25 @@ impl ChannelNames {
         }
     }
 
+    /// Appends the broker's name for `channel` to `list`: a publish to many users renders one
+    /// name per recipient, all into one buffer (`ChannelList`).
+    pub(super) fn render_into(&self, list: &mut ChannelList, channel: Channel<'_>) {
+        match channel {
+            Channel::User(u) => list.push_joined(&self.user_prefix, u),
+            Channel::Tenant(t) => list.push_joined(&self.tenant_prefix, t),
+            Channel::Everyone => list.push(&self.everyone),
+        }
+    }
+
+    /// Bytes [`render_into`](Self::render_into) appends for `channel`.
+    pub(super) fn rendered_len(&self, channel: Channel<'_>) -> usize {
+        match channel {
+            Channel::User(u) => self.user_prefix.len() + u.len(),
+            Channel::Tenant(t) => self.tenant_prefix.len() + t.len(),
+            Channel::Everyone => self.everyone.len(),
+        }
+    }
+
     /// The channel a broker name stands for; `None` for a name this node never subscribes.
     pub(super) fn parse<'a>(&self, name: &'a str) -> Option<Channel<'a>> {
         if let Some(u) = name.strip_prefix(self.user_prefix.as_str()) {
@@ -74,6 +95,12 @@ mod tests {
             (Channel::Everyone, "wsgate:all"),
         ] {
             assert_eq!(names.render(channel), name);
+            let mut list = ChannelList::default();
+            names.render_into(&mut list, channel);
+            assert_eq!(
+                (list.get(0), names.rendered_len(channel)),
+                (name, name.len())
+            );
             assert_eq!(names.parse(name), Some(channel));
         }
         assert_eq!(names.parse("wsgate:canary:n1"), None);

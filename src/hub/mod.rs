@@ -24,7 +24,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::broker::{Ack, Broker, BrokerError, MessageSink, Presence};
+use crate::broker::{Ack, Broker, BrokerError, ChannelList, MessageSink, Presence};
 use crate::disconnect::CloseReason;
 use crate::identity::Identity;
 use crate::metrics::Metrics;
@@ -411,7 +411,8 @@ impl Hub {
         Ok(())
     }
 
-    /// Publishes one envelope to many channels: encoded once, one broker round trip.
+    /// Publishes one envelope to many channels: encoded once, one broker round trip. The
+    /// channels are distinct (a channel named twice would get the message twice).
     pub async fn publish(
         &self,
         channels: &[Channel<'_>],
@@ -419,7 +420,12 @@ impl Hub {
     ) -> Result<(), BrokerError> {
         let n = channels.len() as u64;
         let names = &self.registry.names;
-        let channels = channels.iter().map(|c| names.render(*c)).collect();
+        let bytes = channels.iter().map(|c| names.rendered_len(*c)).sum();
+        let mut list = ChannelList::with_capacity(channels.len(), bytes);
+        for c in channels {
+            names.render_into(&mut list, *c);
+        }
+        let channels = list;
         let started = Instant::now();
         let result = self.broker.publish(channels, payload).await;
         self.metrics
@@ -449,8 +455,11 @@ impl Hub {
     /// Revokes a user or a credential on every node: published on the everyone channel, which
     /// every node (this one included) subscribes; each forgets and closes with 1008.
     pub async fn revoke(&self, r: &Revocation) -> Result<(), BrokerError> {
-        let name = self.registry.names.render(Channel::Everyone);
-        let result = self.broker.publish(vec![name], r.encode()).await;
+        let mut everyone = ChannelList::default();
+        self.registry
+            .names
+            .render_into(&mut everyone, Channel::Everyone);
+        let result = self.broker.publish(everyone, r.encode()).await;
         match &result {
             Ok(()) => self.metrics.broker_published.inc(),
             Err(_) => self.metrics.broker_publish_errors.inc(),
