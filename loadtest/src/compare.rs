@@ -270,6 +270,7 @@ const M_IDLE: &str = "fresh server per round (wsgate on the Redis broker; Socket
 const M_MEMORY: &str = "fresh server per point; N distinct users at once against the 16-worker, 25 ms back-end (`slow-backend`), retrying as told; once all are back held, then RSS summed over all server processes";
 const M_SLOPE: &str = "per round (RSS at the high point − RSS at the low point) ÷ (connections back at the high point − at the low point; 14,000 when all are back), both points from fresh servers of the same round";
 const M_CPU: &str = "the highest step that every round of both servers passed (no loss, rate reached, p99 ≤ 50 ms), so both at the same delivery rate; server CPU from /proc/PID/stat (utime / stime) over the step, summed over all server processes, ÷ deliveries received";
+const M_CPU_SPLIT: &str = "the highest step that every round of both servers passed (no loss, rate reached, p99 ≤ 50 ms), so both at the same delivery rate; server CPU from /proc/PID/stat (utime + stime, exact in sum) over the step, summed over all server processes, split by the share of `perf record -e cpu-clock -F 1999` samples of those processes taken in user space (the tick-based utime/stime split aliases with the periodic load; where perf cannot sample it is used instead, as each step's `cpu_split` says), ÷ deliveries received";
 const M_ACHIEVED: &str = "deliveries received ÷ publishing time of that step";
 const M_FLOOR_RATIO: &str = "CPU per delivery ÷ the floor measured in the same run (one send() per message over as many loopback socket pairs, reader parked, same rate)";
 const M_P99: &str = "latency from the publish timestamp in the payload to the client's receipt, all deliveries of the step";
@@ -462,7 +463,7 @@ pub fn run(a: CompareArgs) -> anyhow::Result<()> {
                 ratio(us, uw),
                 2,
                 ld,
-                M_CPU,
+                M_CPU_SPLIT,
             );
             let (kw, ks) = pair(&|s| f(&s["server_system_us_per_delivery"]));
             t.row(
@@ -473,7 +474,7 @@ pub fn run(a: CompareArgs) -> anyhow::Result<()> {
                 ratio(ks, kw),
                 2,
                 ld,
-                M_CPU,
+                M_CPU_SPLIT,
             );
             let (cw, cs) = pair(&|s| f(&s["server_cpu_us_per_delivery"]));
             t.row(

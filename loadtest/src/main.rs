@@ -7,6 +7,7 @@ mod common;
 mod compare;
 mod floor;
 mod report;
+mod sampler;
 mod scenarios;
 mod slow_backend;
 mod stats;

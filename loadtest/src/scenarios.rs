@@ -270,6 +270,10 @@ struct FanoutParams {
     nodes: usize,
 }
 
+/// How a fan-out step's CPU was split into user space and kernel.
+pub const CPU_SPLIT_SAMPLED: &str = "perf cpu-clock samples";
+pub const CPU_SPLIT_TICKS: &str = "/proc ticks";
+
 #[derive(Serialize, Clone)]
 pub struct FanoutStep {
     pub target_deliveries_per_second: u64,
@@ -284,9 +288,17 @@ pub struct FanoutStep {
     pub latency: LatencySummary,
     pub server_cpu_seconds: f64,
     pub server_cpu_us_per_delivery: f64,
-    /// User-space and kernel parts of it (from /proc/PID/stat; 0 without --pid).
+    /// User-space and kernel parts of it (0 without --pid): the total split by the share of
+    /// perf's CPU-clock samples in user space (`sampler.rs`), or by /proc/PID/stat's tick-based
+    /// utime and stime where perf cannot sample; `cpu_split` says which.
     pub server_user_us_per_delivery: f64,
     pub server_system_us_per_delivery: f64,
+    pub cpu_split: &'static str,
+    pub cpu_samples_user: u64,
+    pub cpu_samples_kernel: u64,
+    /// The tick-based split of /proc/PID/stat, recorded for comparison.
+    pub proc_user_us_per_delivery: f64,
+    pub proc_system_us_per_delivery: f64,
     /// `write`/`writev` calls of the server per delivery (/proc/PID/io `syscw`, which does not
     /// count `send`/`sendto`: not the socket writes; 0 without --pid).
     pub server_write_syscalls_per_delivery: f64,
@@ -458,6 +470,12 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
         } else {
             None
         };
+        // The user/kernel split of a measured step comes from CPU-clock samples (`sampler.rs`).
+        let sampler = if kind == StepKind::Measured {
+            crate::sampler::start(server.pids(), &format!("step{step_no}")).await
+        } else {
+            None
+        };
         let s0 = server.sample().await?;
         let l0 = stats::self_cpu_seconds();
         let accepted = Arc::new(AtomicU64::new(0));
@@ -519,10 +537,28 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let s1 = server.sample().await?;
         let l1 = stats::self_cpu_seconds();
+        let samples = match sampler {
+            Some(s) => match s.stop().await {
+                Ok(split) => Some(split),
+                Err(e) => {
+                    eprintln!(
+                        "fanout: CPU samples of step {step_no} lost ({e:#}); /proc split used"
+                    );
+                    None
+                }
+            },
+            None => None,
+        };
         let received = shared.received.load(Ordering::Relaxed);
         let lat = shared.latency.snapshot().summary(true);
         let cpu = s1.cpu_seconds - s0.cpu_seconds;
         let per = cpu * 1e6 / received.max(1) as f64;
+        let proc_user = (s1.user_seconds - s0.user_seconds) * 1e6 / received.max(1) as f64;
+        let proc_system = (s1.system_seconds - s0.system_seconds) * 1e6 / received.max(1) as f64;
+        let (user_us, system_us, cpu_split) = match samples.and_then(|s| s.user_share()) {
+            Some(share) => (per * share, per * (1.0 - share), CPU_SPLIT_SAMPLED),
+            None => (proc_user, proc_system, CPU_SPLIT_TICKS),
+        };
         let achieved = (sent as f64 / publish_elapsed.max(1e-9)) / pps;
         let errs = errors.load(Ordering::Relaxed);
         let lost = expected as i64 - received as i64;
@@ -540,10 +576,13 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
             latency: lat,
             server_cpu_seconds: cpu,
             server_cpu_us_per_delivery: per,
-            server_user_us_per_delivery: (s1.user_seconds - s0.user_seconds) * 1e6
-                / received.max(1) as f64,
-            server_system_us_per_delivery: (s1.system_seconds - s0.system_seconds) * 1e6
-                / received.max(1) as f64,
+            server_user_us_per_delivery: user_us,
+            server_system_us_per_delivery: system_us,
+            cpu_split,
+            cpu_samples_user: samples.map_or(0, |s| s.user),
+            cpu_samples_kernel: samples.map_or(0, |s| s.kernel),
+            proc_user_us_per_delivery: proc_user,
+            proc_system_us_per_delivery: proc_system,
             server_write_syscalls_per_delivery: s1.write_syscalls.saturating_sub(s0.write_syscalls)
                 as f64
                 / received.max(1) as f64,
@@ -554,7 +593,7 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
             passed,
         };
         eprintln!(
-            "fanout: step {step_no}: {:.0} deliveries/s, lost {}, p50 {:.2} ms p99 {:.2} ms max {:.1} ms, server {:.2} us/delivery (user {:.2}, kernel {:.2}, {:.3} syscw){}, {}",
+            "fanout: step {step_no}: {:.0} deliveries/s, lost {}, p50 {:.2} ms p99 {:.2} ms max {:.1} ms, server {:.2} us/delivery (user {:.2}, kernel {:.2} by {}, {:.3} syscw){}, {}",
             step.deliveries_per_second,
             step.lost,
             step.latency.p50_ms,
@@ -563,6 +602,7 @@ pub async fn fanout(a: FanoutArgs) -> anyhow::Result<()> {
             step.server_cpu_us_per_delivery,
             step.server_user_us_per_delivery,
             step.server_system_us_per_delivery,
+            step.cpu_split,
             step.server_write_syscalls_per_delivery,
             step.ratio_to_floor
                 .map(|r| format!(" ({r:.2}x floor)"))
