@@ -99,17 +99,15 @@ impl Chat {
         if !members.iter().any(|m| m == sender) {
             return Err(IgnoredFrame::NotMember);
         }
-        let mut channels: Vec<Channel> = members
+        let mut others: Vec<&str> = members
             .iter()
-            .filter(|m| m.as_str() != sender)
-            .map(|m| Channel::User(m))
+            .map(String::as_str)
+            .filter(|m| *m != sender)
             .collect();
         // A member the back-end lists twice still gets the message once.
-        channels.sort_unstable_by_key(|c| match c {
-            Channel::User(u) => *u,
-            _ => "",
-        });
-        channels.dedup();
+        others.sort_unstable();
+        others.dedup();
+        let channels: Vec<Channel> = others.into_iter().map(Channel::User).collect();
         if channels.is_empty() {
             return Ok(0);
         }

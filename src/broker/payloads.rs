@@ -30,17 +30,28 @@ impl<T> Default for Recent<T> {
 }
 
 impl<T> Recent<T> {
-    /// The newest kept value that `matches`.
-    pub fn find(&self, matches: impl Fn(&T) -> bool) -> Option<&T> {
-        (1..=KEPT)
-            .filter_map(|back| self.kept[(self.next + KEPT - back) % KEPT].as_ref())
-            .find(|t| matches(t))
-    }
-
-    /// Keeps `value` in place of the oldest.
-    pub fn keep(&mut self, value: T) {
-        self.kept[self.next] = Some(value);
-        self.next = (self.next + 1) % KEPT;
+    /// The newest kept value that `matches`, else the one `make` gives, kept in place of the
+    /// oldest (nothing is kept when `make` fails). Lent, not cloned.
+    pub fn find_or_keep<E>(
+        &mut self,
+        matches: impl Fn(&T) -> bool,
+        make: impl FnOnce() -> Result<T, E>,
+    ) -> Result<&T, E> {
+        let hit = (1..=KEPT)
+            .map(|back| (self.next + KEPT - back) % KEPT)
+            .find(|&slot| self.kept[slot].as_ref().is_some_and(&matches));
+        let slot = match hit {
+            Some(slot) => slot,
+            None => {
+                let slot = self.next;
+                self.kept[slot] = Some(make()?);
+                self.next = (slot + 1) % KEPT;
+                slot
+            }
+        };
+        Ok(self.kept[slot]
+            .as_ref()
+            .expect("the slot was found holding a value or was just filled"))
     }
 }
 
@@ -53,12 +64,14 @@ impl RecentPayloads {
     /// Two different payloads differ early (the envelope's publish time comes first), so a
     /// miss is cheap.
     pub(super) fn share(&mut self, payload: &[u8]) -> Bytes {
-        if let Some(kept) = self.0.find(|kept| kept[..] == *payload) {
-            return kept.clone();
+        let kept = self.0.find_or_keep(
+            |kept| kept[..] == *payload,
+            || Ok::<_, std::convert::Infallible>(Bytes::copy_from_slice(payload)),
+        );
+        match kept {
+            Ok(kept) => kept.clone(),
+            Err(never) => match never {},
         }
-        let copy = Bytes::copy_from_slice(payload);
-        self.0.keep(copy.clone());
-        copy
     }
 }
 

@@ -36,35 +36,32 @@ impl ChannelNames {
     /// users renders one name per recipient, and the formatting machinery cost more than the
     /// copy.
     pub(super) fn render(&self, channel: Channel<'_>) -> String {
-        let join = |prefix: &str, name: &str| {
-            let mut s = String::with_capacity(prefix.len() + name.len());
-            s.push_str(prefix);
-            s.push_str(name);
-            s
-        };
-        match channel {
-            Channel::User(u) => join(&self.user_prefix, u),
-            Channel::Tenant(t) => join(&self.tenant_prefix, t),
-            Channel::Everyone => self.everyone.clone(),
-        }
+        let (prefix, name) = self.parts(channel);
+        let mut s = String::with_capacity(prefix.len() + name.len());
+        s.push_str(prefix);
+        s.push_str(name);
+        s
     }
 
     /// Appends the broker's name for `channel` to `list`: a publish to many users renders one
     /// name per recipient, all into one buffer (`ChannelList`).
     pub(super) fn render_into(&self, list: &mut ChannelList, channel: Channel<'_>) {
-        match channel {
-            Channel::User(u) => list.push_joined(&self.user_prefix, u),
-            Channel::Tenant(t) => list.push_joined(&self.tenant_prefix, t),
-            Channel::Everyone => list.push(&self.everyone),
-        }
+        let (prefix, name) = self.parts(channel);
+        list.push_joined(prefix, name);
     }
 
     /// Bytes [`render_into`](Self::render_into) appends for `channel`.
     pub(super) fn rendered_len(&self, channel: Channel<'_>) -> usize {
+        let (prefix, name) = self.parts(channel);
+        prefix.len() + name.len()
+    }
+
+    /// The broker's name for `channel`, as a prefix and what follows it.
+    fn parts<'a>(&'a self, channel: Channel<'a>) -> (&'a str, &'a str) {
         match channel {
-            Channel::User(u) => self.user_prefix.len() + u.len(),
-            Channel::Tenant(t) => self.tenant_prefix.len() + t.len(),
-            Channel::Everyone => self.everyone.len(),
+            Channel::User(u) => (&self.user_prefix, u),
+            Channel::Tenant(t) => (&self.tenant_prefix, t),
+            Channel::Everyone => (&self.everyone, ""),
         }
     }
 

@@ -91,16 +91,10 @@ impl Decoded {
         let same = |(bytes, _): &(Bytes, Envelope)| {
             bytes.as_ptr() == payload.as_ptr() && bytes.len() == payload.len()
         };
-        if self.0.find(same).is_none() {
-            let env = protocol::decode(payload.clone())?;
-            self.0.keep((payload.clone(), env));
-        }
-        // Found again rather than kept from the first look-up: lending that one on one path
-        // only is beyond what the borrow checker accepts. Only pointers are compared.
-        self.0
-            .find(same)
-            .map(|(_, env)| env)
-            .ok_or(protocol::EnvelopeError::Short)
+        let kept = self.0.find_or_keep(same, || {
+            protocol::decode(payload.clone()).map(|env| (payload.clone(), env))
+        })?;
+        Ok(&kept.1)
     }
 }
 

@@ -425,9 +425,8 @@ impl Hub {
         for c in channels {
             names.render_into(&mut list, *c);
         }
-        let channels = list;
         let started = Instant::now();
-        let result = self.broker.publish(channels, payload).await;
+        let result = self.broker.publish(list, payload).await;
         self.metrics
             .broker_publish_duration
             .observe(started.elapsed().as_secs_f64());
