@@ -218,6 +218,11 @@ pub struct ServeArgs {
     #[arg(long, env = "WSGATE_PUBLISH_LINGER", default_value = "2ms", value_parser = duration)]
     pub publish_linger: Duration,
 
+    /// Bytes of live messages a node holds while their delivery waits for a recovery from
+    /// history (after a reconnect, or a gap); past it they are read back from history after.
+    #[arg(long, env = "WSGATE_MAX_RECOVERY_HOLD", default_value_t = 16_777_216)]
+    pub max_recovery_hold: usize,
+
     /// How long the last unsubscribe of a channel is delayed, to absorb reconnect churn.
     #[arg(long, env = "WSGATE_UNSUBSCRIBE_DELAY", default_value = "2s", value_parser = duration)]
     pub unsubscribe_delay: Duration,
@@ -375,6 +380,7 @@ pub struct Config {
     pub presence_ttl: Duration,
     pub history_ttl: Duration,
     pub publish_linger: Duration,
+    pub max_recovery_hold: usize,
     pub unsubscribe_delay: Duration,
     /// Zero: nothing is remembered.
     pub resubscribe_window: Duration,
@@ -636,6 +642,7 @@ impl ServeArgs {
             presence_ttl,
             history_ttl: self.history_ttl,
             publish_linger: self.publish_linger,
+            max_recovery_hold: self.max_recovery_hold,
             unsubscribe_delay: self.unsubscribe_delay,
             resubscribe_window: self.resubscribe_window,
             resume_window: self.resume_window,

@@ -167,6 +167,9 @@ pub struct Metrics {
     pub broker_publish_errors: IntCounter,
     pub broker_reconnects: IntCounter,
     pub broker_recovered: IntCounter,
+    /// Live messages that did not fit `--max-recovery-hold`, by `outcome`: `history` (read back
+    /// from it after) or `lost` (no history to read back from).
+    pub broker_hold_overflow: IntCounterVec,
     pub broker_round_trip_publishes: Histogram,
     pub broker_read_batch: Histogram,
     pub write_batch_messages: Histogram,
@@ -476,6 +479,12 @@ impl Metrics {
                 &r,
                 "wsgate_broker_recovered_messages_total",
                 "Messages the node read from channel history because pub/sub had lost them.",
+            ),
+            broker_hold_overflow: counter_vec(
+                &r,
+                "wsgate_broker_hold_overflow_total",
+                "Live messages that did not fit --max-recovery-hold while delivery waited for a recovery, by outcome: read back from history after (history) or lost (lost, no history).",
+                &["outcome"],
             ),
             broker_round_trip_publishes: histogram(
                 &r,

@@ -108,6 +108,7 @@ impl AppState {
                             presence_ttl: config.presence_ttl,
                             history_ttl: config.history_ttl,
                             publish_linger: config.publish_linger,
+                            hold_limit: config.max_recovery_hold,
                         },
                         sink,
                         metrics.clone(),

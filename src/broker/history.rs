@@ -223,6 +223,11 @@ impl Positions {
         }
     }
 
+    /// The last delivered position of a subscribed channel.
+    pub fn position(&self, channel: &str) -> Option<StreamId> {
+        self.last.get(channel).copied().flatten()
+    }
+
     /// Records a delivered position (only for channels still subscribed, only forwards).
     pub fn delivered(&mut self, channel: &str, id: StreamId) {
         if let Some(slot) = self.last.get_mut(channel) {

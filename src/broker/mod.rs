@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 
 mod channel_list;
 mod connect;
+mod held;
 pub mod history;
 pub mod memory;
 mod payloads;

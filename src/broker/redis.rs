@@ -20,7 +20,7 @@
 //!   rewriting the node's set in full (atomically), at once if Redis refused a command, else
 //!   at the next heartbeat.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +33,7 @@ use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::connect::{self, Endpoint, Pool, Topology};
+use super::held::{Held, Kept};
 use super::history::{self, Positions, StreamId, Verdict};
 use super::payloads::RecentPayloads;
 use super::publisher::Publisher;
@@ -313,6 +314,8 @@ pub struct RedisSettings {
     pub history_ttl: Duration,
     /// How long a publish to an idle queue waits for others to share its round trip.
     pub publish_linger: Duration,
+    /// Bytes of live messages a reader holds while delivery waits for a recovery.
+    pub hold_limit: usize,
 }
 
 impl std::fmt::Debug for RedisSettings {
@@ -325,6 +328,7 @@ impl std::fmt::Debug for RedisSettings {
             .field("presence_ttl", &self.presence_ttl)
             .field("history_ttl", &self.history_ttl)
             .field("publish_linger", &self.publish_linger)
+            .field("hold_limit", &self.hold_limit)
             .finish()
     }
 }
@@ -358,6 +362,7 @@ impl RedisBroker {
             online: HashSet::new(),
             resync_presence: false,
             positions: Arc::new(parking_lot::Mutex::new(Positions::default())),
+            hold_limit: cfg.hold_limit,
         };
         tokio::spawn(actor.run(rx));
         Ok(RedisBroker {
@@ -484,6 +489,8 @@ struct Actor {
     resync_presence: bool,
     /// Last delivered position per subscribed channel, shared with each connection's reader.
     positions: Arc<parking_lot::Mutex<Positions>>,
+    /// `--max-recovery-hold`, handed to each connection's reader.
+    hold_limit: usize,
 }
 
 /// Why a connected session of the actor ended.
@@ -578,6 +585,7 @@ impl Actor {
                 pool: self.pool.clone(),
                 positions: self.positions.clone(),
                 recent: parking_lot::Mutex::new(RecentPayloads::default()),
+                hold_limit: self.hold_limit,
             };
             tokio::spawn(async move {
                 match &mut stream {
@@ -923,6 +931,8 @@ struct Reader {
     positions: Arc<parking_lot::Mutex<Positions>>,
     /// The payloads received last, shared by the messages that repeat them (`payloads.rs`).
     recent: parking_lot::Mutex<RecentPayloads>,
+    /// `--max-recovery-hold`: bytes of live messages held while delivery waits (`held.rs`).
+    hold_limit: usize,
 }
 
 impl Reader {
@@ -1077,11 +1087,11 @@ impl Reader {
 
     /// Reads wsgate's own subscription connection until it ends. Messages are handled straight
     /// from the bytes read. While delivery is held back (until the subscriptions are restored
-    /// and the history caught up, and while a gap is recovered) messages are kept in order and
+    /// and the history caught up, and while a gap is recovered) messages are kept in order, up
+    /// to `--max-recovery-hold` (`held.rs`; past it they are read back from history after), and
     /// the socket is still read, so that the actor's SUBSCRIBEs are acknowledged meanwhile.
     async fn read_own(&self, replies: &mut subscription::Replies, restored: oneshot::Receiver<()>) {
-        // (channel, payload, after a gap): what arrived while delivery was held.
-        let mut held: VecDeque<(String, Bytes, bool)> = VecDeque::new();
+        let mut held = Held::new(self.hold_limit);
         let mut work: Option<Work<'_>> = Some(Box::pin(async move {
             restored.await.is_ok() && self.catch_up().await.is_ok()
         }));
@@ -1098,6 +1108,13 @@ impl Reader {
                         if let Handled::Gap { after, before } = self.handle_now(&channel, &payload, after_gap) {
                             work = Some(self.recovery(&mut held, channel, payload, after, before));
                             break;
+                        }
+                    }
+                    if work.is_none() {
+                        // What did not fit is in history: read it back before anything newer.
+                        let left = held.take_left();
+                        if !left.is_empty() {
+                            work = Some(Box::pin(self.recover_left(left)));
                         }
                     }
                     self.sink.flush();
@@ -1147,7 +1164,7 @@ impl Reader {
                                 // A canary needs no order: held, it could read as a dead subscription.
                                 self.shared.canary_arrived(channel);
                             } else {
-                                held.push_back((channel.to_owned(), Bytes::copy_from_slice(payload), false));
+                                self.hold(&mut held, channel, payload);
                             }
                         }
                     }
@@ -1158,6 +1175,44 @@ impl Reader {
                 }
             }
         }
+    }
+
+    /// Holds a message while delivery waits; counts what the bound left to history or lost.
+    fn hold(&self, held: &mut Held, channel: &str, payload: &[u8]) {
+        let m = &self.shared.metrics;
+        match held.push(channel, payload) {
+            Kept::Held => {}
+            Kept::LeftToHistory => m.broker_hold_overflow.with_label_values(&["history"]).inc(),
+            Kept::Lost => {
+                m.broker_hold_overflow.with_label_values(&["lost"]).inc();
+                tracing::warn!(
+                    "a message without history did not fit --max-recovery-hold and was lost"
+                );
+            }
+        }
+    }
+
+    /// Reads back from history what did not fit the hold: each channel after its last delivered
+    /// position, or after the message before the first one left when nothing was delivered on
+    /// it yet. `false` when the subscription must be made again.
+    async fn recover_left(&self, left: Vec<(String, StreamId)>) -> bool {
+        self.sink.flush();
+        for (channel, after) in left {
+            let after = {
+                let mut positions = self.positions.lock();
+                positions.position(&channel).unwrap_or_else(|| {
+                    // Nothing is held any more: recorded as delivered, so that a reconnect's
+                    // catch-up reads it back if this read fails.
+                    positions.delivered(&channel, after);
+                    after
+                })
+            };
+            if let Err(e) = self.recover(&channel, after, None).await {
+                tracing::warn!(error = %e, "reading back what did not fit the hold failed; reconnecting");
+                return false;
+            }
+        }
+        true
     }
 
     /// Looks up the channels of a run of messages together, before any of them is handled
@@ -1179,7 +1234,7 @@ impl Reader {
     /// Holds `payload` back (first in line) and returns the recovery of the gap before it.
     fn recovery<'a>(
         &'a self,
-        held: &mut VecDeque<(String, Bytes, bool)>,
+        held: &mut Held,
         channel: String,
         payload: Bytes,
         after: StreamId,
