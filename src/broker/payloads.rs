@@ -7,51 +7,101 @@
 
 use bytes::Bytes;
 
-/// Distinct payloads kept. A burst of up to this many publishes to the same users shares its
-/// payloads; a longer one copies them, as every message did before. What is kept stays in
-/// memory until newer payloads replace it: at most this many of the largest accepted size.
-pub const KEPT: usize = 16;
+/// Distinct payloads kept at most. A burst of up to this many publishes to the same users
+/// shares its payloads; a longer one copies them, as every message did before. (A round trip
+/// carries at most 8,192 messages, `publisher.rs`: a burst of more than 64 publishes reaches
+/// at most 128 users each.)
+pub const KEPT: usize = 64;
 
-/// The last [`KEPT`] values kept, searched newest first: a fan-out repeats the newest, a burst
-/// of `b` the `b`-th newest. The hub keeps its decoded envelopes in one too.
+/// Bytes of kept payloads at most: the oldest go first beyond it, so that 64 large payloads
+/// do not stay in memory until newer ones replace them.
+pub const KEPT_BYTES: usize = 4 << 20;
+
+/// The last values kept, at most [`KEPT`] of at most [`KEPT_BYTES`] in all. A fan-out repeats
+/// the value found last, a burst grouped by channel the one kept after it: both are tried
+/// first, then every kept value whose key is the same, newest first. A key is a cheap
+/// fingerprint of the value ([`fingerprint`], or an address), compared before any value.
+/// The hub keeps its decoded envelopes in one too.
 pub struct Recent<T> {
-    kept: [Option<T>; KEPT],
+    keys: [u64; KEPT],
+    weights: [usize; KEPT],
+    kept: Box<[Option<T>; KEPT]>,
+    bytes: usize,
     /// The slot the next value takes (the oldest).
     next: usize,
+    /// The slot found or filled last.
+    last: usize,
 }
 
 impl<T> Default for Recent<T> {
     fn default() -> Self {
         Recent {
-            kept: std::array::from_fn(|_| None),
+            keys: [0; KEPT],
+            weights: [0; KEPT],
+            kept: Box::new(std::array::from_fn(|_| None)),
+            bytes: 0,
             next: 0,
+            last: 0,
         }
     }
 }
 
+/// A payload's key for [`Recent`]: its length and first 16 bytes (an envelope's kind and publish
+/// time), so that different payloads seldom share one and the same payload always does.
+pub fn fingerprint(payload: &[u8]) -> u64 {
+    let mut head = [0u8; 16];
+    let n = payload.len().min(16);
+    head[..n].copy_from_slice(&payload[..n]);
+    let (a, b) = head.split_at(8);
+    let word = |w: &[u8]| u64::from_le_bytes(w.try_into().unwrap_or([0; 8]));
+    word(a) ^ word(b).rotate_left(29) ^ (payload.len() as u64).rotate_left(47)
+}
+
 impl<T> Recent<T> {
-    /// The newest kept value that `matches`, else the one `make` gives, kept in place of the
-    /// oldest (nothing is kept when `make` fails). Lent, not cloned.
+    fn holds(&self, slot: usize, key: u64, matches: &impl Fn(&T) -> bool) -> bool {
+        self.keys[slot] == key && self.kept[slot].as_ref().is_some_and(matches)
+    }
+
+    /// The kept value with this `key` that `matches`, else the one `make` gives, kept in place
+    /// of the oldest (nothing is kept when `make` fails); `weight`: its bytes, for
+    /// [`KEPT_BYTES`]. Lent, not cloned.
     pub fn find_or_keep<E>(
         &mut self,
+        key: u64,
+        weight: usize,
         matches: impl Fn(&T) -> bool,
         make: impl FnOnce() -> Result<T, E>,
     ) -> Result<&T, E> {
-        let hit = (1..=KEPT)
-            .map(|back| (self.next + KEPT - back) % KEPT)
-            .find(|&slot| self.kept[slot].as_ref().is_some_and(&matches));
+        let after = (self.last + 1) % KEPT;
+        let hit = [self.last, after]
+            .into_iter()
+            .chain((1..=KEPT).map(|back| (self.next + KEPT - back) % KEPT))
+            .find(|&slot| self.holds(slot, key, &matches));
         let slot = match hit {
             Some(slot) => slot,
-            None => {
-                let slot = self.next;
-                self.kept[slot] = Some(make()?);
-                self.next = (slot + 1) % KEPT;
-                slot
-            }
+            None => self.keep(key, weight, make()?),
         };
+        self.last = slot;
         Ok(self.kept[slot]
             .as_ref()
             .expect("the slot was found holding a value or was just filled"))
+    }
+
+    /// Keeps `value` in the oldest slot, then lets the oldest others go while over the budget.
+    fn keep(&mut self, key: u64, weight: usize, value: T) -> usize {
+        let slot = self.next;
+        self.bytes = self.bytes - self.weights[slot] + weight;
+        (self.keys[slot], self.weights[slot]) = (key, weight);
+        self.kept[slot] = Some(value);
+        self.next = (slot + 1) % KEPT;
+        let mut oldest = self.next;
+        while self.bytes > KEPT_BYTES && oldest != slot {
+            if self.kept[oldest].take().is_some() {
+                self.bytes -= std::mem::take(&mut self.weights[oldest]);
+            }
+            oldest = (oldest + 1) % KEPT;
+        }
+        slot
     }
 }
 
@@ -61,10 +111,10 @@ pub(super) struct RecentPayloads(Recent<Bytes>);
 
 impl RecentPayloads {
     /// `payload` as shared bytes: a kept payload with the same bytes, or a copy that is kept.
-    /// Two different payloads differ early (the envelope's publish time comes first), so a
-    /// miss is cheap.
     pub(super) fn share(&mut self, payload: &[u8]) -> Bytes {
         let kept = self.0.find_or_keep(
+            fingerprint(payload),
+            payload.len(),
             |kept| kept[..] == *payload,
             || Ok::<_, std::convert::Infallible>(Bytes::copy_from_slice(payload)),
         );
@@ -104,6 +154,31 @@ mod tests {
                 assert!(shared(&got, f), "payload {p:?} was copied again");
             }
         }
+    }
+
+    #[test]
+    fn bursts_of_distinct_payloads_past_the_byte_budget_keep_the_newest() {
+        let mut recent = RecentPayloads::default();
+        let big = |i: u8| vec![i; KEPT_BYTES / 3];
+        let first: Vec<Bytes> = (0..4).map(|i| recent.share(&big(i))).collect();
+        assert!(recent.0.bytes <= KEPT_BYTES);
+        // The three newest fit; the oldest went to make room.
+        for (i, kept) in first.iter().enumerate().skip(1) {
+            assert!(shared(&recent.share(&big(i as u8)), kept));
+        }
+        assert!(!shared(&recent.share(&big(0)), &first[0]));
+        assert!(recent.0.bytes <= KEPT_BYTES);
+    }
+
+    #[test]
+    fn payloads_with_the_same_fingerprint_are_told_apart() {
+        let mut recent = RecentPayloads::default();
+        let (a, b) = (b"same head 16 b..a".to_vec(), b"same head 16 b..b".to_vec());
+        assert_eq!(fingerprint(&a), fingerprint(&b));
+        let (sa, sb) = (recent.share(&a), recent.share(&b));
+        assert_eq!((&sa[..], &sb[..]), (&a[..], &b[..]));
+        assert!(shared(&recent.share(&a), &sa));
+        assert!(shared(&recent.share(&b), &sb));
     }
 
     #[test]

@@ -91,7 +91,8 @@ impl Decoded {
         let same = |(bytes, _): &(Bytes, Envelope)| {
             bytes.as_ptr() == payload.as_ptr() && bytes.len() == payload.len()
         };
-        let kept = self.0.find_or_keep(same, || {
+        let (key, weight) = (payload.as_ptr() as u64, payload.len());
+        let kept = self.0.find_or_keep(key, weight, same, || {
             protocol::decode(payload.clone()).map(|env| (payload.clone(), env))
         })?;
         Ok(&kept.1)
