@@ -80,33 +80,11 @@ fn expected_channels(prefix: &str, nodes: usize, users: &[(&str, &str)]) -> Vec<
 /// TCP connections itself); it and a node on the plain port deliver each other's publishes.
 #[tokio::test]
 async fn a_node_over_tls_and_a_node_over_plain_tcp_deliver_each_others_publishes() {
-    let dir = std::env::temp_dir().join(format!("wsgate-tls-{}", free_port()));
-    std::fs::create_dir_all(&dir).expect("a temporary directory for the certificate");
-    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()])
-        .expect("a self-signed certificate");
-    let (cert_file, key_file) = (dir.join("redis.crt"), dir.join("redis.key"));
-    std::fs::write(&cert_file, cert.cert.pem()).expect("write the certificate");
-    std::fs::write(&key_file, cert.key_pair.serialize_pem()).expect("write the key");
-    let tls_port = free_port();
-    let redis = Redis::start_on(
-        free_port(),
-        [
-            "--tls-port".to_owned(),
-            tls_port.to_string(),
-            "--tls-cert-file".to_owned(),
-            cert_file.display().to_string(),
-            "--tls-key-file".to_owned(),
-            key_file.display().to_string(),
-            "--tls-auth-clients".to_owned(),
-            "no".to_owned(),
-        ]
-        .into(),
-    );
+    let tls = TlsRedis::start();
     let backend = Backend::start().await;
-    let tls_url = format!("rediss://127.0.0.1:{tls_port}/#insecure");
     let nodes = start_ready_nodes([
-        redis_node_config(&backend, tls_url, "wsg", "tls"),
-        redis_config(&backend, &redis, "wsg", "plain"),
+        redis_node_config(&backend, tls.tls_url(), "wsg", "tls"),
+        redis_config(&backend, &tls.redis, "wsg", "plain"),
     ])
     .await;
     let (tls, plain) = (&nodes[0], &nodes[1]);
@@ -122,7 +100,6 @@ async fn a_node_over_tls_and_a_node_over_plain_tcp_deliver_each_others_publishes
     for node in nodes {
         node.stop().await;
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]

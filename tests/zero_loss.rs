@@ -101,17 +101,17 @@ async fn pubsub_connections_killed_mid_stream_lose_nothing() {
 /// held in memory only up to `--max-recovery-hold`; here nothing fits (0 bytes), so every one
 /// of them is left in history and read back from there: still none lost, none out of order,
 /// none twice. Hundreds of channels with a known position make each catch-up take a while.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn live_messages_past_the_hold_bound_are_read_back_from_history() {
+/// `a_url`: where the node under test reaches `redis` (its own reader on plain TCP, the crate's
+/// pub/sub over TLS).
+async fn past_the_hold_bound_nothing_is_lost(redis: &Redis, a_url: String) {
     const USERS: usize = 300;
     let users: Vec<String> = (0..USERS).map(|i| format!("u{i}")).collect();
     let extra: Vec<(&str, &str)> = users.iter().map(|u| (u.as_str(), "BULK")).collect();
-    let redis = Redis::start();
     let backend = Backend::start_with(&extra).await;
-    let mut cfg = redis_config(&backend, &redis, "a");
+    let mut cfg = redis_node_config(&backend, a_url, "zl", "a");
     cfg.max_recovery_hold = 0;
     let a = Node::start(cfg).await;
-    let b = Node::start(redis_config(&backend, &redis, "b")).await;
+    let b = Node::start(redis_config(&backend, redis, "b")).await;
     a.until_readyz(200).await;
     b.until_readyz(200).await;
     let mut alice = Client::subscribed(&a.notws("alice")).await;
@@ -164,6 +164,18 @@ async fn live_messages_past_the_hold_bound_are_read_back_from_history() {
             .unwrap_or_else(|| panic!("user {i} got nothing"));
         assert!(text.contains("position"), "user {i}: {text}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_messages_past_the_hold_bound_are_read_back_from_history() {
+    let redis = Redis::start();
+    past_the_hold_bound_nothing_is_lost(&redis, redis.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_live_messages_past_the_hold_bound_are_read_back_from_history() {
+    let tls = TlsRedis::start();
+    past_the_hold_bound_nothing_is_lost(&tls.redis, tls.tls_url()).await;
 }
 
 /// A message that reached a channel's history but never came through pub/sub (as when Redis

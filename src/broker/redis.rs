@@ -590,11 +590,7 @@ impl Actor {
             tokio::spawn(async move {
                 match &mut stream {
                     SubStream::Own(replies) => reader.read_own(replies, restored_rx).await,
-                    stream => {
-                        if restored_rx.await.is_ok() && reader.catch_up().await.is_ok() {
-                            reader.read(stream).await;
-                        }
-                    }
+                    stream => reader.read(stream, restored_rx).await,
                 }
                 let _ = lost_tx.send(());
             })
@@ -985,39 +981,88 @@ impl Reader {
         Ok(())
     }
 
-    /// Reads the subscription until it ends; a failed recovery ends it too, so that the
-    /// reconnect catches up from the last delivered position. Messages already at hand are
-    /// delivered as one batch before any writer is woken (`MessageSink::flush`): a connection
-    /// that got several of them writes them with one system call.
-    async fn read(&self, stream: &mut SubStream) {
+    /// Reads the crate's subscription stream (TLS, Unix socket, cluster) until it ends; a
+    /// failed recovery ends it too, so that the reconnect catches up from the last delivered
+    /// position. As on wsgate's own connection (`read_own`), the stream is read all the while
+    /// delivery waits (the subscriptions restored and history caught up first, a gap's
+    /// recovery), and what arrives meanwhile is held within `--max-recovery-hold`. Messages
+    /// already at hand are delivered as one batch before any writer is woken
+    /// (`MessageSink::flush`): a connection that got several of them writes them with one
+    /// system call.
+    async fn read(&self, stream: &mut SubStream, restored: oneshot::Receiver<()>) {
+        let mut held = Held::new(self.hold_limit);
+        let mut work: Option<Work<'_>> = Some(Box::pin(async move {
+            restored.await.is_ok() && self.catch_up().await.is_ok()
+        }));
         loop {
-            let Some(first) = self.next_message(stream).await else {
-                self.sink.flush();
-                return;
-            };
-            let mut next = Some(first);
-            let mut batch = 0;
-            while let Some(msg) = next.take() {
-                if !self.handle(msg).await {
-                    self.sink.flush();
-                    return;
-                }
-                batch += 1;
-                if batch < READ_BATCH {
-                    next = self.next_message(stream).now_or_never().flatten();
-                    if next.is_none() {
-                        // The client's connection task parses what Redis sent and hands it
-                        // over one message at a time: when it is merely a step behind, let it
-                        // catch up once before waking the writers, so that the messages Redis
-                        // sent together (a channel's burst) are written together.
-                        tokio::task::yield_now().await;
-                        next = self.next_message(stream).now_or_never().flatten();
+            tokio::select! {
+                biased;
+                ok = until_done(&mut work) => {
+                    work = None;
+                    if !ok {
+                        self.sink.flush();
+                        return;
                     }
+                    self.release(&mut held, &mut work);
+                }
+                first = self.next_message(stream) => {
+                    let Some(first) = first else {
+                        self.sink.flush();
+                        return;
+                    };
+                    let mut next = Some(first);
+                    let mut batch = 0;
+                    while let Some(msg) = next.take() {
+                        let (channel, payload) = (msg.channel(), msg.payload());
+                        if work.is_none() && held.is_empty() {
+                            if let Handled::Gap { after, before } = self.handle_now(channel, payload, false) {
+                                let (channel, payload) = (channel.to_owned(), Bytes::copy_from_slice(payload));
+                                work = Some(self.recovery(&mut held, channel, payload, after, before));
+                            }
+                        } else if channel.starts_with(self.canary.as_str()) {
+                            self.shared.canary_arrived(channel);
+                        } else {
+                            self.hold(&mut held, channel, payload);
+                        }
+                        batch += 1;
+                        if batch < READ_BATCH {
+                            next = self.next_message(stream).now_or_never().flatten();
+                            if next.is_none() {
+                                // The client's connection task parses what Redis sent and hands
+                                // it over one message at a time: when it is merely a step behind,
+                                // let it catch up once before waking the writers, so that the
+                                // messages Redis sent together (a channel's burst) are written
+                                // together.
+                                tokio::task::yield_now().await;
+                                next = self.next_message(stream).now_or_never().flatten();
+                            }
+                        }
+                    }
+                    self.shared.metrics.broker_read_batch.observe(batch as f64);
+                    self.sink.flush();
                 }
             }
-            self.shared.metrics.broker_read_batch.observe(batch as f64);
-            self.sink.flush();
         }
+    }
+
+    /// Delivers what was held, in order, once the work that held it is done: until a held
+    /// message shows a gap (its recovery becomes the next work), then what did not fit the
+    /// hold, read back from history.
+    fn release<'a>(&'a self, held: &mut Held, work: &mut Option<Work<'a>>) {
+        while let Some((channel, payload, after_gap)) = held.pop_front() {
+            if let Handled::Gap { after, before } = self.handle_now(&channel, &payload, after_gap) {
+                *work = Some(self.recovery(held, channel, payload, after, before));
+                break;
+            }
+        }
+        if work.is_none() {
+            // What did not fit is in history: read it back before anything newer.
+            let left = held.take_left();
+            if !left.is_empty() {
+                *work = Some(Box::pin(self.recover_left(left)));
+            }
+        }
+        self.sink.flush();
     }
 
     async fn next_message(&self, stream: &mut SubStream) -> Option<Incoming> {
@@ -1032,21 +1077,6 @@ impl Reader {
                 redis_cluster::next_message(pushes, wanted)
                     .await
                     .map(Incoming::Cluster)
-            }
-        }
-    }
-
-    /// Delivers one message (after what it shows missing); `false` ends the subscription.
-    async fn handle(&self, msg: Incoming) -> bool {
-        let channel = msg.channel();
-        match self.handle_now(channel, msg.payload(), false) {
-            Handled::Done => true,
-            Handled::Gap { after, before } => {
-                if !self.recover_gap(channel, after, before).await {
-                    return false;
-                }
-                self.handle_now(channel, msg.payload(), true);
-                true
             }
         }
     }
@@ -1104,20 +1134,7 @@ impl Reader {
                         self.sink.flush();
                         return;
                     }
-                    while let Some((channel, payload, after_gap)) = held.pop_front() {
-                        if let Handled::Gap { after, before } = self.handle_now(&channel, &payload, after_gap) {
-                            work = Some(self.recovery(&mut held, channel, payload, after, before));
-                            break;
-                        }
-                    }
-                    if work.is_none() {
-                        // What did not fit is in history: read it back before anything newer.
-                        let left = held.take_left();
-                        if !left.is_empty() {
-                            work = Some(Box::pin(self.recover_left(left)));
-                        }
-                    }
-                    self.sink.flush();
+                    self.release(&mut held, &mut work);
                 }
                 read = replies.fill() => {
                     if !matches!(read, Ok(true)) {

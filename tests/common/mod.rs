@@ -479,6 +479,57 @@ impl Drop for RedisCluster {
     }
 }
 
+/// A `redis-server` that also serves TLS on a second port, with a self-signed certificate for
+/// 127.0.0.1 (written to a temporary directory, removed on drop).
+pub struct TlsRedis {
+    pub redis: Redis,
+    pub tls_port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl TlsRedis {
+    pub fn start() -> TlsRedis {
+        let dir = std::env::temp_dir().join(format!("wsgate-tls-{}", free_port()));
+        std::fs::create_dir_all(&dir).expect("a temporary directory for the certificate");
+        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()])
+            .expect("a self-signed certificate");
+        let (cert_file, key_file) = (dir.join("redis.crt"), dir.join("redis.key"));
+        std::fs::write(&cert_file, cert.cert.pem()).expect("write the certificate");
+        std::fs::write(&key_file, cert.key_pair.serialize_pem()).expect("write the key");
+        let tls_port = free_port();
+        let redis = Redis::start_on(
+            free_port(),
+            [
+                "--tls-port".to_owned(),
+                tls_port.to_string(),
+                "--tls-cert-file".to_owned(),
+                cert_file.display().to_string(),
+                "--tls-key-file".to_owned(),
+                key_file.display().to_string(),
+                "--tls-auth-clients".to_owned(),
+                "no".to_owned(),
+            ]
+            .into(),
+        );
+        TlsRedis {
+            redis,
+            tls_port,
+            dir,
+        }
+    }
+
+    /// The TLS port's URL; the certificate is self-signed, so it is not verified.
+    pub fn tls_url(&self) -> String {
+        format!("rediss://127.0.0.1:{}/#insecure", self.tls_port)
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 // ---------------------------------------------------------------- stub back-end
 
 /// How the stub back-end answers.
