@@ -280,7 +280,7 @@ const M_STRACE: &str = "a separate step at a fixed rate (not a CPU-measured step
 const M_CHAT: &str = "two nodes of each on one redis-server (Socket.IO: two clusters); user A of a pair on node 1, B on node 2; p99 at the highest rate run, losses over all steps";
 const M_STORM: &str = "N clients / K keys connect at random instants within the spread, with exponential backoff; cold node; time until all are connected and subscribed";
 const M_BSTORM: &str = "N distinct users (N in the figure) at the same instant against the 16-worker, 25 ms back-end (`slow-backend`); wsgate with default flags and `--max-handshakes-per-ip 0`; a refused client retries after its Retry-After (else 5 s); counts from the back-end's /stats";
-const M_FLOOR: &str = "`wsgate-loadtest floor`: one send(…, MSG_NOSIGNAL) per message round-robin over loopback socket pairs at a fixed rate; CPU of the sending process (getrusage) ÷ sends";
+const M_FLOOR: &str = "`wsgate-loadtest floor`: one send(…, MSG_NOSIGNAL) per message round-robin over loopback socket pairs at a fixed rate; CPU of the sending process (getrusage, exact in sum) ÷ sends, split into user space and kernel by the share of `perf record -e cpu-clock -F 1999` samples of the process taken in user space, as the servers' CPU is (each run's `cpu_split` says which split was used)";
 
 pub fn run(a: CompareArgs) -> anyhow::Result<()> {
     let files = load(&a.dir)?;

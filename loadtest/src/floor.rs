@@ -5,6 +5,7 @@
 
 use crate::common::Common;
 use crate::report::{self, machine_md, Envelope, Output};
+use crate::sampler::{CPU_SPLIT_SAMPLED, CPU_SPLIT_TICKS};
 use crate::stats;
 use anyhow::{anyhow, bail, Context};
 use serde::Serialize;
@@ -35,8 +36,12 @@ pub struct FloorResult {
     pub writes: u64,
     pub writes_per_second: f64,
     pub would_block: u64,
+    /// The sending process's CPU over the writes: exact in sum (getrusage), split into user
+    /// space and kernel by the share of perf samples taken in user space, as the servers' CPU
+    /// is (`cpu_split` says which; without perf, the tick-based getrusage split).
     pub user_seconds: f64,
     pub system_seconds: f64,
+    pub cpu_split: &'static str,
     /// CPU per write() of one message (user + system), microseconds.
     pub us_per_write: f64,
     /// CPU per message when 16 messages share one write(), microseconds.
@@ -146,16 +151,28 @@ pub async fn measure_rates(p: &FloorParams, rates: &[u64]) -> anyhow::Result<Vec
     // Let the sink settle into its read loops.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (duration, size) = (p.duration, p.size);
-    let rate_list: Vec<u64> = rates.to_vec();
-    let (runs, coalesced, socks) = tokio::task::spawn_blocking(move || {
-        let mut runs = Vec::new();
-        for r in &rate_list {
-            runs.push((*r, paced_writes(&socks, *r as f64, duration, size, 1)));
-            std::thread::sleep(Duration::from_millis(300));
-        }
-        let first = rate_list.first().copied().unwrap_or(100_000) as f64;
-        let coalesced = paced_writes(&socks, first, duration.min(2.0), size, 16);
-        (runs, coalesced, socks)
+    let mut runs = Vec::new();
+    let mut socks = socks;
+    for &r in rates {
+        // This process's threads are sampled while they write, as a server's are in a step.
+        let sampler = crate::sampler::start(&[std::process::id()], &format!("floor{r}")).await;
+        let (run, back) = tokio::task::spawn_blocking(move || {
+            let run = paced_writes(&socks, r as f64, duration, size, 1);
+            (run, socks)
+        })
+        .await?;
+        socks = back;
+        let samples = match sampler {
+            Some(s) => s.stop().await.ok(),
+            None => None,
+        };
+        runs.push((r, run, samples.and_then(|s| s.user_share())));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let first = rates.first().copied().unwrap_or(100_000) as f64;
+    let (coalesced, socks) = tokio::task::spawn_blocking(move || {
+        let run = paced_writes(&socks, first, duration.min(2.0), size, 16);
+        (run, socks)
     })
     .await?;
     drop(socks);
@@ -166,17 +183,24 @@ pub async fn measure_rates(p: &FloorParams, rates: &[u64]) -> anyhow::Result<Vec
     let coalesced_us = (cu + cs) * 1e6 / (cw.max(1) * 16) as f64;
     Ok(runs
         .into_iter()
-        .map(|(rate, (writes, blocked, u, s, elapsed))| FloorResult {
-            connections: n,
-            size,
-            target_writes_per_second: rate,
-            writes,
-            writes_per_second: writes as f64 / elapsed.max(1e-9),
-            would_block: blocked,
-            user_seconds: u,
-            system_seconds: s,
-            us_per_write: (u + s) * 1e6 / writes.max(1) as f64,
-            coalesced_us_per_message: coalesced_us,
+        .map(|(rate, (writes, blocked, u, s, elapsed), share)| {
+            let (user_seconds, system_seconds, cpu_split) = match share {
+                Some(share) => ((u + s) * share, (u + s) * (1.0 - share), CPU_SPLIT_SAMPLED),
+                None => (u, s, CPU_SPLIT_TICKS),
+            };
+            FloorResult {
+                connections: n,
+                size,
+                target_writes_per_second: rate,
+                writes,
+                writes_per_second: writes as f64 / elapsed.max(1e-9),
+                would_block: blocked,
+                user_seconds,
+                system_seconds,
+                cpu_split,
+                us_per_write: (u + s) * 1e6 / writes.max(1) as f64,
+                coalesced_us_per_message: coalesced_us,
+            }
         })
         .collect())
 }

@@ -14,6 +14,11 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
+/// How a measurement's CPU was split into user space and kernel: by samples, or (where perf
+/// cannot sample) by the tick-based utime/stime.
+pub const CPU_SPLIT_SAMPLED: &str = "perf cpu-clock samples";
+pub const CPU_SPLIT_TICKS: &str = "/proc ticks";
+
 /// Samples per second of CPU time.
 const FREQUENCY: &str = "1999";
 

@@ -4,6 +4,7 @@ use crate::client::{self, ClientSpec, Endpoint, Shared, Target};
 use crate::common::{self, backend_stats, http_client, open_pool, Common};
 use crate::floor::{self, FloorResult};
 use crate::report::{self, line_chart, machine_md, Envelope, Output, Series};
+use crate::sampler::{CPU_SPLIT_SAMPLED, CPU_SPLIT_TICKS};
 use crate::stats::{self, now_us, LatencySummary};
 use anyhow::{bail, Context};
 use serde::Serialize;
@@ -269,10 +270,6 @@ struct FanoutParams {
     strace_seconds: f64,
     nodes: usize,
 }
-
-/// How a fan-out step's CPU was split into user space and kernel.
-pub const CPU_SPLIT_SAMPLED: &str = "perf cpu-clock samples";
-pub const CPU_SPLIT_TICKS: &str = "/proc ticks";
 
 #[derive(Serialize, Clone)]
 pub struct FanoutStep {
