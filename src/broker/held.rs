@@ -33,8 +33,9 @@ pub(super) enum Kept {
     Held,
     /// Left to its channel's history, read back later.
     LeftToHistory,
-    /// Past the bound and not in any history: lost.
-    Lost,
+    /// Past the bound and not in any history: lost. `first`: the first lost since the queue
+    /// was last empty (so that a flood of them is logged once).
+    Lost { first: bool },
 }
 
 pub(super) struct Held {
@@ -43,6 +44,8 @@ pub(super) struct Held {
     limit: usize,
     /// Something was left to history since the queue was last empty.
     overflowing: bool,
+    /// Something was lost since the queue was last empty.
+    lost: bool,
     /// Channels with messages left to history → the position to read after (that of the
     /// message before the first one left; `0-0` for a stream's first).
     left: HashMap<String, StreamId>,
@@ -60,6 +63,7 @@ impl Held {
             bytes: 0,
             limit,
             overflowing: false,
+            lost: false,
             left: HashMap::new(),
         }
     }
@@ -88,7 +92,9 @@ impl Held {
                     .or_insert(prev.unwrap_or_default());
                 Kept::LeftToHistory
             }
-            _ => Kept::Lost,
+            _ => Kept::Lost {
+                first: !std::mem::replace(&mut self.lost, true),
+            },
         }
     }
 
@@ -103,7 +109,7 @@ impl Held {
         let message = self.queue.pop_front()?;
         self.bytes -= size(&message.0, &message.1);
         if self.queue.is_empty() {
-            self.overflowing = false;
+            (self.overflowing, self.lost) = (false, false);
         }
         Some(message)
     }
@@ -139,7 +145,14 @@ mod tests {
         );
         assert_eq!(held.push("e", &framed("", "1-0", "x")), Kept::LeftToHistory);
         // Without a position there is no history to read it back from.
-        assert_eq!(held.push("f", &framed("", "", "x")), Kept::Lost);
+        assert_eq!(
+            held.push("f", &framed("", "", "x")),
+            Kept::Lost { first: true }
+        );
+        assert_eq!(
+            held.push("f", &framed("", "", "y")),
+            Kept::Lost { first: false }
+        );
         let mut left = held.take_left();
         left.sort();
         assert_eq!(

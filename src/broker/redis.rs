@@ -1200,11 +1200,14 @@ impl Reader {
         match held.push(channel, payload) {
             Kept::Held => {}
             Kept::LeftToHistory => m.broker_hold_overflow.with_label_values(&["history"]).inc(),
-            Kept::Lost => {
+            Kept::Lost { first } => {
                 m.broker_hold_overflow.with_label_values(&["lost"]).inc();
-                tracing::warn!(
-                    "a message without history did not fit --max-recovery-hold and was lost"
-                );
+                if first {
+                    tracing::warn!(
+                        "messages without history did not fit --max-recovery-hold and are lost \
+                         (wsgate_broker_hold_overflow_total counts them)"
+                    );
+                }
             }
         }
     }
