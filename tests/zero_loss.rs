@@ -38,6 +38,27 @@ async fn publish_stream(
     }
 }
 
+/// Kills every pub/sub connection of `url`'s Redis (`CLIENT KILL TYPE pubsub`), expecting at
+/// least `nodes` of them.
+fn kill_pubsub(url: String, nodes: i64) -> impl FnOnce() {
+    move || {
+        let killed: i64 = redis::Client::open(url)
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
+            .and_then(|mut c| {
+                redis::cmd("CLIENT")
+                    .arg("KILL")
+                    .arg("TYPE")
+                    .arg("pubsub")
+                    .query(&mut c)
+            })
+            .expect("CLIENT KILL TYPE pubsub");
+        assert!(
+            killed >= nodes,
+            "the nodes' subscriptions were killed ({killed} of at least {nodes})"
+        );
+    }
+}
+
 /// Reads the titles `{round}:{i}` for `i` in `range`; each must be the next one expected: 0
 /// lost, in order, no duplicates.
 async fn expect_stream(client: &mut Client, round: usize, range: std::ops::Range<usize>) {
@@ -68,24 +89,7 @@ async fn pubsub_connections_killed_mid_stream_lose_nothing() {
     let mut alice = Client::subscribed(&a.notws("alice")).await;
     const N: usize = 1500;
     for round in 0..5 {
-        let url = redis.url();
-        let kill = move || {
-            let killed: i64 = redis::Client::open(url)
-                .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
-                .and_then(|mut c| {
-                    redis::cmd("CLIENT")
-                        .arg("KILL")
-                        .arg("TYPE")
-                        .arg("pubsub")
-                        .query(&mut c)
-                })
-                .expect("CLIENT KILL TYPE pubsub");
-            assert!(
-                killed >= 2,
-                "both nodes' subscriptions were killed ({killed})"
-            );
-        };
-        let publisher = publish_stream(&b, "alice", round, N, 300, kill);
+        let publisher = publish_stream(&b, "alice", round, N, 300, kill_pubsub(redis.url(), 2));
         let receiver = expect_stream(&mut alice, round, 0..N);
         tokio::join!(publisher, receiver);
     }
@@ -126,21 +130,7 @@ async fn past_the_hold_bound_nothing_is_lost(redis: &Redis, a_url: String) {
     assert_eq!(s, 202);
     const N: usize = 600;
     for round in 0..3 {
-        let url = redis.url();
-        let kill = move || {
-            let killed: i64 = redis::Client::open(url)
-                .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
-                .and_then(|mut c| {
-                    redis::cmd("CLIENT")
-                        .arg("KILL")
-                        .arg("TYPE")
-                        .arg("pubsub")
-                        .query(&mut c)
-                })
-                .expect("CLIENT KILL TYPE pubsub");
-            assert!(killed >= 1, "the subscriptions were killed ({killed})");
-        };
-        let publisher = publish_stream(&b, "alice", round, N, 1000, kill);
+        let publisher = publish_stream(&b, "alice", round, N, 1000, kill_pubsub(redis.url(), 1));
         let receiver = expect_stream(&mut alice, round, 0..N);
         tokio::join!(publisher, receiver);
     }

@@ -990,20 +990,14 @@ impl Reader {
     /// (`MessageSink::flush`): a connection that got several of them writes them with one
     /// system call.
     async fn read(&self, stream: &mut SubStream, restored: oneshot::Receiver<()>) {
-        let mut held = Held::new(self.hold_limit);
-        let mut work: Option<Work<'_>> = Some(Box::pin(async move {
-            restored.await.is_ok() && self.catch_up().await.is_ok()
-        }));
+        let (mut held, mut work) = self.start(restored);
         loop {
             tokio::select! {
                 biased;
                 ok = until_done(&mut work) => {
-                    work = None;
-                    if !ok {
-                        self.sink.flush();
+                    if !self.work_done(ok, &mut held, &mut work) {
                         return;
                     }
-                    self.release(&mut held, &mut work);
                 }
                 first = self.next_message(stream) => {
                     let Some(first) = first else {
@@ -1013,17 +1007,7 @@ impl Reader {
                     let mut next = Some(first);
                     let mut batch = 0;
                     while let Some(msg) = next.take() {
-                        let (channel, payload) = (msg.channel(), msg.payload());
-                        if work.is_none() && held.is_empty() {
-                            if let Handled::Gap { after, before } = self.handle_now(channel, payload, false) {
-                                let (channel, payload) = (channel.to_owned(), Bytes::copy_from_slice(payload));
-                                work = Some(self.recovery(&mut held, channel, payload, after, before));
-                            }
-                        } else if channel.starts_with(self.canary.as_str()) {
-                            self.shared.canary_arrived(channel);
-                        } else {
-                            self.hold(&mut held, channel, payload);
-                        }
+                        self.take_in(&mut held, &mut work, msg.channel(), msg.payload());
                         batch += 1;
                         if batch < READ_BATCH {
                             next = self.next_message(stream).now_or_never().flatten();
@@ -1043,6 +1027,47 @@ impl Reader {
                 }
             }
         }
+    }
+
+    /// A reader's start: nothing held, and delivery waits for the subscriptions to be restored
+    /// and the history caught up.
+    fn start<'a>(&'a self, restored: oneshot::Receiver<()>) -> (Held, Option<Work<'a>>) {
+        let work: Work<'a> =
+            Box::pin(async move { restored.await.is_ok() && self.catch_up().await.is_ok() });
+        (Held::new(self.hold_limit), Some(work))
+    }
+
+    /// One message read: delivered now, or held while delivery waits.
+    fn take_in<'a>(
+        &'a self,
+        held: &mut Held,
+        work: &mut Option<Work<'a>>,
+        channel: &str,
+        payload: &[u8],
+    ) {
+        if work.is_none() && held.is_empty() {
+            if let Handled::Gap { after, before } = self.handle_now(channel, payload, false) {
+                let (channel, payload) = (channel.to_owned(), Bytes::copy_from_slice(payload));
+                *work = Some(self.recovery(held, channel, payload, after, before));
+            }
+        } else if channel.starts_with(self.canary.as_str()) {
+            // A canary needs no order: held, it could read as a dead subscription.
+            self.shared.canary_arrived(channel);
+        } else {
+            self.hold(held, channel, payload);
+        }
+    }
+
+    /// The work that held delivery back ended (`ok`: it succeeded): what it held is delivered.
+    /// `false` ends the subscription, so that the reconnect catches up.
+    fn work_done<'a>(&'a self, ok: bool, held: &mut Held, work: &mut Option<Work<'a>>) -> bool {
+        *work = None;
+        if !ok {
+            self.sink.flush();
+            return false;
+        }
+        self.release(held, work);
+        true
     }
 
     /// Delivers what was held, in order, once the work that held it is done: until a held
@@ -1121,20 +1146,14 @@ impl Reader {
     /// to `--max-recovery-hold` (`held.rs`; past it they are read back from history after), and
     /// the socket is still read, so that the actor's SUBSCRIBEs are acknowledged meanwhile.
     async fn read_own(&self, replies: &mut subscription::Replies, restored: oneshot::Receiver<()>) {
-        let mut held = Held::new(self.hold_limit);
-        let mut work: Option<Work<'_>> = Some(Box::pin(async move {
-            restored.await.is_ok() && self.catch_up().await.is_ok()
-        }));
+        let (mut held, mut work) = self.start(restored);
         loop {
             tokio::select! {
                 biased;
                 ok = until_done(&mut work) => {
-                    work = None;
-                    if !ok {
-                        self.sink.flush();
+                    if !self.work_done(ok, &mut held, &mut work) {
                         return;
                     }
-                    self.release(&mut held, &mut work);
                 }
                 read = replies.fill() => {
                     if !matches!(read, Ok(true)) {
@@ -1172,17 +1191,7 @@ impl Reader {
                         }
                         for (channel, payload) in run {
                             batch += 1;
-                            if work.is_none() && held.is_empty() {
-                                if let Handled::Gap { after, before } = self.handle_now(channel, payload, false) {
-                                    let (channel, payload) = (channel.to_owned(), Bytes::copy_from_slice(payload));
-                                    work = Some(self.recovery(&mut held, channel, payload, after, before));
-                                }
-                            } else if channel.starts_with(self.canary.as_str()) {
-                                // A canary needs no order: held, it could read as a dead subscription.
-                                self.shared.canary_arrived(channel);
-                            } else {
-                                self.hold(&mut held, channel, payload);
-                            }
+                            self.take_in(&mut held, &mut work, channel, payload);
                         }
                     }
                     if batch > 0 {
