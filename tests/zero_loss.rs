@@ -59,6 +59,61 @@ fn kill_pubsub(url: String, nodes: i64) -> impl FnOnce() {
     }
 }
 
+/// `rounds` streams of `n` notifications to alice, published through `via` at `rate` per
+/// second, every pub/sub connection of `redis` killed half-way through each (at least `nodes`
+/// of them): each stream arrives whole, in order, once.
+async fn streams_through_kills(
+    via: &Node,
+    alice: &mut Client,
+    redis: &Redis,
+    rounds: usize,
+    n: usize,
+    rate: u64,
+    nodes: i64,
+) {
+    for round in 0..rounds {
+        let publisher = publish_stream(
+            via,
+            "alice",
+            round,
+            n,
+            rate,
+            kill_pubsub(redis.url(), nodes),
+        );
+        let receiver = expect_stream(alice, round, 0..n);
+        tokio::join!(publisher, receiver);
+    }
+}
+
+/// `n` users (`u0`, `u1`, …) and a stub back-end that knows each of them.
+async fn bulk_users(n: usize) -> (Vec<String>, Backend) {
+    let users: Vec<String> = (0..n).map(|i| format!("u{i}")).collect();
+    let extra: Vec<(&str, &str)> = users.iter().map(|u| (u.as_str(), "BULK")).collect();
+    let backend = Backend::start_with(&extra).await;
+    (users, backend)
+}
+
+/// One client per user on `node`, each subscribed to `ALL`.
+async fn subscribe_each(node: &Node, users: &[String]) -> Vec<Client> {
+    let mut clients = Vec::with_capacity(users.len());
+    for u in users {
+        clients.push(Client::subscribed(&node.notws(u)).await);
+    }
+    clients
+}
+
+/// Each client's next frame is a notification titled `title`.
+async fn expect_each(clients: &mut [Client], title: &str) {
+    for (i, c) in clients.iter_mut().enumerate() {
+        let text = c
+            .recv_within(Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| panic!("user {i} got nothing"));
+        let v: serde_json::Value = serde_json::from_str(&text).expect("a JSON frame");
+        assert_eq!(v["title"], title, "user {i}");
+    }
+}
+
 /// Reads the titles `{round}:{i}` for `i` in `range`; each must be the next one expected: 0
 /// lost, in order, no duplicates.
 async fn expect_stream(client: &mut Client, round: usize, range: std::ops::Range<usize>) {
@@ -87,12 +142,7 @@ async fn pubsub_connections_killed_mid_stream_lose_nothing() {
     a.until_readyz(200).await;
     b.until_readyz(200).await;
     let mut alice = Client::subscribed(&a.notws("alice")).await;
-    const N: usize = 1500;
-    for round in 0..5 {
-        let publisher = publish_stream(&b, "alice", round, N, 300, kill_pubsub(redis.url(), 2));
-        let receiver = expect_stream(&mut alice, round, 0..N);
-        tokio::join!(publisher, receiver);
-    }
+    streams_through_kills(&b, &mut alice, &redis, 5, 1500, 300, 2).await;
     let m = a.metrics().await;
     assert!(metric(&m, "wsgate_broker_reconnects_total") >= 5.0);
     assert!(
@@ -108,10 +158,7 @@ async fn pubsub_connections_killed_mid_stream_lose_nothing() {
 /// `a_url`: where the node under test reaches `redis` (its own reader on plain TCP, the crate's
 /// pub/sub over TLS).
 async fn past_the_hold_bound_nothing_is_lost(redis: &Redis, a_url: String) {
-    const USERS: usize = 300;
-    let users: Vec<String> = (0..USERS).map(|i| format!("u{i}")).collect();
-    let extra: Vec<(&str, &str)> = users.iter().map(|u| (u.as_str(), "BULK")).collect();
-    let backend = Backend::start_with(&extra).await;
+    let (users, backend) = bulk_users(300).await;
     let mut cfg = redis_node_config(&backend, a_url, "zl", "a");
     cfg.max_recovery_hold = 0;
     let a = Node::start(cfg).await;
@@ -119,21 +166,13 @@ async fn past_the_hold_bound_nothing_is_lost(redis: &Redis, a_url: String) {
     a.until_readyz(200).await;
     b.until_readyz(200).await;
     let mut alice = Client::subscribed(&a.notws("alice")).await;
-    let mut others = Vec::with_capacity(USERS);
-    for u in &users {
-        others.push(Client::subscribed(&a.notws(u)).await);
-    }
+    let mut others = subscribe_each(&a, &users).await;
     // Every channel gets a known position, so each reconnect catches up on all of them.
     let (s, _) = b
         .notify(json!({"userIds": users, "notification": notification("T", "position")}))
         .await;
     assert_eq!(s, 202);
-    const N: usize = 600;
-    for round in 0..3 {
-        let publisher = publish_stream(&b, "alice", round, N, 1000, kill_pubsub(redis.url(), 1));
-        let receiver = expect_stream(&mut alice, round, 0..N);
-        tokio::join!(publisher, receiver);
-    }
+    streams_through_kills(&b, &mut alice, redis, 3, 600, 1000, 1).await;
     let m = a.metrics().await;
     let left = metric(
         &m,
@@ -147,13 +186,7 @@ async fn past_the_hold_bound_nothing_is_lost(redis: &Redis, a_url: String) {
         !m.contains(r#"wsgate_broker_hold_overflow_total{outcome="lost"}"#),
         "nothing was lost"
     );
-    for (i, c) in others.iter_mut().enumerate().take(3) {
-        let text = c
-            .recv_within(Duration::from_secs(10))
-            .await
-            .unwrap_or_else(|| panic!("user {i} got nothing"));
-        assert!(text.contains("position"), "user {i}: {text}");
-    }
+    expect_each(&mut others, "position").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -367,29 +400,16 @@ async fn a_redis_failover_to_a_replica_loses_nothing_acknowledged() {
 /// it once, with the same payload.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_to_hundreds_of_users_reaches_each_once_and_each_history() {
-    const USERS: usize = 300;
-    let users: Vec<String> = (0..USERS).map(|i| format!("u{i}")).collect();
-    let extra: Vec<(&str, &str)> = users.iter().map(|u| (u.as_str(), "BULK")).collect();
     let redis = Redis::start();
-    let backend = Backend::start_with(&extra).await;
+    let (users, backend) = bulk_users(300).await;
     let a = Node::start(redis_config(&backend, &redis, "a")).await;
     a.until_readyz(200).await;
-    let mut clients = Vec::with_capacity(USERS);
-    for u in &users {
-        clients.push(Client::subscribed(&a.notws(u)).await);
-    }
+    let mut clients = subscribe_each(&a, &users).await;
     let (s, _) = a
         .notify(json!({"userIds": users, "notification": notification("T", "to many")}))
         .await;
     assert_eq!(s, 202);
-    for (i, c) in clients.iter_mut().enumerate() {
-        let text = c
-            .recv_within(Duration::from_secs(10))
-            .await
-            .unwrap_or_else(|| panic!("user {i} got nothing"));
-        let v: serde_json::Value = serde_json::from_str(&text).expect("a JSON frame");
-        assert_eq!(v["title"], "to many", "user {i}");
-    }
+    expect_each(&mut clients, "to many").await;
     for c in clients.iter_mut().take(5) {
         c.expect_silence(Duration::from_millis(200)).await;
     }
