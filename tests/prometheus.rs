@@ -12,11 +12,13 @@
 //! `promtool` and `prometheus` must be on PATH. On Debian/Ubuntu: `apt-get install prometheus`.
 //! When they are missing these tests fail with that message; they never skip.
 
+mod common;
+
+use common::free_port;
 use std::{
     fs,
     future::Future,
     io::Write,
-    net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
@@ -156,14 +158,6 @@ impl Drop for Proc {
             eprintln!("---- output of {} ----\n{}", self.name, self.log_tail());
         }
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Polls `check` until it succeeds or `timeout` passes; then fails with its last error.

@@ -39,11 +39,23 @@ pub struct Redis {
     extra: Vec<String>,
 }
 
+/// A free loopback port, never one this test process has been given before: the kernel may hand
+/// the same ephemeral port to two binds in a row once the first listener is closed, and a test
+/// that asks for two ports (a node's public and admin listeners) would then get one port twice.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("an ephemeral port is available")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..1000 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("an ephemeral port is available");
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+    panic!("no loopback port this process has not used yet")
 }
 
 impl Redis {
