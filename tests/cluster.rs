@@ -76,8 +76,8 @@ fn expected_channels(prefix: &str, nodes: usize, users: &[(&str, &str)]) -> Vec<
     set.into_iter().collect()
 }
 
-/// A node on `rediss://` subscribes through the redis crate's pub/sub (wsgate reads only plain
-/// TCP connections itself); it and a node on the plain port deliver each other's publishes.
+/// A node on `rediss://` (its own pub/sub connection over TLS, the crate's pool for publishing)
+/// and a node on the plain port deliver each other's publishes.
 #[tokio::test]
 async fn a_node_over_tls_and_a_node_over_plain_tcp_deliver_each_others_publishes() {
     let tls = TlsRedis::start();

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::FutureExt;
 use redis::AsyncCommands;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -218,10 +218,8 @@ impl Keys {
 
 /// The subscribing half of the node's pub/sub connection.
 enum SubSink {
-    /// wsgate's own connection (plain TCP: `subscription.rs`).
+    /// wsgate's own connection (plain TCP or TLS: `subscription.rs`).
     Own(subscription::Commands),
-    /// The crate's pub/sub (TLS, Unix sockets).
-    Plain(redis::aio::PubSubSink),
     /// Sharded pub/sub over a RESP3 cluster connection.
     Cluster(redis::cluster_async::ClusterConnection),
 }
@@ -230,7 +228,6 @@ impl SubSink {
     async fn subscribe(&mut self, channels: &[String]) -> redis::RedisResult<()> {
         match self {
             SubSink::Own(c) => c.subscribe(channels).await,
-            SubSink::Plain(s) => s.subscribe(channels).await,
             SubSink::Cluster(c) => redis_cluster::shard_subscribe(c, channels, true).await,
         }
     }
@@ -238,7 +235,6 @@ impl SubSink {
     async fn unsubscribe(&mut self, channels: &[String]) -> redis::RedisResult<()> {
         match self {
             SubSink::Own(c) => c.unsubscribe(channels).await,
-            SubSink::Plain(s) => s.unsubscribe(channels).await,
             SubSink::Cluster(c) => redis_cluster::shard_subscribe(c, channels, false).await,
         }
     }
@@ -247,30 +243,7 @@ impl SubSink {
 /// The receiving half.
 enum SubStream {
     Own(subscription::Replies),
-    Plain(redis::aio::PubSubStream),
     Cluster(tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>),
-}
-
-/// One received message.
-enum Incoming {
-    Plain(redis::Msg),
-    Cluster(redis_cluster::ShardMessage),
-}
-
-impl Incoming {
-    fn channel(&self) -> &str {
-        match self {
-            Incoming::Plain(m) => m.get_channel_name(),
-            Incoming::Cluster(m) => &m.channel,
-        }
-    }
-
-    fn payload(&self) -> &[u8] {
-        match self {
-            Incoming::Plain(m) => m.get_payload_bytes(),
-            Incoming::Cluster(m) => &m.payload,
-        }
-    }
 }
 
 fn redis_down(e: redis::RedisError) -> BrokerError {
@@ -721,15 +694,12 @@ impl Actor {
             shard: info.addr().to_string(),
             channel: self.keys.canary.clone(),
         };
-        if let Some((commands, replies)) = timed(subscription::connect(info)).await? {
-            return Ok((
-                SubSink::Own(commands),
-                SubStream::Own(replies),
-                vec![canary],
-            ));
-        }
-        let (sink, stream) = timed(client.get_async_pubsub()).await?.split();
-        Ok((SubSink::Plain(sink), SubStream::Plain(stream), vec![canary]))
+        let (commands, replies) = timed(subscription::connect(info)).await?;
+        Ok((
+            SubSink::Own(commands),
+            SubStream::Own(replies),
+            vec![canary],
+        ))
     }
 
     /// After Redis refused a SUBSCRIBE of many channels: subscribes them one at a time and
@@ -981,7 +951,7 @@ impl Reader {
         Ok(())
     }
 
-    /// Reads the crate's subscription stream (TLS, Unix socket, cluster) until it ends; a
+    /// Reads the crate's sharded subscription stream (a cluster) until it ends; a
     /// failed recovery ends it too, so that the reconnect catches up from the last delivered
     /// position. As on wsgate's own connection (`read_own`), the stream is read all the while
     /// delivery waits (the subscriptions restored and history caught up first, a gap's
@@ -1007,7 +977,7 @@ impl Reader {
                     let mut next = Some(first);
                     let mut batch = 0;
                     while let Some(msg) = next.take() {
-                        self.take_in(&mut held, &mut work, msg.channel(), msg.payload());
+                        self.take_in(&mut held, &mut work, &msg.channel, &msg.payload);
                         batch += 1;
                         if batch < READ_BATCH {
                             next = self.next_message(stream).now_or_never().flatten();
@@ -1090,18 +1060,15 @@ impl Reader {
         self.sink.flush();
     }
 
-    async fn next_message(&self, stream: &mut SubStream) -> Option<Incoming> {
+    async fn next_message(&self, stream: &mut SubStream) -> Option<redis_cluster::ShardMessage> {
         match stream {
             // Read by `read_own`, never here.
             SubStream::Own(_) => None,
-            SubStream::Plain(s) => s.next().await.map(Incoming::Plain),
             SubStream::Cluster(pushes) => {
                 let wanted = |c: &str| {
                     c.starts_with(self.canary.as_str()) || self.positions.lock().is_subscribed(c)
                 };
-                redis_cluster::next_message(pushes, wanted)
-                    .await
-                    .map(Incoming::Cluster)
+                redis_cluster::next_message(pushes, wanted).await
             }
         }
     }
