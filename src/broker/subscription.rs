@@ -147,6 +147,7 @@ pub(super) async fn connect(
             .write
             .write_all(&resp::command("AUTH", &args))
             .await?;
+        commands.write.flush().await?;
         replies.handshake_reply().await?;
     }
     Ok((commands, replies))
@@ -248,6 +249,8 @@ impl Commands {
             done,
         });
         self.write.write_all(&resp::command(verb, channels)).await?;
+        // TLS may keep the end of a record back until flushed.
+        self.write.flush().await?;
         answer.await.unwrap_or_else(|_| Err(closed()))
     }
 }
