@@ -62,6 +62,8 @@ try {
   await john.page.click("#publish-send");
   await john.page.locator("#notifications .title", { hasText: title }).waitFor();
   const publishMs = Date.now() - started;
+  // The notification may reach the page before the publish's own answer does.
+  await john.page.locator("#publish-result", { hasText: /\b\d{3}\b/ }).waitFor();
   const result = await john.page.textContent("#publish-result");
   if (!/202/.test(result)) throw new Error(`publish answered: ${result}`);
   // The publish API's token stays on the back-end.
