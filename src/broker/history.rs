@@ -23,8 +23,8 @@ impl StreamId {
     /// carries two ids, and the text detour (UTF-8 check, split, `str::parse`) was a visible
     /// part of the reader's CPU.
     pub fn parse(s: &[u8]) -> Option<StreamId> {
-        let dash = s.iter().position(|&b| b == b'-')?;
-        Some(StreamId(decimal(&s[..dash])?, decimal(&s[dash + 1..])?))
+        let (ms, seq) = decimal_until(s, b'-')?;
+        Some(StreamId(ms, decimal(seq)?))
     }
 }
 
@@ -132,25 +132,37 @@ pub struct Framed<'a> {
     pub payload: &'a [u8],
 }
 
-/// Splits the position frame off; `None` if the message is not framed.
+/// Splits the position frame off; `None` if the message is not framed. One pass over the two id
+/// lines: every received message is unframed, and finding each line's end before parsing it
+/// read the ids twice.
 pub fn unframe(raw: &[u8]) -> Option<Framed<'_>> {
-    let first = raw.iter().position(|b| *b == b'\n')?;
-    let rest = &raw[first + 1..];
-    let second = rest.iter().position(|b| *b == b'\n')?;
-    let prev = &raw[..first];
-    let id = &rest[..second];
-    let parse = |s: &[u8]| {
-        if s.is_empty() {
-            Ok(None)
-        } else {
-            StreamId::parse(s).map(Some).ok_or(())
+    let (prev, rest) = id_line(raw)?;
+    let (id, payload) = id_line(rest)?;
+    Some(Framed { prev, id, payload })
+}
+
+/// A frame line: empty or `ms-seq`, ended by `\n`; its id and the bytes after it.
+fn id_line(s: &[u8]) -> Option<(Option<StreamId>, &[u8])> {
+    if let [b'\n', rest @ ..] = s {
+        return Some((None, rest));
+    }
+    let (ms, s) = decimal_until(s, b'-')?;
+    let (seq, rest) = decimal_until(s, b'\n')?;
+    Some((Some(StreamId(ms, seq)), rest))
+}
+
+/// A non-empty run of ASCII digits that fits a `u64`, ended by `end`: its value and the bytes
+/// after `end`.
+fn decimal_until(s: &[u8], end: u8) -> Option<(u64, &[u8])> {
+    let mut n: u64 = 0;
+    for (i, &b) in s.iter().enumerate() {
+        let digit = b.wrapping_sub(b'0');
+        if digit > 9 {
+            return (b == end && i > 0).then(|| (n, &s[i + 1..]));
         }
-    };
-    Some(Framed {
-        prev: parse(prev).ok()?,
-        id: parse(id).ok()?,
-        payload: &rest[second + 1..],
-    })
+        n = n.checked_mul(10)?.checked_add(u64::from(digit))?;
+    }
+    None
 }
 
 /// What the receiving side knows about each subscribed channel.
@@ -306,6 +318,34 @@ mod tests {
         assert_eq!(f.payload, b"x\ny");
         assert!(unframe(b"no frame").is_none());
         assert!(unframe(b"bad\n1-1\nx").is_none());
+        for bad in [
+            &b"1-\n\nx"[..],
+            b"-1\n\nx",
+            b"1-1x\n\nx",
+            b"\n1-1",
+            b"18446744073709551616-0\n\nx",
+            b"1-1\n",
+        ] {
+            assert!(unframe(bad).is_none(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    proptest::proptest! {
+        /// Any pair of ids (or none) and any payload come back as framed.
+        #[test]
+        fn any_frame_reads_back_as_written(
+            prev in proptest::option::of(proptest::prelude::any::<(u64, u64)>()),
+            id in proptest::option::of(proptest::prelude::any::<(u64, u64)>()),
+            payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+        ) {
+            let text = |i: Option<(u64, u64)>| i.map(|(a, b)| StreamId(a, b).to_string()).unwrap_or_default();
+            let mut raw = format!("{}\n{}\n", text(prev), text(id)).into_bytes();
+            raw.extend_from_slice(&payload);
+            let f = unframe(&raw).expect("framed");
+            proptest::prop_assert_eq!(f.prev, prev.map(|(a, b)| StreamId(a, b)));
+            proptest::prop_assert_eq!(f.id, id.map(|(a, b)| StreamId(a, b)));
+            proptest::prop_assert_eq!(f.payload, &payload[..]);
+        }
     }
 
     #[test]
