@@ -160,7 +160,12 @@ fn decimal_until(s: &[u8], end: u8) -> Option<(u64, &[u8])> {
         if digit > 9 {
             return (b == end && i > 0).then(|| (n, &s[i + 1..]));
         }
-        n = n.checked_mul(10)?.checked_add(u64::from(digit))?;
+        // 19 digits always fit; only a 20th can overflow, so only it is checked.
+        n = if i < 19 {
+            n * 10 + u64::from(digit)
+        } else {
+            n.checked_mul(10)?.checked_add(u64::from(digit))?
+        };
     }
     None
 }
@@ -318,12 +323,15 @@ mod tests {
         assert_eq!(f.payload, b"x\ny");
         assert!(unframe(b"no frame").is_none());
         assert!(unframe(b"bad\n1-1\nx").is_none());
+        let padded = unframe(b"000000000000000000001-2\n\nx").expect("21 digits, value 1");
+        assert_eq!(padded.prev, Some(StreamId(1, 2)));
         for bad in [
             &b"1-\n\nx"[..],
             b"-1\n\nx",
             b"1-1x\n\nx",
             b"\n1-1",
             b"18446744073709551616-0\n\nx",
+            b"99999999999999999999-0\n\nx",
             b"1-1\n",
         ] {
             assert!(unframe(bad).is_none(), "{:?}", String::from_utf8_lossy(bad));
