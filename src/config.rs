@@ -2,13 +2,17 @@
 //! configuration is validated here, before anything binds, so a bad value is reported in one line
 //! (exit code 64) instead of as a half-started node.
 
+use std::io::Read;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 use reqwest::Url;
 use secrecy::{ExposeSecret, SecretString};
+
+use crate::broker::RedisCa;
 
 /// Exit code for a configuration error (EX_USAGE from sysexits.h).
 pub const EXIT_CONFIG: i32 = 64;
@@ -179,7 +183,7 @@ pub struct ServeArgs {
     #[arg(long, env = "WSGATE_CHAT_ROOM_TTL", default_value = "10s", value_parser = duration)]
     pub chat_room_ttl: Duration,
 
-    /// Redis URL (redis://, or rediss:// for TLS: the certificate must chain to a public root, or `rediss://…/#insecure` skips verification), or a comma-separated list of Sentinels or Cluster seed nodes (see --redis-mode). Absent: a single node on the in-process broker.
+    /// Redis URL (redis://, or rediss:// for TLS: the certificate must chain to a public root, or to a CA of --redis-ca-file, or `rediss://…/#insecure` skips verification), or a comma-separated list of Sentinels or Cluster seed nodes (see --redis-mode). Absent: a single node on the in-process broker.
     #[arg(long, env = "WSGATE_REDIS_URL", hide_env_values = true, value_parser = secret)]
     pub redis_url: Option<SecretString>,
 
@@ -190,6 +194,10 @@ pub struct ServeArgs {
     /// The master set the Sentinels watch (required with --redis-mode sentinel).
     #[arg(long, env = "WSGATE_REDIS_SENTINEL_MASTER")]
     pub redis_sentinel_master: Option<String>,
+
+    /// PEM file with the CA certificates (one or more) that rediss:// servers are verified against, instead of the public roots, like redis-cli --cacert: the server, the Sentinels and the master they name, every Cluster node. Needs rediss:// URLs without #insecure.
+    #[arg(long, env = "WSGATE_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
 
     /// Prefix of every Redis channel and key, so several installations can share one Redis.
     #[arg(long, env = "WSGATE_REDIS_PREFIX", default_value = "wsgate")]
@@ -374,6 +382,8 @@ pub struct Config {
     pub redis_mode: RedisMode,
     /// Set exactly when `redis_mode` is `Sentinel`.
     pub redis_sentinel_master: Option<String>,
+    /// `--redis-ca-file`, read and parsed: set only with `rediss://` URLs without `#insecure`.
+    pub redis_ca: Option<RedisCa>,
     pub redis_prefix: String,
     pub redis_pool_size: usize,
     pub node_id: String,
@@ -535,7 +545,7 @@ impl ServeArgs {
             )?)
         };
         let allowed_origins = origins(self.allowed_origins.as_deref().unwrap_or(""))?;
-        self.validate_redis()?;
+        let redis_ca = self.validate_redis()?;
         if self.redis_prefix.is_empty()
             || self
                 .redis_prefix
@@ -636,6 +646,7 @@ impl ServeArgs {
             redis_url: self.redis_url.clone(),
             redis_mode: self.redis_mode,
             redis_sentinel_master: self.redis_sentinel_master.clone(),
+            redis_ca,
             redis_prefix: self.redis_prefix.clone(),
             redis_pool_size: self.redis_pool_size,
             node_id,
@@ -680,8 +691,9 @@ fn default_node_id() -> String {
 }
 
 impl ServeArgs {
-    /// `--redis-url`, `--redis-mode` and `--redis-sentinel-master` agree; every URL parses.
-    fn validate_redis(&self) -> Result<(), ConfigError> {
+    /// `--redis-url`, `--redis-mode` and `--redis-sentinel-master` agree; every URL parses; the
+    /// CAs of `--redis-ca-file`, read once here, have URLs to verify.
+    fn validate_redis(&self) -> Result<Option<RedisCa>, ConfigError> {
         let master = self
             .redis_sentinel_master
             .as_deref()
@@ -709,7 +721,13 @@ impl ServeArgs {
                     "sentinel and cluster need --redis-url (the Sentinels or the seed nodes)",
                 ));
             }
-            return Ok(());
+            if self.redis_ca_file.is_some() {
+                return Err(bad(
+                    "--redis-ca-file",
+                    "is only used with --redis-url (it verifies the rediss:// servers)",
+                ));
+            }
+            return Ok(None);
         };
         let urls = split_urls(list);
         if urls.is_empty() {
@@ -729,15 +747,58 @@ impl ServeArgs {
                     "must be redis:// or rediss:// URLs (credentials are not shown here)",
                 ));
             }
-            if redis::IntoConnectionInfo::into_connection_info(url).is_err() {
+            let Ok(info) = redis::IntoConnectionInfo::into_connection_info(url) else {
                 return Err(bad(
                     "--redis-url",
                     "cannot be parsed as a Redis URL (credentials are not shown here)",
                 ));
+            };
+            if self.redis_ca_file.is_some() {
+                match info.addr() {
+                    redis::ConnectionAddr::TcpTls {
+                        insecure: false, ..
+                    } => {}
+                    redis::ConnectionAddr::TcpTls { insecure: true, .. } => {
+                        return Err(bad(
+                            "--redis-ca-file",
+                            "cannot verify a --redis-url with #insecure, which turns verification \
+                             off: drop #insecure",
+                        ))
+                    }
+                    _ => {
+                        return Err(bad(
+                            "--redis-ca-file",
+                            "needs rediss:// URLs in --redis-url (redis:// is plain TCP, with no \
+                             certificate to verify)",
+                        ))
+                    }
+                }
             }
         }
-        Ok(())
+        self.redis_ca_file.as_deref().map(read_redis_ca).transpose()
     }
+}
+
+/// Largest `--redis-ca-file` read: a CA bundle is kilobytes (all public roots together are a few
+/// hundred); a path to something else is refused before it is read whole.
+const MAX_CA_FILE: u64 = 4 << 20;
+
+/// The CA certificates of a `--redis-ca-file`. Errors name the file and what is wrong with it,
+/// never its contents.
+pub fn read_redis_ca(path: &Path) -> Result<RedisCa, ConfigError> {
+    let flag = "--redis-ca-file";
+    let shown = path.display();
+    let mut pem = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_CA_FILE + 1).read_to_end(&mut pem))
+        .map_err(|e| bad(flag, format!("cannot read {shown}: {e}")))?;
+    if pem.len() as u64 > MAX_CA_FILE {
+        return Err(bad(
+            flag,
+            format!("{shown} is larger than 4 MiB; a CA file holds a few certificates"),
+        ));
+    }
+    RedisCa::from_pem(pem).map_err(|problem| bad(flag, format!("{shown} {problem}")))
 }
 
 /// The URLs of a comma-separated `--redis-url`, trimmed, empty entries dropped.
@@ -834,5 +895,156 @@ mod tests {
         assert!(p[1].contains(&"192.168.1.7".parse::<std::net::IpAddr>().expect("ip")));
         assert!(proxies("10.0.0.0/33").is_err());
         assert!(proxies("proxy.local").is_err());
+    }
+
+    /// `wsgate serve` with these arguments, validated.
+    fn serve(args: &[&str]) -> Result<Config, ConfigError> {
+        let cli = Cli::try_parse_from(["wsgate", "serve"].iter().chain(args)).expect("parses");
+        let Command::Serve(a) = cli.command else {
+            panic!("serve")
+        };
+        a.validate()
+    }
+
+    /// A file in a directory of its own, removed on drop.
+    struct TempFile(std::path::PathBuf);
+
+    impl TempFile {
+        fn new(name: &str, contents: &str) -> TempFile {
+            let dir = std::env::temp_dir().join(format!(
+                "wsgate-config-{}-{:08x}",
+                std::process::id(),
+                rand::random::<u32>()
+            ));
+            std::fs::create_dir_all(&dir).expect("a temporary directory");
+            let path = dir.join(name);
+            std::fs::write(&path, contents).expect("write the file");
+            TempFile(path)
+        }
+
+        fn arg(&self) -> &str {
+            self.0.to_str().expect("a UTF-8 temporary path")
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            if let Some(dir) = self.0.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+
+    fn ca_error(args: &[&str]) -> String {
+        let e = serve(args).expect_err("refused");
+        assert_eq!(e.flag, "--redis-ca-file", "{e}");
+        e.to_string()
+    }
+
+    #[test]
+    fn a_ca_file_verifies_rediss_urls_in_every_mode() {
+        let ca = crate::broker::test_ca::TestCa::new();
+        let other = crate::broker::test_ca::TestCa::new();
+        // A bundle of two CAs, with a key someone left in the same file: the key is skipped.
+        let key = rcgen::KeyPair::generate().expect("a key").serialize_pem();
+        let file = TempFile::new("ca.pem", &format!("{}{key}{}", ca.pem(), other.pem()));
+        let cfg = serve(&[
+            "--redis-url",
+            "rediss://127.0.0.1:6380",
+            "--redis-ca-file",
+            file.arg(),
+        ])
+        .expect("valid");
+        assert_eq!(cfg.redis_ca.as_ref().map(RedisCa::len), Some(2));
+        assert_eq!(
+            format!("{:?}", cfg.redis_ca),
+            "Some(RedisCa(2 certificates))"
+        );
+        let two = "rediss://127.0.0.1:7000,rediss://127.0.0.1:7001";
+        let sentinel = serve(&[
+            "--redis-mode",
+            "sentinel",
+            "--redis-sentinel-master",
+            "m",
+            "--redis-url",
+            two,
+            "--redis-ca-file",
+            file.arg(),
+        ])
+        .expect("valid");
+        assert!(sentinel.redis_ca.is_some());
+        let cfg = serve(&[
+            "--redis-mode",
+            "cluster",
+            "--redis-url",
+            two,
+            "--redis-ca-file",
+            file.arg(),
+        ])
+        .expect("valid");
+        assert!(cfg.redis_ca.is_some());
+    }
+
+    #[test]
+    fn a_missing_ca_file_is_named() {
+        let file = TempFile::new("present.pem", "");
+        let missing = file.0.with_file_name("missing.pem");
+        let missing = missing.to_str().expect("UTF-8");
+        let text = ca_error(&[
+            "--redis-url",
+            "rediss://127.0.0.1:6380",
+            "--redis-ca-file",
+            missing,
+        ]);
+        assert!(text.contains("cannot read"), "{text}");
+        assert!(text.contains(missing), "{text}");
+    }
+
+    #[test]
+    fn a_ca_file_without_a_certificate_is_refused_without_showing_it() {
+        let key = rcgen::KeyPair::generate().expect("a key").serialize_pem();
+        let secret_line = key.lines().nth(1).expect("a base64 line").to_owned();
+        for contents in [key.as_str(), "", "not PEM at all\n"] {
+            let file = TempFile::new("ca.pem", contents);
+            let text = ca_error(&[
+                "--redis-url",
+                "rediss://127.0.0.1:6380",
+                "--redis-ca-file",
+                file.arg(),
+            ]);
+            assert!(text.contains("holds no PEM certificate"), "{text}");
+            assert!(!text.contains(&secret_line), "{text}");
+        }
+        let broken = TempFile::new("ca.pem", "-----BEGIN CERTIFICATE-----\nMIIB\n");
+        let text = ca_error(&[
+            "--redis-url",
+            "rediss://127.0.0.1:6380",
+            "--redis-ca-file",
+            broken.arg(),
+        ]);
+        assert!(text.contains("without its END line"), "{text}");
+    }
+
+    #[test]
+    fn a_ca_file_needs_rediss_urls_that_verify() {
+        let ca = crate::broker::test_ca::TestCa::new();
+        let file = TempFile::new("ca.pem", &ca.pem());
+        let text = ca_error(&["--redis-ca-file", file.arg()]);
+        assert!(text.contains("only used with --redis-url"), "{text}");
+        let text = ca_error(&[
+            "--redis-url",
+            "redis://127.0.0.1:6379",
+            "--redis-ca-file",
+            file.arg(),
+        ]);
+        assert!(text.contains("needs rediss:// URLs"), "{text}");
+        let text = ca_error(&[
+            "--redis-url",
+            "rediss://:pw-very-secret@127.0.0.1:6380/#insecure",
+            "--redis-ca-file",
+            file.arg(),
+        ]);
+        assert!(text.contains("#insecure"), "{text}");
+        assert!(!text.contains("very-secret"), "{text}");
     }
 }

@@ -102,6 +102,7 @@ impl AppState {
                     Some(url) => match RedisBroker::start(
                         &RedisSettings {
                             topology: topology(&config, url.expose_secret()),
+                            ca: config.redis_ca.clone(),
                             prefix: config.redis_prefix.clone(),
                             node_id: config.node_id.clone(),
                             pool_size: config.redis_pool_size,

@@ -4,21 +4,103 @@
 //!
 //! - Standalone: one URL; a deadpool-redis pool and a client for the pub/sub connection.
 //! - Sentinel: the URLs are Sentinels. Every (re)connect of the pub/sub connection asks them for
-//!   the current master (`redis::sentinel`), and the pool (deadpool-redis's Sentinel manager)
-//!   does the same for every new connection, so after a failover both reach the new master once
-//!   the old connections have failed. Credentials and TLS of the first URL also apply to the
-//!   master.
+//!   the current master (`redis::sentinel`), and the pool ([`SentinelManager`]) does the same for
+//!   every new connection, so after a failover both reach the new master once the old
+//!   connections have failed. Credentials and TLS of the first URL also apply to the master.
 //! - Cluster: the URLs are seed nodes; commands go over one multiplexed cluster connection (the
 //!   `redis` crate's, one connection per shard, routed by slot), made on first use; pub/sub is
 //!   in `redis_cluster.rs`.
+//!
+//! With `--redis-ca-file` ([`RedisCa`]) every `rediss://` connection of every topology (the
+//! pool's, the pub/sub reader's, the Sentinels', the master's, every shard's) verifies the server
+//! against those CAs instead of the public roots.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::ConnectionLike;
 use redis::{Cmd, IntoConnectionInfo, Pipeline, RedisFuture, Value};
+use tokio_rustls::rustls;
 
 use super::{BrokerError, Outage};
+
+/// The CA certificates of `--redis-ca-file`. A Redis behind a private CA (cert-manager's internal
+/// issuer, a chart's self-made CA) is verified against them instead of being reached with
+/// `#insecure`. They replace the public roots rather than add to them, as `redis-cli --cacert`
+/// does and as the `redis` crate does with a root certificate: a deployment that names its CA
+/// means that CA, and a certificate some public CA issued for the same name is not its Redis.
+#[derive(Clone)]
+pub struct RedisCa {
+    /// The file as read, for the `redis` crate's connections, which take PEM (it reads only the
+    /// certificates in it).
+    pem: Arc<[u8]>,
+    /// The same certificates, parsed once, for the pub/sub reader.
+    roots: Arc<rustls::RootCertStore>,
+}
+
+impl RedisCa {
+    /// The certificates of a PEM file: at least one, each usable as a trust anchor. Other PEM
+    /// sections (a key left in the same file) are skipped and never shown.
+    pub fn from_pem(pem: Vec<u8>) -> Result<RedisCa, String> {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for (i, cert) in rustls::pki_types::CertificateDer::pem_slice_iter(&pem).enumerate() {
+            // The parser's own messages may quote the file's lines: only the kind of damage.
+            let cert = cert.map_err(|e| match e {
+                rustls::pki_types::pem::Error::Base64Decode(_) => {
+                    "has a PEM section that is not valid base64".to_owned()
+                }
+                rustls::pki_types::pem::Error::MissingSectionEnd { .. } => {
+                    "has a PEM section without its END line (a truncated file?)".to_owned()
+                }
+                _ => "cannot be read as PEM".to_owned(),
+            })?;
+            roots.add(cert).map_err(|e| {
+                format!(
+                    "has certificate {}, which is not usable as a CA certificate: {e}",
+                    i + 1
+                )
+            })?;
+        }
+        if roots.is_empty() {
+            return Err("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into());
+        }
+        Ok(RedisCa {
+            pem: pem.into(),
+            roots: Arc::new(roots),
+        })
+    }
+
+    /// How many CA certificates there are.
+    pub fn len(&self) -> usize {
+        self.roots.len()
+    }
+
+    /// Never empty: [`RedisCa::from_pem`] refuses a file without a certificate.
+    pub fn is_empty(&self) -> bool {
+        self.roots.is_empty()
+    }
+
+    /// The certificates for the pub/sub reader's TLS.
+    pub(super) fn roots(&self) -> Arc<rustls::RootCertStore> {
+        self.roots.clone()
+    }
+
+    /// The certificates as the `redis` crate takes them: trust anchors, no client certificate.
+    pub(super) fn certificates(&self) -> redis::TlsCertificates {
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(self.pem.to_vec()),
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RedisCa({} certificates)", self.len())
+    }
+}
 
 /// How to reach Redis. URLs may carry credentials: never logged, never in Debug output.
 #[derive(Clone)]
@@ -82,7 +164,7 @@ impl Endpoint {
 #[derive(Clone)]
 pub(super) enum Pool {
     Fixed(deadpool_redis::Pool),
-    Sentinel(deadpool_redis::sentinel::Pool),
+    Sentinel(SentinelPool),
     /// One multiplexed cluster connection, made on first use (retried until it works).
     Cluster(ClusterCell),
 }
@@ -90,7 +172,7 @@ pub(super) enum Pool {
 /// One pooled connection, whatever the topology.
 pub(super) enum Conn {
     Fixed(deadpool_redis::Connection),
-    Sentinel(deadpool_redis::sentinel::Connection),
+    Sentinel(deadpool::managed::Object<SentinelManager>),
     Cluster(redis::cluster_async::ClusterConnection, ClusterCell),
 }
 
@@ -195,18 +277,118 @@ fn pool_setup(e: deadpool_redis::BuildError) -> Outage {
     Outage::PoolSetup(Arc::new(e))
 }
 
-/// The pub/sub endpoint and the command pool for a topology.
+/// The master the Sentinels name, for command connections: deadpool-redis's Sentinel manager
+/// does the same, but builds its Sentinel client itself, and that one cannot be given a CA.
+pub(super) struct SentinelManager {
+    client: tokio::sync::Mutex<redis::sentinel::SentinelClient>,
+    pings: AtomicUsize,
+}
+
+pub(super) type SentinelPool = deadpool::managed::Pool<SentinelManager>;
+
+impl deadpool::managed::Manager for SentinelManager {
+    type Type = redis::aio::MultiplexedConnection;
+    type Error = redis::RedisError;
+
+    async fn create(&self) -> Result<Self::Type, Self::Error> {
+        self.client.lock().await.get_async_connection().await
+    }
+
+    /// A connection that comes back answers a numbered PING with its number, or is dropped (a
+    /// connection to a demoted master fails here, and the next one asks the Sentinels again).
+    async fn recycle(
+        &self,
+        conn: &mut Self::Type,
+        _: &deadpool::managed::Metrics,
+    ) -> deadpool::managed::RecycleResult<Self::Error> {
+        let n = self.pings.fetch_add(1, Ordering::Relaxed).to_string();
+        let answer: String = redis::cmd("PING").arg(&n).query_async(conn).await?;
+        if answer == n {
+            Ok(())
+        } else {
+            Err(deadpool::managed::RecycleError::message(
+                "Invalid PING response",
+            ))
+        }
+    }
+}
+
+/// A client of the Sentinels that names the master `master`. Credentials and TLS of the first URL
+/// also apply to the master; with a CA, the Sentinels and the master are both verified against it.
+fn sentinel_client(
+    sentinels: &[String],
+    master: &str,
+    ca: Option<&RedisCa>,
+) -> Result<redis::sentinel::SentinelClient, Outage> {
+    use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+    let infos = sentinels
+        .iter()
+        .map(|u| u.as_str().into_connection_info())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| Outage::BadUrl)?;
+    let first = infos.first().ok_or(Outage::BadUrl)?;
+    let insecure = match first.addr() {
+        redis::ConnectionAddr::TcpTls { insecure, .. } => Some(*insecure),
+        _ => None,
+    };
+    let settings = first.redis_settings().clone();
+    let Some(ca) = ca else {
+        let mut node = redis::sentinel::SentinelNodeConnectionInfo::default()
+            .set_redis_connection_info(settings);
+        if let Some(insecure) = insecure {
+            node = node.set_tls_mode(if insecure {
+                redis::TlsMode::Insecure
+            } else {
+                redis::TlsMode::Secure
+            });
+        }
+        return SentinelClient::build(infos, master, Some(node), SentinelServerType::Master)
+            .map_err(|_| Outage::BadUrl);
+    };
+    // Only the builder passes certificates on to the master's connections. It takes one set of
+    // credentials for all Sentinels: the first URL's, as for the master.
+    let mut b = SentinelClientBuilder::new(
+        infos.iter().map(|i| i.addr().clone()),
+        master,
+        SentinelServerType::Master,
+    )
+    .map_err(|_| Outage::BadUrl)?
+    .set_client_to_redis_db(settings.db())
+    .set_client_to_redis_tls_mode(redis::TlsMode::Secure)
+    .set_client_to_redis_certificates(ca.certificates())
+    .set_client_to_sentinel_certificates(ca.certificates());
+    if let Some(user) = settings.username() {
+        b = b
+            .set_client_to_redis_username(user)
+            .set_client_to_sentinel_username(user);
+    }
+    if let Some(password) = settings.password() {
+        b = b
+            .set_client_to_redis_password(password)
+            .set_client_to_sentinel_password(password);
+    }
+    b.build().map_err(|_| Outage::BadUrl)
+}
+
+/// The pub/sub endpoint and the command pool for a topology; `ca` verifies every `rediss://`
+/// connection instead of the public roots.
 pub(super) fn open(
     topology: &Topology,
+    ca: Option<&RedisCa>,
     pool_size: usize,
     timeout: Duration,
 ) -> Result<(Endpoint, Pool), BrokerError> {
     match topology {
         Topology::Standalone(url) => {
-            let client = redis::Client::open(url.as_str()).map_err(|_| Outage::BadUrl)?;
-            let pool = deadpool_redis::Config::from_url(url.as_str())
-                .builder()
-                .map_err(|_| Outage::BadUrl)?
+            let client = match ca {
+                None => redis::Client::open(url.as_str()),
+                Some(ca) => redis::Client::build_with_tls(url.as_str(), ca.certificates()),
+            }
+            .map_err(|_| Outage::BadUrl)?;
+            // The pool's connections are the client's, certificates included.
+            let manager = deadpool_redis::Manager::new(client.get_connection_info().clone())
+                .map_err(|_| Outage::BadUrl)?;
+            let pool = deadpool_redis::Pool::builder(manager)
                 .config(pool_config(pool_size, timeout))
                 .runtime(deadpool_redis::Runtime::Tokio1)
                 .build()
@@ -214,70 +396,24 @@ pub(super) fn open(
             Ok((Endpoint::Fixed(client), Pool::Fixed(pool)))
         }
         Topology::Sentinel { sentinels, master } => {
-            let first = sentinels
-                .first()
-                .ok_or(Outage::BadUrl)?
-                .as_str()
-                .into_connection_info()
-                .map_err(|_| Outage::BadUrl)?;
-            let tls = match first.addr() {
-                redis::ConnectionAddr::TcpTls { insecure, .. } => Some(*insecure),
-                _ => None,
+            let manager = SentinelManager {
+                client: tokio::sync::Mutex::new(sentinel_client(sentinels, master, ca)?),
+                pings: AtomicUsize::new(0),
             };
-            let settings = first.redis_settings();
-            let urls: Vec<&str> = sentinels.iter().map(String::as_str).collect();
-
-            let mut node = redis::sentinel::SentinelNodeConnectionInfo::default()
-                .set_redis_connection_info(settings.clone());
-            if let Some(insecure) = tls {
-                node = node.set_tls_mode(if insecure {
-                    redis::TlsMode::Insecure
-                } else {
-                    redis::TlsMode::Secure
-                });
-            }
-            let client = redis::sentinel::SentinelClient::build(
-                urls.clone(),
-                master.as_str(),
-                Some(node),
-                redis::sentinel::SentinelServerType::Master,
-            )
-            .map_err(|_| Outage::BadUrl)?;
-
-            let node = deadpool_redis::sentinel::SentinelNodeConnectionInfo {
-                tls_mode: tls.map(|insecure| {
-                    if insecure {
-                        deadpool_redis::sentinel::TlsMode::Insecure
-                    } else {
-                        deadpool_redis::sentinel::TlsMode::Secure
-                    }
-                }),
-                redis_connection_info: Some(deadpool_redis::RedisConnectionInfo {
-                    db: settings.db(),
-                    username: settings.username().map(str::to_owned),
-                    password: settings.password().map(str::to_owned),
-                    protocol: Default::default(),
-                }),
-            };
-            let manager = deadpool_redis::sentinel::Manager::new(
-                urls,
-                master.clone(),
-                Some(node),
-                deadpool_redis::sentinel::SentinelServerType::Master,
-            )
-            .map_err(|_| Outage::BadUrl)?;
-            let pool = deadpool_redis::sentinel::Pool::builder(manager)
+            let pool = SentinelPool::builder(manager)
                 .config(pool_config(pool_size, timeout))
                 .runtime(deadpool_redis::Runtime::Tokio1)
                 .build()
                 .map_err(pool_setup)?;
             Ok((
-                Endpoint::Sentinel(tokio::sync::Mutex::new(client)),
+                Endpoint::Sentinel(tokio::sync::Mutex::new(sentinel_client(
+                    sentinels, master, ca,
+                )?)),
                 Pool::Sentinel(pool),
             ))
         }
         Topology::Cluster(seeds) => {
-            let client = super::redis_cluster::client(seeds, false)
+            let client = super::redis_cluster::client(seeds, ca, false)
                 .and_then(|b| b.build())
                 .map_err(|_| Outage::BadUrl)?;
             Ok((
@@ -305,7 +441,7 @@ mod tests {
     #[tokio::test]
     async fn pools_take_the_size_and_the_timeouts() {
         let standalone = Topology::Standalone("redis://127.0.0.1:1".into());
-        match open(&standalone, 7, Duration::from_millis(250)) {
+        match open(&standalone, None, 7, Duration::from_millis(250)) {
             Ok((_, Pool::Fixed(p))) => assert_pool(p.status(), p.timeouts()),
             _ => panic!("a standalone pool"),
         }
@@ -313,9 +449,49 @@ mod tests {
             sentinels: vec!["redis://127.0.0.1:1".into()],
             master: "m".into(),
         };
-        match open(&sentinel, 7, Duration::from_millis(250)) {
+        match open(&sentinel, None, 7, Duration::from_millis(250)) {
             Ok((_, Pool::Sentinel(p))) => assert_pool(p.status(), p.timeouts()),
             _ => panic!("a Sentinel pool"),
         }
+    }
+
+    /// With a CA every topology builds its clients and pools (nothing connects yet), and the
+    /// standalone pub/sub client's address carries the certificates.
+    #[tokio::test]
+    async fn every_topology_takes_a_ca() {
+        let ca = RedisCa::from_pem(crate::broker::test_ca::TestCa::new().pem().into_bytes())
+            .expect("the CA parses");
+        let timeout = Duration::from_millis(250);
+        let standalone = Topology::Standalone("rediss://127.0.0.1:1".into());
+        match open(&standalone, Some(&ca), 7, timeout) {
+            Ok((Endpoint::Fixed(client), Pool::Fixed(p))) => {
+                assert_pool(p.status(), p.timeouts());
+                assert!(matches!(
+                    client.get_connection_info().addr(),
+                    redis::ConnectionAddr::TcpTls {
+                        insecure: false,
+                        tls_params: Some(_),
+                        ..
+                    }
+                ));
+            }
+            _ => panic!("a standalone pool"),
+        }
+        let sentinel = Topology::Sentinel {
+            sentinels: vec![
+                "rediss://:pw@127.0.0.1:1".into(),
+                "rediss://:pw@127.0.0.1:2".into(),
+            ],
+            master: "m".into(),
+        };
+        match open(&sentinel, Some(&ca), 7, timeout) {
+            Ok((Endpoint::Sentinel(_), Pool::Sentinel(p))) => assert_pool(p.status(), p.timeouts()),
+            _ => panic!("a Sentinel pool"),
+        }
+        let cluster = Topology::Cluster(vec!["rediss://127.0.0.1:1".into()]);
+        assert!(matches!(
+            open(&cluster, Some(&ca), 7, timeout),
+            Ok((Endpoint::Cluster(_), Pool::Cluster(_)))
+        ));
     }
 }

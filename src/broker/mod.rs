@@ -28,9 +28,11 @@ mod replay;
 mod resp;
 mod sets;
 mod subscription;
+#[cfg(test)]
+pub(crate) mod test_ca;
 
 pub use channel_list::ChannelList;
-pub use connect::Topology;
+pub use connect::{RedisCa, Topology};
 pub use history::StreamId;
 pub use payloads::Recent;
 pub use replay::MAX_REPLAY;

@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::task::AbortOnDropHandle;
 
-use super::connect::{self, Endpoint, Pool, Topology};
+use super::connect::{self, Endpoint, Pool, RedisCa, Topology};
 use super::held::{Held, Kept};
 use super::history::{self, Positions, StreamId, Verdict};
 use super::payloads::RecentPayloads;
@@ -275,6 +275,9 @@ fn refused_by_redis(e: &BrokerError) -> bool {
 pub struct RedisSettings {
     /// Where Redis is; its URLs may carry credentials: never logged, never in Debug output.
     pub topology: Topology,
+    /// `--redis-ca-file`: the CAs `rediss://` connections are verified against (`None`: the
+    /// public roots).
+    pub ca: Option<RedisCa>,
     /// Installation prefix of every key and channel.
     pub prefix: String,
     /// This node's id, in its presence keys and canary channel.
@@ -295,6 +298,7 @@ impl std::fmt::Debug for RedisSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisSettings")
             .field("topology", &self.topology)
+            .field("ca", &self.ca)
             .field("prefix", &self.prefix)
             .field("node_id", &self.node_id)
             .field("pool_size", &self.pool_size)
@@ -314,7 +318,12 @@ impl RedisBroker {
         sink: Arc<dyn MessageSink>,
         metrics: Arc<Metrics>,
     ) -> Result<RedisBroker, BrokerError> {
-        let (endpoint, pool) = connect::open(&cfg.topology, cfg.pool_size, COMMAND_TIMEOUT)?;
+        let (endpoint, pool) = connect::open(
+            &cfg.topology,
+            cfg.ca.as_ref(),
+            cfg.pool_size,
+            COMMAND_TIMEOUT,
+        )?;
         let keys = Keys::new(&cfg.prefix, &cfg.node_id, cfg.topology.is_cluster());
         let shared = Arc::new(Shared {
             up: AtomicBool::new(false),
@@ -326,6 +335,7 @@ impl RedisBroker {
         let (tx, rx) = mpsc::unbounded_channel();
         let actor = Actor {
             endpoint,
+            ca: cfg.ca.clone(),
             pool: pool.clone(),
             shared: shared.clone(),
             sink,
@@ -449,6 +459,8 @@ impl RedisBroker {
 
 struct Actor {
     endpoint: Endpoint,
+    /// `--redis-ca-file`: what the pub/sub connection's TLS trusts.
+    ca: Option<RedisCa>,
     pool: Pool,
     shared: Arc<Shared>,
     sink: Arc<dyn MessageSink>,
@@ -680,7 +692,7 @@ impl Actor {
     ) -> Result<(SubSink, SubStream, Vec<ShardCanary>), BrokerError> {
         if let Endpoint::Cluster(seeds) = &self.endpoint {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            let client = redis_cluster::client(seeds, true)
+            let client = redis_cluster::client(seeds, self.ca.as_ref(), true)
                 .map(|b| b.push_sender(tx))
                 .and_then(|b| b.build())
                 .map_err(|_| Outage::BadUrl)?;
@@ -694,7 +706,8 @@ impl Actor {
             shard: info.addr().to_string(),
             channel: self.keys.canary.clone(),
         };
-        let (commands, replies) = timed(subscription::connect(info)).await?;
+        let roots = self.ca.as_ref().map(RedisCa::roots);
+        let (commands, replies) = timed(subscription::connect(info, roots)).await?;
         Ok((
             SubSink::Own(commands),
             SubStream::Own(replies),

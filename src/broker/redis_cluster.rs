@@ -23,6 +23,8 @@ use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot};
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 
+use super::connect::RedisCa;
+
 /// Slot groups sent at once when (un)subscribing many channels.
 const CONCURRENCY: usize = 64;
 
@@ -44,9 +46,12 @@ pub(super) fn by_slot_of<T, I: IntoIterator<Item = T>>(
     groups.into_values().collect()
 }
 
-/// A cluster connection for commands, and one for sharded pub/sub with its pushes.
+/// A cluster connection for commands, and one for sharded pub/sub with its pushes. With a CA,
+/// every shard's `rediss://` connection (the seeds', and those the slot map names) is verified
+/// against it.
 pub(super) fn client(
     seeds: &[String],
+    ca: Option<&RedisCa>,
     resp3: bool,
 ) -> redis::RedisResult<redis::cluster::ClusterClientBuilder> {
     let mut b = redis::cluster::ClusterClientBuilder::new(seeds.iter().map(String::as_str))
@@ -55,6 +60,9 @@ pub(super) fn client(
         .retries(3);
     if resp3 {
         b = b.use_protocol(redis::ProtocolVersion::RESP3);
+    }
+    if let Some(ca) = ca {
+        b = b.certs(ca.certificates());
     }
     Ok(b)
 }

@@ -12,9 +12,10 @@
 //! - [`Replies`] reads; it answers the acknowledgements in order as it meets them, so they
 //!   are answered as long as the reader reads, including while it holds delivery back (a
 //!   restore, a catch-up, a gap's recovery).
-//! - TLS (`rediss://`) trusts what the crate's own connections trust: the public roots, or
-//!   anything with `#insecure`. Managed Redis services often require TLS, and a node there
-//!   delivered through the crate's pub/sub at about twice the CPU per delivery.
+//! - TLS (`rediss://`) trusts what the crate's own connections trust: the CAs of
+//!   `--redis-ca-file`, else the public roots; or anything with `#insecure`. Managed Redis
+//!   services often require TLS, and a node there delivered through the crate's pub/sub at about
+//!   twice the CPU per delivery.
 //! - A Redis Cluster keeps the crate's sharded pub/sub (`redis_cluster.rs`).
 
 use std::collections::VecDeque;
@@ -98,27 +99,31 @@ fn server_error(line: &[u8]) -> redis::RedisError {
     redis::make_extension_error(code.to_owned(), Some(detail.to_owned()))
 }
 
-/// Connects and authenticates.
+/// Connects and authenticates; over TLS the server is verified against `roots` (the CAs of
+/// `--redis-ca-file`), or without them against the public roots.
 pub(super) async fn connect(
     info: &redis::ConnectionInfo,
+    roots: Option<Arc<rustls::RootCertStore>>,
 ) -> redis::RedisResult<(Commands, Replies)> {
     let (read, write): (ReadHalf, WriteHalf) = match info.addr() {
         redis::ConnectionAddr::Tcp(host, port) => {
             let (read, write) = tcp(host, *port).await?.into_split();
             (ReadHalf::Tcp(read), Box::new(write))
         }
+        // An address made with the CA carries the crate's parsed copy of the same certificates
+        // (`tls_params`); the reader uses the roots it was given, parsed once.
         redis::ConnectionAddr::TcpTls {
             host,
             port,
             insecure,
-            tls_params: None,
+            ..
         } => {
             let stream = tcp(host, *port).await?;
-            let (read, write) = tokio::io::split(tls(host, stream, *insecure).await?);
+            let (read, write) = tokio::io::split(tls(host, stream, *insecure, roots).await?);
             (ReadHalf::Tls(read), Box::new(write))
         }
         // wsgate builds its connections from URLs (redis:// and rediss:// only), so no address
-        // comes with certificates of its own, nor names a Unix socket.
+        // names a Unix socket.
         other => {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
@@ -159,15 +164,19 @@ async fn tcp(host: &str, port: u16) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
-/// TLS as the crate's connections do it: verified against the public roots, or, with
-/// `#insecure`, not verified at all (and without SNI).
+/// TLS as the crate's connections do it: verified against the given CAs (instead of the public
+/// roots) or the public roots, or, with `#insecure`, not verified at all (and without SNI).
 async fn tls(
     host: &str,
     stream: TcpStream,
     insecure: bool,
+    roots: Option<Arc<rustls::RootCertStore>>,
 ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let roots = roots.unwrap_or_else(|| {
+        let mut public = rustls::RootCertStore::empty();
+        public.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        Arc::new(public)
+    });
     let mut config = rustls::ClientConfig::builder()
         .with_root_certificates(roots)
         .with_no_client_auth();
@@ -345,15 +354,15 @@ mod tests {
     use redis::IntoConnectionInfo;
     use tokio::net::TcpListener;
 
-    /// A TLS server with a self-signed certificate for 127.0.0.1 that answers one connection's
+    /// A TLS server with this certificate for 127.0.0.1 that answers each connection's
     /// handshake and then holds it; its port.
-    async fn self_signed_server() -> u16 {
-        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()])
-            .expect("a self-signed certificate");
-        let key = rustls::pki_types::PrivatePkcs8KeyDer::from(cert.key_pair.serialize_der());
+    async fn tls_server(
+        cert: rustls::pki_types::CertificateDer<'static>,
+        key: rustls::pki_types::PrivateKeyDer<'static>,
+    ) -> u16 {
         let config = rustls::ServerConfig::builder()
             .with_no_client_auth()
-            .with_single_cert(vec![cert.cert.der().clone()], key.into())
+            .with_single_cert(vec![cert], key)
             .expect("a server configuration");
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
@@ -372,6 +381,14 @@ mod tests {
         port
     }
 
+    /// A TLS server with a self-signed certificate for 127.0.0.1; its port.
+    async fn self_signed_server() -> u16 {
+        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()])
+            .expect("a self-signed certificate");
+        let key = rustls::pki_types::PrivatePkcs8KeyDer::from(cert.key_pair.serialize_der());
+        tls_server(cert.cert.der().clone(), key.into()).await
+    }
+
     fn info(url: &str) -> redis::ConnectionInfo {
         url.into_connection_info().expect("a valid URL")
     }
@@ -379,7 +396,7 @@ mod tests {
     #[tokio::test]
     async fn tls_refuses_a_certificate_no_public_root_signed() {
         let port = self_signed_server().await;
-        let Err(e) = connect(&info(&format!("rediss://127.0.0.1:{port}"))).await else {
+        let Err(e) = connect(&info(&format!("rediss://127.0.0.1:{port}")), None).await else {
             panic!("a self-signed certificate was trusted");
         };
         let text = e.to_string();
@@ -389,8 +406,50 @@ mod tests {
     #[tokio::test]
     async fn tls_with_insecure_accepts_any_certificate() {
         let port = self_signed_server().await;
-        connect(&info(&format!("rediss://127.0.0.1:{port}/#insecure")))
+        connect(&info(&format!("rediss://127.0.0.1:{port}/#insecure")), None)
             .await
             .expect("the handshake succeeds with #insecure");
+    }
+
+    /// `--redis-ca-file`: a certificate the configured CA signed is accepted without
+    /// `#insecure`; one it did not sign (self-signed) is refused, though the URL is the same.
+    #[tokio::test]
+    async fn tls_with_a_ca_accepts_what_it_signed_and_nothing_else() {
+        let ca = crate::broker::test_ca::TestCa::new();
+        let roots = crate::broker::RedisCa::from_pem(ca.pem().into_bytes())
+            .expect("the CA parses")
+            .roots();
+        let (cert, key) = ca.issue("127.0.0.1");
+        let signed = tls_server(cert, key).await;
+        connect(
+            &info(&format!("rediss://127.0.0.1:{signed}")),
+            Some(roots.clone()),
+        )
+        .await
+        .expect("the CA's certificate is trusted");
+
+        let stranger = self_signed_server().await;
+        let Err(e) = connect(
+            &info(&format!("rediss://127.0.0.1:{stranger}")),
+            Some(roots),
+        )
+        .await
+        else {
+            panic!("a certificate the CA did not sign was trusted");
+        };
+        let text = e.to_string();
+        assert!(text.contains("certificate"), "{text}");
+    }
+
+    /// The CA replaces the public roots: a certificate the CA signed is refused by a reader
+    /// that was given no CA (and so trusts only the public roots).
+    #[tokio::test]
+    async fn tls_without_the_ca_refuses_what_the_ca_signed() {
+        let ca = crate::broker::test_ca::TestCa::new();
+        let (cert, key) = ca.issue("127.0.0.1");
+        let port = tls_server(cert, key).await;
+        assert!(connect(&info(&format!("rediss://127.0.0.1:{port}")), None)
+            .await
+            .is_err());
     }
 }

@@ -1,0 +1,43 @@
+//! A private CA for unit tests, as cert-manager or a chart makes one: a CA certificate, and server
+//! certificates it signs.
+
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+pub(crate) struct TestCa {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl TestCa {
+    pub(crate) fn new() -> TestCa {
+        let key = rcgen::KeyPair::generate().expect("a CA key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "wsgate test CA");
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let cert = params.self_signed(&key).expect("a CA certificate");
+        TestCa { cert, key }
+    }
+
+    /// The CA certificate as a `--redis-ca-file` holds it.
+    pub(crate) fn pem(&self) -> String {
+        self.cert.pem()
+    }
+
+    /// A server certificate for `name` (a host name or an IP address) that this CA signed, and
+    /// its key.
+    pub(crate) fn issue(&self, name: &str) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+        let key = rcgen::KeyPair::generate().expect("a server key");
+        let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
+            .expect("server params")
+            .signed_by(&key, &self.cert, &self.key)
+            .expect("a server certificate");
+        let key = PrivatePkcs8KeyDer::from(key.serialize_der());
+        (cert.der().clone(), key.into())
+    }
+}
