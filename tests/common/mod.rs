@@ -220,7 +220,7 @@ pub fn wait_sync(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn spawn_or_explain(cmd: &mut Command, tool: &str) -> Child {
+pub fn spawn_or_explain(cmd: &mut Command, tool: &str) -> Child {
     cmd.stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -336,7 +336,7 @@ pub struct RedisCluster {
 }
 
 /// A free loopback port below 55,000 whose cluster bus port (+10,000) is free too.
-fn free_cluster_port() -> u16 {
+pub fn free_cluster_port() -> u16 {
     for _ in 0..1000 {
         let port = free_port();
         if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
@@ -491,12 +491,85 @@ impl Drop for RedisCluster {
     }
 }
 
-/// A `redis-server` that also serves TLS on a second port, with a self-signed certificate for
-/// 127.0.0.1 (written to a temporary directory, removed on drop).
+/// A private CA, as cert-manager or a chart makes one, and a server certificate for 127.0.0.1 it
+/// signed, written to a temporary directory (removed on drop): `ca.pem` is what
+/// `--redis-ca-file` names.
+pub struct PrivateCa {
+    pub dir: std::path::PathBuf,
+    pub ca_file: std::path::PathBuf,
+    cert_file: std::path::PathBuf,
+    key_file: std::path::PathBuf,
+}
+
+impl PrivateCa {
+    pub fn new() -> PrivateCa {
+        let dir = std::env::temp_dir().join(format!("wsgate-ca-{}", free_port()));
+        std::fs::create_dir_all(&dir).expect("a temporary directory for the certificates");
+        let ca_key = rcgen::KeyPair::generate().expect("a CA key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "wsgate test CA");
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let ca = params.self_signed(&ca_key).expect("a CA certificate");
+        let key = rcgen::KeyPair::generate().expect("a server key");
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .expect("server params")
+            .signed_by(&key, &ca, &ca_key)
+            .expect("a server certificate");
+        let pki = PrivateCa {
+            ca_file: dir.join("ca.pem"),
+            cert_file: dir.join("redis.crt"),
+            key_file: dir.join("redis.key"),
+            dir,
+        };
+        std::fs::write(&pki.ca_file, ca.pem()).expect("write the CA certificate");
+        std::fs::write(&pki.cert_file, cert.pem()).expect("write the certificate");
+        std::fs::write(&pki.key_file, key.serialize_pem()).expect("write the key");
+        pki
+    }
+
+    /// `redis-server` arguments for TLS with the CA's certificate; clients need none of their
+    /// own. The CA also verifies the server's own TLS links (replication, the Sentinels').
+    pub fn tls_args(&self) -> Vec<String> {
+        [
+            "--tls-cert-file",
+            &self.cert_file.display().to_string(),
+            "--tls-key-file",
+            &self.key_file.display().to_string(),
+            "--tls-ca-cert-file",
+            &self.ca_file.display().to_string(),
+            "--tls-auth-clients",
+            "no",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// `--redis-ca-file`, read as the node reads it.
+    pub fn redis_ca(&self) -> wsgate::broker::RedisCa {
+        wsgate::config::read_redis_ca(&self.ca_file).expect("the CA file is valid")
+    }
+}
+
+impl Drop for PrivateCa {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A `redis-server` that also serves TLS on a second port: with a self-signed certificate for
+/// 127.0.0.1 (written to a temporary directory, removed on drop), or with one a private CA signed.
 pub struct TlsRedis {
     pub redis: Redis,
     pub tls_port: u16,
     dir: std::path::PathBuf,
+    pub ca: Option<PrivateCa>,
 }
 
 impl TlsRedis {
@@ -527,12 +600,32 @@ impl TlsRedis {
             redis,
             tls_port,
             dir,
+            ca: None,
+        }
+    }
+
+    /// With a certificate a private CA signed (`self.ca`).
+    pub fn start_with_ca() -> TlsRedis {
+        let ca = PrivateCa::new();
+        let tls_port = free_port();
+        let mut args = vec!["--tls-port".to_owned(), tls_port.to_string()];
+        args.extend(ca.tls_args());
+        TlsRedis {
+            redis: Redis::start_on(free_port(), args),
+            tls_port,
+            dir: ca.dir.clone(),
+            ca: Some(ca),
         }
     }
 
     /// The TLS port's URL; the certificate is self-signed, so it is not verified.
     pub fn tls_url(&self) -> String {
         format!("rediss://127.0.0.1:{}/#insecure", self.tls_port)
+    }
+
+    /// The TLS port's URL, verified (against `--redis-ca-file` for a CA-signed certificate).
+    pub fn verified_url(&self) -> String {
+        format!("rediss://127.0.0.1:{}", self.tls_port)
     }
 }
 

@@ -1,0 +1,214 @@
+//! `--redis-ca-file`: a Redis whose certificate a private CA signed (cert-manager's internal
+//! issuer, a chart's self-made CA) is verified against that CA, without `#insecure`, in every
+//! topology; without the CA the same URL is refused. Real `redis-server`s with TLS, certificates
+//! made by rcgen.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use wsgate::config::{Config, RedisMode};
+
+/// The node publishes through its pool and receives through its own pub/sub reader: a message
+/// that reaches the client crossed both connections.
+async fn delivers_through_redis(node: &Node, title: &str) {
+    let mut alice = Client::subscribed(&node.notws("alice")).await;
+    let (s, body) = node
+        .notify(json!({"userIds": ["alice"], "notification": notification("T", title)}))
+        .await;
+    assert_eq!(s, 202, "{body}");
+    assert_eq!(alice.recv_json().await["title"], title);
+}
+
+#[tokio::test]
+async fn a_node_with_the_ca_file_verifies_redis_and_delivers() {
+    let tls = TlsRedis::start_with_ca();
+    let ca = tls.ca.as_ref().expect("a private CA");
+    let backend = Backend::start().await;
+    let mut config = redis_node_config(&backend, tls.verified_url(), "ca", "a");
+    config.redis_ca = Some(ca.redis_ca());
+    let nodes = start_ready_nodes([config]).await;
+    delivers_through_redis(&nodes[0], "verified").await;
+}
+
+/// The same URL without the CA: the public roots do not know the private CA, so the node never
+/// gets ready and a publish answers 503 naming the certificate.
+#[tokio::test]
+async fn a_node_without_the_ca_file_refuses_the_private_certificate() {
+    let tls = TlsRedis::start_with_ca();
+    let backend = Backend::start().await;
+    let node = Node::start(redis_node_config(&backend, tls.verified_url(), "ca", "b")).await;
+    // Long enough for several reconnect attempts.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(node.readyz().await, 503, "not ready without the CA");
+    let (s, body) = node
+        .notify(json!({"userIds": ["alice"], "notification": notification("T", "refused")}))
+        .await;
+    assert_eq!(s, 503, "{body}");
+    assert!(body.to_string().contains("certificate"), "{body}");
+}
+
+/// A configuration error stops the binary before it binds, with exit code 64 and one line that
+/// names the flag.
+#[test]
+fn a_missing_ca_file_stops_the_binary_with_exit_code_64() {
+    let out = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--redis-url",
+            "rediss://127.0.0.1:6380",
+            "--redis-ca-file",
+            "/nonexistent/ca.pem",
+        ])
+        .env_clear()
+        .output()
+        .expect("run wsgate serve");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("--redis-ca-file"), "{stderr}");
+    assert!(stderr.contains("/nonexistent/ca.pem"), "{stderr}");
+}
+
+/// A master and one Sentinel, both TLS with the CA's certificate; the Sentinel reaches the master
+/// over TLS too (`tls-replication yes`) and watches it as `wsgate`.
+struct TlsSentinel {
+    master: Redis,
+    sentinel_tls_port: u16,
+    sentinel: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl TlsSentinel {
+    fn start(ca: &PrivateCa) -> TlsSentinel {
+        let master_tls_port = free_port();
+        let mut args = vec!["--tls-port".to_owned(), master_tls_port.to_string()];
+        args.extend(ca.tls_args());
+        args.extend(["--tls-replication".to_owned(), "yes".to_owned()]);
+        let master = Redis::start_on(free_port(), args);
+        let dir = ca.dir.join("sentinel");
+        std::fs::create_dir_all(&dir).expect("a directory for the Sentinel");
+        let (port, sentinel_tls_port) = (free_port(), free_port());
+        let file = dir.join("sentinel.conf");
+        let tls: Vec<String> = ca
+            .tls_args()
+            .chunks(2)
+            .map(|kv| format!("{} {}", kv[0].trim_start_matches("--"), kv[1]))
+            .collect();
+        std::fs::write(
+            &file,
+            format!(
+                "port {port}\ntls-port {sentinel_tls_port}\n{tls}\ntls-replication yes\n\
+                 bind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
+                 sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {master_tls_port} 1\n\
+                 sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n",
+                tls = tls.join("\n"),
+                dir = dir.display(),
+            ),
+        )
+        .expect("write the Sentinel config");
+        let sentinel = spawn_or_explain(
+            Command::new("redis-server").arg(&file).arg("--sentinel"),
+            "redis-server",
+        );
+        let set = TlsSentinel {
+            master,
+            sentinel_tls_port,
+            sentinel,
+            dir,
+        };
+        // Ready once the Sentinel has reached the master over TLS and calls it a master.
+        wait_sync(
+            Duration::from_secs(20),
+            "the Sentinel sees the master",
+            || {
+                redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                    .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(300)))
+                    .and_then(|mut c| {
+                        redis::cmd("SENTINEL")
+                            .arg("MASTER")
+                            .arg(SENTINEL_MASTER)
+                            .query::<HashMap<String, String>>(&mut c)
+                    })
+                    .is_ok_and(|m| m.get("flags").map(String::as_str) == Some("master"))
+            },
+        );
+        set
+    }
+}
+
+impl Drop for TlsSentinel {
+    fn drop(&mut self) {
+        let _ = self.sentinel.kill();
+        let _ = self.sentinel.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Sentinel mode over TLS: the Sentinel and the master it names are both verified against the CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_mode_verifies_the_sentinels_and_the_master_against_the_ca() {
+    let ca = PrivateCa::new();
+    let set = TlsSentinel::start(&ca);
+    let backend = Backend::start().await;
+    let url = format!("rediss://127.0.0.1:{}", set.sentinel_tls_port);
+    let mut config: Config = redis_node_config(&backend, url, "ca", "s");
+    config.redis_mode = RedisMode::Sentinel;
+    config.redis_sentinel_master = Some(SENTINEL_MASTER.to_owned());
+    config.redis_ca = Some(ca.redis_ca());
+    let nodes = start_ready_nodes([config]).await;
+    delivers_through_redis(&nodes[0], "via the Sentinel").await;
+    assert!(set.master.is_running());
+}
+
+/// Cluster mode over TLS: one master that owns every slot (`tls-cluster yes`, so the slot map
+/// names its TLS port), verified against the CA for commands and for sharded pub/sub.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_mode_verifies_every_shard_against_the_ca() {
+    let ca = PrivateCa::new();
+    let dir = ca.dir.join("cluster");
+    std::fs::create_dir_all(&dir).expect("a directory for the cluster node");
+    // The cluster bus listens on the TLS port + 10,000.
+    let tls_port = free_cluster_port();
+    let mut args: Vec<String> = [
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        "nodes.conf",
+        "--dir",
+        &dir.display().to_string(),
+        "--tls-port",
+        &tls_port.to_string(),
+        "--tls-cluster",
+        "yes",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(ca.tls_args());
+    let node = Redis::start_on(free_port(), args);
+    redis::cmd("CLUSTER")
+        .arg("ADDSLOTSRANGE")
+        .arg(0)
+        .arg(16383)
+        .query::<()>(&mut node.conn())
+        .expect("CLUSTER ADDSLOTSRANGE");
+    wait_sync(Duration::from_secs(20), "cluster_state:ok", || {
+        cluster_info(&node, "cluster_state") == "ok"
+    });
+
+    let backend = Backend::start().await;
+    let url = format!("rediss://127.0.0.1:{tls_port}");
+    let mut config = redis_node_config(&backend, url, "ca", "c");
+    config.redis_mode = RedisMode::Cluster;
+    config.redis_ca = Some(ca.redis_ca());
+    let nodes = start_ready_nodes([config]).await;
+    delivers_through_redis(&nodes[0], "via the cluster").await;
+}
