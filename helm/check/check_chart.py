@@ -51,7 +51,7 @@ KNOWN_ENV = {
     "WSGATE_SESSION_TENANT_POINTER", "WSGATE_ALLOWED_ORIGINS", "WSGATE_RESUBSCRIBE_WINDOW",
     "WSGATE_MAX_CONNECTIONS", "WSGATE_MAX_HANDSHAKES_PER_IP", "WSGATE_HANDSHAKE_TIMEOUT",
     "WSGATE_TRUSTED_PROXIES", "WSGATE_HISTORY_TTL", "WSGATE_RESUME_WINDOW",
-    "WSGATE_PUBLISH_LINGER", "WSGATE_MAX_RECOVERY_HOLD",
+    "WSGATE_PUBLISH_LINGER", "WSGATE_MAX_RECOVERY_HOLD", "WSGATE_REDIS_CA_FILE",
 }
 
 # Recognisable secrets: they must reach the Secret and nothing else.
@@ -95,6 +95,12 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                                  "url": "redis://:pw@sentinel-0:26379,redis://:pw@sentinel-1:26379"}},
     "redis-cluster": {"replicaCount": 3, "apiToken": {"value": TOKEN},
                       "redis": {"mode": "cluster", "url": "rediss://:pw@redis-0:6379,rediss://:pw@redis-1:6379"}},
+    "redis-ca-secret": {"replicaCount": 2, "apiToken": {"value": TOKEN},
+                        "redis": {"url": REDIS_URL, "ca": {"existingSecret": "redis-tls"}}},
+    "redis-ca-configmap": {"replicaCount": 2, "apiToken": {"value": TOKEN},
+                           "redis": {"mode": "sentinel", "sentinelMaster": "mymaster",
+                                     "existingSecret": "redis-conn", "existingSecretKey": "url",
+                                     "ca": {"existingConfigMap": "internal-ca", "key": "bundle.pem"}}},
     "exec-prestop-explicit-grace": {
         "drainTimeoutSeconds": 30,
         "preStop": {"sleepSeconds": 10, "useSleepAction": False},
@@ -138,6 +144,17 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "master name outside sentinel mode": (
         {"redis": {"url": "redis://r:6379", "sentinelMaster": "m"}}, "only used with"),
     "unknown redis mode": ({"redis": {"mode": "ring"}}, "/redis/mode"),
+    "two Redis CA sources": (
+        {"redis": {"url": "rediss://r:6380", "ca": {"existingSecret": "a", "existingConfigMap": "b"}}},
+        "only one of redis.ca"),
+    "Redis CA for the bundled Redis": (
+        {"redis": {"enabled": True, "ca": {"existingSecret": "a"}}}, "bundled Redis is plain"),
+    "Redis CA without Redis": ({"redis": {"ca": {"existingSecret": "a"}}}, "redis.ca verifies"),
+    "Redis CA with a redis:// URL": (
+        {"redis": {"url": "rediss://r:6380, redis://s:6379", "mode": "cluster", "ca": {"existingSecret": "a"}}},
+        "needs rediss://"),
+    "Redis CA with #insecure": (
+        {"redis": {"url": "rediss://r:6380/#insecure", "ca": {"existingSecret": "a"}}}, "#insecure"),
     "two token sources": ({"apiToken": {"value": "a", "existingSecret": "x"}}, "only one"),
     "allowed origin without scheme": ({"allowedOrigins": ["erp.example.com"]}, "allowedOrigins"),
     "malformed resubscribe window": ({"resubscribeWindow": "ten minutes"}, "resubscribeWindow"),
@@ -393,6 +410,37 @@ def check_secrets(name: str, docs: list[dict[str, Any]]) -> str:
     return "API token only via secretKeyRef" + (", Redis URL via Secret" if redis_env and "valueFrom" in redis_env else "")
 
 
+def check_redis_ca(name: str, docs: list[dict[str, Any]]) -> str:
+    """redis.ca: only the CA's key is mounted, read-only, where WSGATE_REDIS_CA_FILE points."""
+    ca = VALUE_SETS[name].get("redis", {}).get("ca", {})
+    pod = gateway(docs)["spec"]["template"]["spec"]
+    mounts = container(docs).get("volumeMounts", [])
+    path = config_of(docs).get("WSGATE_REDIS_CA_FILE")
+    if not ca:
+        expect(path is None and not mounts and not pod.get("volumes"),
+               "a Redis CA is mounted or configured although redis.ca is not set")
+        return "no Redis CA"
+    volume = one_item([v for v in pod.get("volumes", []) if v["name"] == "redis-ca"], "redis-ca volume")
+    mount = one_item([m for m in mounts if m["name"] == "redis-ca"], "redis-ca mount")
+    expect(mount.get("readOnly") is True, "the Redis CA is mounted writable")
+    source = volume.get("secret") or volume.get("configMap")
+    if ca.get("existingSecret"):
+        expect(volume.get("secret", {}).get("secretName") == ca["existingSecret"], f"CA Secret {volume}")
+    else:
+        expect(volume.get("configMap", {}).get("name") == ca["existingConfigMap"], f"CA ConfigMap {volume}")
+    items = source.get("items", [])
+    expect(len(items) == 1 and items[0]["key"] == ca.get("key", "ca.crt"),
+           f"only the CA's key is mounted: {items}")
+    expect(path == f"{mount['mountPath']}/{items[0]['path']}",
+           f"WSGATE_REDIS_CA_FILE {path} is not the mounted file")
+    return f"CA from {'Secret' if ca.get('existingSecret') else 'ConfigMap'} key {items[0]['key']}, read-only at {path}"
+
+
+def one_item(items: list[Any], what: str) -> Any:
+    expect(len(items) == 1, f"expected one {what}, found {len(items)}")
+    return items[0]
+
+
 def check_security_and_rollout(name: str, docs: list[dict[str, Any]]) -> str:
     pod = gateway(docs)["spec"]["template"]
     sc = container(docs)["securityContext"]
@@ -558,8 +606,8 @@ def check_readme() -> str:
 
 PER_SET: list[Callable[[str, list[dict[str, Any]]], str]] = [
     check_kubernetes_schemas, check_crd_schemas, check_probes_and_ports, check_grace_period,
-    check_services_and_ingress, check_secrets, check_security_and_rollout, check_scaling,
-    check_monitoring,
+    check_services_and_ingress, check_secrets, check_redis_ca, check_security_and_rollout,
+    check_scaling, check_monitoring,
 ]
 
 

@@ -73,6 +73,18 @@ true
 {{- end -}}
 {{- end -}}
 
+{{/* True when a CA for Redis's TLS is mounted (redis.ca). */}}
+{{- define "wsgate.redisCa" -}}
+{{- if or .Values.redis.ca.existingSecret .Values.redis.ca.existingConfigMap -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* Where the pods read the Redis CA (--redis-ca-file). */}}
+{{- define "wsgate.redisCaFile" -}}
+/etc/wsgate/redis-ca/ca.pem
+{{- end -}}
+
 {{/* terminationGracePeriodSeconds: explicit, or derived from the drain window. */}}
 {{- define "wsgate.terminationGracePeriodSeconds" -}}
 {{- $window := add (int .Values.drainTimeoutSeconds) (int .Values.preStop.sleepSeconds) -}}
@@ -108,6 +120,22 @@ true
 {{- end -}}
 {{- if and (ne .Values.redis.mode "sentinel") .Values.redis.sentinelMaster -}}
 {{- fail "redis.sentinelMaster is only used with redis.mode sentinel" -}}
+{{- end -}}
+{{- if and .Values.redis.ca.existingSecret .Values.redis.ca.existingConfigMap -}}
+{{- fail "set only one of redis.ca.existingSecret and redis.ca.existingConfigMap" -}}
+{{- end -}}
+{{- if include "wsgate.redisCa" . -}}
+{{- if or .Values.redis.enabled (not (or .Values.redis.url .Values.redis.existingSecret)) -}}
+{{- fail "redis.ca verifies your own rediss:// Redis in redis.url or redis.existingSecret (the bundled Redis is plain redis://)" -}}
+{{- end -}}
+{{- range $url := without (splitList "," .Values.redis.url) "" -}}
+{{- if not (hasPrefix "rediss://" (trim $url)) -}}
+{{- fail "redis.ca needs rediss:// URLs in redis.url (redis:// is plain TCP, with no certificate to verify)" -}}
+{{- end -}}
+{{- if contains "#insecure" $url -}}
+{{- fail "redis.ca cannot verify a redis.url with #insecure, which turns verification off: drop #insecure" -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 {{- if and .Values.apiToken.value .Values.apiToken.existingSecret -}}
 {{- fail "set only one of apiToken.value and apiToken.existingSecret" -}}
