@@ -13,28 +13,17 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 #[test]
 fn every_scenario_runs_against_both_servers() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let loadtest = PathBuf::from(env!("CARGO_BIN_EXE_wsgate-loadtest"));
-    let wsgate = loadtest.with_file_name("wsgate");
-    assert!(
-        wsgate.exists(),
-        "the wsgate binary is not built next to the load generator ({}): run \
-         `cargo test --workspace` (or `cargo build -p wsgate`) first",
-        wsgate.display()
+    let (loadtest, wsgate) = built_binaries();
+    require(
+        "the smoke run",
+        &[
+            ("redis-server", "apt-get install redis-server"),
+            ("node", "apt-get install nodejs npm (Node.js 18 or newer)"),
+            ("npm", "apt-get install npm"),
+            ("redis-cli", "apt-get install redis-tools"),
+            ("strace", "apt-get install strace"),
+        ],
     );
-    for (tool, how) in [
-        ("redis-server", "apt-get install redis-server"),
-        ("node", "apt-get install nodejs npm (Node.js 18 or newer)"),
-        ("npm", "apt-get install npm"),
-        ("redis-cli", "apt-get install redis-tools"),
-        ("strace", "apt-get install strace"),
-    ] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(found, "`{tool}` is needed by the smoke run: {how}");
-    }
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/smoke.sh");
     let out = Command::new("bash")
         .arg(script)
@@ -59,26 +48,15 @@ fn every_scenario_runs_against_both_servers() {
 #[test]
 fn instructions_per_delivery_are_counted() {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let loadtest = PathBuf::from(env!("CARGO_BIN_EXE_wsgate-loadtest"));
-    let wsgate = loadtest.with_file_name("wsgate");
-    assert!(
-        wsgate.exists(),
-        "the wsgate binary is not built next to the load generator ({}): run \
-         `cargo test --workspace` (or `cargo build -p wsgate`) first",
-        wsgate.display()
+    let (loadtest, wsgate) = built_binaries();
+    require(
+        "instructions.sh",
+        &[
+            ("valgrind", "apt-get install valgrind"),
+            ("redis-server", "apt-get install redis-server"),
+            ("curl", "apt-get install curl"),
+        ],
     );
-    for (tool, how) in [
-        ("valgrind", "apt-get install valgrind"),
-        ("redis-server", "apt-get install redis-server"),
-        ("curl", "apt-get install curl"),
-    ] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(found, "`{tool}` is needed by instructions.sh: {how}");
-    }
     let out_dir = std::env::temp_dir().join(format!("wsgate-instructions-{}", std::process::id()));
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/instructions.sh");
     let out = Command::new("bash")
@@ -112,4 +90,29 @@ fn instructions_per_delivery_are_counted() {
         matches!(per_delivery[..], [n] if n > 0),
         "no instructions per delivery in the summary:\n{summary}\n{text}"
     );
+}
+
+/// The load generator and the wsgate binary that `cargo test --workspace` built next to it.
+fn built_binaries() -> (PathBuf, PathBuf) {
+    let loadtest = PathBuf::from(env!("CARGO_BIN_EXE_wsgate-loadtest"));
+    let wsgate = loadtest.with_file_name("wsgate");
+    assert!(
+        wsgate.exists(),
+        "the wsgate binary is not built next to the load generator ({}): run \
+         `cargo test --workspace` (or `cargo build -p wsgate`) first",
+        wsgate.display()
+    );
+    (loadtest, wsgate)
+}
+
+/// Fails with how to install whichever of `tools` (name, how to get it) is missing.
+fn require(what: &str, tools: &[(&str, &str)]) {
+    for (tool, how) in tools {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(found, "`{tool}` is needed by {what}: {how}");
+    }
 }

@@ -1,5 +1,5 @@
-//! A private CA for unit tests, as cert-manager or a chart makes one: a CA certificate, and server
-//! certificates it signs.
+//! A private CA for tests, as cert-manager or a chart makes one: a CA certificate, and server
+//! certificates it signs. The integration tests' harness (`tests/common`) uses this same file.
 
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
@@ -32,12 +32,24 @@ impl TestCa {
     /// A server certificate for `name` (a host name or an IP address) that this CA signed, and
     /// its key.
     pub(crate) fn issue(&self, name: &str) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+        let (cert, key) = self.signed(name);
+        let key = PrivatePkcs8KeyDer::from(key.serialize_der());
+        (cert.der().clone(), key.into())
+    }
+
+    /// The same as PEM files hold them (a server's `--tls-cert-file` and `--tls-key-file`).
+    #[allow(dead_code, reason = "for the integration tests' redis-server, not the unit tests")]
+    pub(crate) fn issue_pem(&self, name: &str) -> (String, String) {
+        let (cert, key) = self.signed(name);
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn signed(&self, name: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
         let key = rcgen::KeyPair::generate().expect("a server key");
         let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
             .expect("server params")
             .signed_by(&key, &self.cert, &self.key)
             .expect("a server certificate");
-        let key = PrivatePkcs8KeyDer::from(key.serialize_der());
-        (cert.der().clone(), key.into())
+        (cert, key)
     }
 }

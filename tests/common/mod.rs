@@ -25,6 +25,10 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use wsgate::config::Config;
+
+/// The unit tests' private CA, shared rather than written twice.
+#[path = "../../src/broker/test_ca.rs"]
+mod test_ca;
 use wsgate::server::{self, AppState};
 
 pub const TOKEN: &str = "test-token";
@@ -505,22 +509,8 @@ impl PrivateCa {
     pub fn new() -> PrivateCa {
         let dir = std::env::temp_dir().join(format!("wsgate-ca-{}", free_port()));
         std::fs::create_dir_all(&dir).expect("a temporary directory for the certificates");
-        let ca_key = rcgen::KeyPair::generate().expect("a CA key");
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "wsgate test CA");
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-        ];
-        let ca = params.self_signed(&ca_key).expect("a CA certificate");
-        let key = rcgen::KeyPair::generate().expect("a server key");
-        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
-            .expect("server params")
-            .signed_by(&key, &ca, &ca_key)
-            .expect("a server certificate");
+        let ca = test_ca::TestCa::new();
+        let (cert, key) = ca.issue_pem("127.0.0.1");
         let pki = PrivateCa {
             ca_file: dir.join("ca.pem"),
             cert_file: dir.join("redis.crt"),
@@ -528,8 +518,8 @@ impl PrivateCa {
             dir,
         };
         std::fs::write(&pki.ca_file, ca.pem()).expect("write the CA certificate");
-        std::fs::write(&pki.cert_file, cert.pem()).expect("write the certificate");
-        std::fs::write(&pki.key_file, key.serialize_pem()).expect("write the key");
+        std::fs::write(&pki.cert_file, cert).expect("write the certificate");
+        std::fs::write(&pki.key_file, key).expect("write the key");
         pki
     }
 
