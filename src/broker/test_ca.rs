@@ -38,7 +38,10 @@ impl TestCa {
     }
 
     /// The same as PEM files hold them (a server's `--tls-cert-file` and `--tls-key-file`).
-    #[allow(dead_code, reason = "for the integration tests' redis-server, not the unit tests")]
+    #[allow(
+        dead_code,
+        reason = "for the integration tests' redis-server, not the unit tests"
+    )]
     pub(crate) fn issue_pem(&self, name: &str) -> (String, String) {
         let (cert, key) = self.signed(name);
         (cert.pem(), key.serialize_pem())

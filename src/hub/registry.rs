@@ -105,6 +105,8 @@ pub(super) struct Inner {
     pub(super) tally: super::fanout::Tally,
     /// The broker payloads decoded last and their envelopes (`fanout.rs`).
     pub(super) decoded: super::fanout::Decoded,
+    /// How much of the broker reader's time its writes took lately (`fanout.rs`).
+    pub(super) write_load: super::fanout::WriteLoad,
 }
 
 /// The registry is the broker's [`MessageSink`](crate::broker::MessageSink): it owns no broker, so
