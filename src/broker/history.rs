@@ -152,20 +152,82 @@ fn id_line(s: &[u8]) -> Option<(Option<StreamId>, &[u8])> {
 }
 
 /// A non-empty run of ASCII digits that fits a `u64`, ended by `end`: its value and the bytes
-/// after `end`.
+/// after `end`. Read eight bytes at a time: every received message carries two positions of
+/// about 14 digits each, and a byte at a time they were a tenth of the node's instructions.
 fn decimal_until(s: &[u8], end: u8) -> Option<(u64, &[u8])> {
+    let mut n: u64 = 0;
+    let mut i = 0;
+    while let Some(chunk) = s.get(i..).and_then(<[u8]>::first_chunk::<8>) {
+        let (k, v) = leading_digits(u64::from_le_bytes(*chunk));
+        if i + k > 19 {
+            // Only a 20th digit can overflow: the careful path decides.
+            return decimal_until_bytewise(s, end);
+        }
+        n = n * POW10[k] + v;
+        i += k;
+        if k < 8 {
+            return (s[i] == end && i > 0).then(|| (n, &s[i + 1..]));
+        }
+    }
+    // Fewer than eight bytes left: a byte at a time, from where the chunks stopped.
+    for (j, &b) in s[i..].iter().enumerate() {
+        let digit = b.wrapping_sub(b'0');
+        if digit > 9 {
+            let at = i + j;
+            return (b == end && at > 0).then(|| (n, &s[at + 1..]));
+        }
+        if i + j >= 19 {
+            // A 20th digit.
+            return decimal_until_bytewise(s, end);
+        }
+        n = n * 10 + u64::from(digit);
+    }
+    None
+}
+
+const POW10: [u64; 9] = [
+    1,
+    10,
+    100,
+    1_000,
+    10_000,
+    100_000,
+    1_000_000,
+    10_000_000,
+    100_000_000,
+];
+
+/// The ASCII digits at the start of eight bytes (the first byte lowest): how many, and their
+/// value.
+fn leading_digits(chunk: u64) -> (usize, u64) {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    let d = chunk.wrapping_sub(ONES * u64::from(b'0'));
+    // A byte below '0' borrows (its top bit set), one above '9' reaches the top bit when 0x76
+    // is added; bytes before the first non-digit neither borrow nor carry, so the lowest flagged
+    // byte is the first non-digit.
+    let flagged = (d | d.wrapping_add(ONES * 0x76)) & (ONES * 0x80);
+    let k = (flagged.trailing_zeros() / 8) as usize;
+    if k == 0 {
+        return (0, 0);
+    }
+    // The k digits moved to the top, zeros (leading zeros of the number) below them; then
+    // pairs, quads and the two halves are combined (the first byte is the most significant).
+    let v = d << (8 * (8 - k));
+    let v = (v.wrapping_mul(10) + (v >> 8)) & 0x00FF_00FF_00FF_00FF;
+    let v = (v.wrapping_mul(100) + (v >> 16)) & 0x0000_FFFF_0000_FFFF;
+    let v = (v.wrapping_mul(10_000) + (v >> 32)) & 0xFFFF_FFFF;
+    (k, v)
+}
+
+/// [`decimal_until`] a byte at a time, with overflow checked on every digit past the 19th.
+fn decimal_until_bytewise(s: &[u8], end: u8) -> Option<(u64, &[u8])> {
     let mut n: u64 = 0;
     for (i, &b) in s.iter().enumerate() {
         let digit = b.wrapping_sub(b'0');
         if digit > 9 {
             return (b == end && i > 0).then(|| (n, &s[i + 1..]));
         }
-        // 19 digits always fit; only a 20th can overflow, so only it is checked.
-        n = if i < 19 {
-            n * 10 + u64::from(digit)
-        } else {
-            n.checked_mul(10)?.checked_add(u64::from(digit))?
-        };
+        n = n.checked_mul(10)?.checked_add(u64::from(digit))?;
     }
     None
 }
@@ -336,6 +398,36 @@ mod tests {
         ] {
             assert!(unframe(bad).is_none(), "{:?}", String::from_utf8_lossy(bad));
         }
+    }
+
+    proptest::proptest! {
+        /// Eight bytes at a time read what a byte at a time reads: mostly digits, with the end
+        /// byte, other bytes and lengths around the eight-byte steps.
+        #[test]
+        fn chunked_digits_read_as_bytewise(
+            s in proptest::collection::vec(proptest::sample::select(
+                &b"0123456789000999-\n/:a\xff"[..]), 0..48),
+        ) {
+            for end in [b'-', b'\n'] {
+                proptest::prop_assert_eq!(decimal_until(&s, end), decimal_until_bytewise(&s, end));
+            }
+        }
+    }
+
+    #[test]
+    fn leading_digits_of_eight_bytes() {
+        let read = |s: &[u8; 8]| leading_digits(u64::from_le_bytes(*s));
+        assert_eq!(read(b"12345678"), (8, 12_345_678));
+        assert_eq!(read(b"99999999"), (8, 99_999_999));
+        assert_eq!(read(b"1764-0\n{"), (4, 1764));
+        assert_eq!(read(b"0-1\n\n\n\n\n"), (1, 0));
+        assert_eq!(read(b"-1234567"), (0, 0));
+        assert_eq!(read(b"1234567/"), (7, 1_234_567));
+        assert_eq!(read(b"1234567:"), (7, 1_234_567));
+        assert_eq!(
+            read(b"\x00\xff1234567"[..8].try_into().expect("8 bytes")),
+            (0, 0)
+        );
     }
 
     proptest::proptest! {
