@@ -252,16 +252,24 @@ impl Publisher {
             let mut pipe =
                 redis::Pipeline::with_capacity(channels.len().div_ceil(history::CHANNELS_PER_CALL));
             let mut key = String::new();
+            // A round trip of one publish (the common case) has one payload, which every
+            // channel gets: nothing to collect or compare per channel.
+            let lone = payloads.len() == 1;
             for group in channels.chunks(history::CHANNELS_PER_CALL) {
-                let mut used: Vec<usize> = group
-                    .iter()
-                    .flat_map(|(_, ps)| ps.iter().copied())
-                    .collect();
-                used.sort_unstable();
-                used.dedup();
+                let used: Vec<usize> = if lone {
+                    vec![0]
+                } else {
+                    let mut used: Vec<usize> = group
+                        .iter()
+                        .flat_map(|(_, ps)| ps.iter().copied())
+                        .collect();
+                    used.sort_unstable();
+                    used.dedup();
+                    used
+                };
                 // One publish to many users (the common call): every channel gets every
                 // payload, and the call names each recipient once, by its key.
-                let every = group.iter().all(|(_, ps)| ps[..] == used[..]);
+                let every = lone || group.iter().all(|(_, ps)| ps[..] == used[..]);
                 // Sized up front: a call for 128 channels would otherwise grow its buffers a
                 // dozen times.
                 let names: usize = group.iter().map(|(ch, _)| ch.len()).sum();
