@@ -501,13 +501,9 @@ fn push_bytes(s: &mut QueueState, frames: &[u8]) {
             // keeps open) for as long as `fd` is set; both change only under the queue's lock,
             // which the caller holds.
             let fd = unsafe { BorrowedFd::borrow_raw(s.fd) };
-            match socket2::SockRef::from(&fd).send(frames) {
+            match rustix::net::send(fd, frames, rustix::net::SendFlags::NOSIGNAL) {
                 Ok(n) => rest = &frames[n..],
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                    ) => {}
+                Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => {}
                 Err(_) => {
                     s.broken = true;
                     return;
