@@ -488,8 +488,8 @@ fn write_locked(s: &mut QueueState, writes: &mut Writes) -> Flushed {
 /// socket's registration, one more cache miss per delivery among thousands of connections, to
 /// learn what the `send` itself says. When the socket is full, the rest waits for
 /// [`Outbound::poll_drain`], which writes through tokio and so learns the socket's readiness
-/// from its own `WouldBlock` (one extra `send` in that rare case). Rust programs ignore SIGPIPE,
-/// so a peer that is gone is an `EPIPE` here, not a signal.
+/// from its own `WouldBlock` (one extra `send` in that rare case). `MSG_NOSIGNAL`: a peer that
+/// is gone is an `EPIPE` here, not a signal.
 fn push_bytes(s: &mut QueueState, frames: &[u8]) {
     if s.broken {
         return;
