@@ -19,7 +19,7 @@ use super::outbound::{Outgoing, Push, Writes};
 use super::registry::{Connection, Registry, UserEntry};
 use super::resume::Slot;
 use crate::broker::{MessageSink, Recent, StreamId};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RecipientCounts};
 use crate::protocol::{self, Endpoint, Envelope, Kind};
 
 #[derive(Default)]
@@ -39,14 +39,12 @@ pub(super) struct Tally {
     delivered: [u64; 2],
     overflowed: u64,
     dropped: u64,
-    recipients: Option<prometheus::local::LocalHistogram>,
+    recipients: RecipientCounts,
 }
 
 impl Tally {
-    fn add(&mut self, m: &Metrics, endpoint: Endpoint, n: &Counts) {
-        self.recipients
-            .get_or_insert_with(|| m.fanout_recipients.local())
-            .observe(n.delivered as f64);
+    fn add(&mut self, endpoint: Endpoint, n: &Counts) {
+        self.recipients.observe(n.delivered);
         self.delivered[endpoint as usize] += n.delivered;
         self.overflowed += n.overflowed;
         self.dropped += n.dropped;
@@ -70,9 +68,7 @@ impl Tally {
         if self.overflowed > 0 {
             m.slow_consumer_disconnects.inc_by(self.overflowed);
         }
-        if let Some(h) = self.recipients {
-            h.flush();
-        }
+        m.fanout_recipients.add(&self.recipients);
     }
 }
 
@@ -196,7 +192,7 @@ impl MessageSink for Registry {
                 None => {}
             }
         }
-        inner.tally.add(&self.metrics, endpoint, &n);
+        inner.tally.add(endpoint, &n);
     }
 
     fn warm(&self, channels: &[&str]) {
