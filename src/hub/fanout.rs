@@ -19,7 +19,7 @@ use super::outbound::{Outgoing, Push, Writes};
 use super::registry::{Connection, Registry, UserEntry};
 use super::resume::Slot;
 use crate::broker::{MessageSink, Recent, StreamId};
-use crate::metrics::{Metrics, RecipientCounts};
+use crate::metrics::{BulkCounts, Metrics};
 use crate::protocol::{self, Endpoint, Envelope, Kind};
 
 #[derive(Default)]
@@ -39,12 +39,12 @@ pub(super) struct Tally {
     delivered: [u64; 2],
     overflowed: u64,
     dropped: u64,
-    recipients: RecipientCounts,
+    recipients: BulkCounts,
 }
 
 impl Tally {
-    fn add(&mut self, endpoint: Endpoint, n: &Counts) {
-        self.recipients.observe(n.delivered);
+    fn add(&mut self, m: &Metrics, endpoint: Endpoint, n: &Counts) {
+        m.fanout_recipients.count(&mut self.recipients, n.delivered);
         self.delivered[endpoint as usize] += n.delivered;
         self.overflowed += n.overflowed;
         self.dropped += n.dropped;
@@ -192,7 +192,7 @@ impl MessageSink for Registry {
                 None => {}
             }
         }
-        inner.tally.add(endpoint, &n);
+        inner.tally.add(&self.metrics, endpoint, &n);
     }
 
     fn warm(&self, channels: &[&str]) {

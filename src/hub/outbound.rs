@@ -21,7 +21,7 @@ use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::disconnect::CloseReason;
-use crate::metrics::Metrics;
+use crate::metrics::{BulkCounts, Metrics};
 use crate::protocol;
 
 /// A connection's socket, shared by its session (which reads it) and its outbound queue (which
@@ -33,10 +33,13 @@ const KEPT_PENDING: usize = 16 * 1024;
 
 /// What a run of socket writes shares: one framing buffer, and the write histograms, added to
 /// the registry's once at the end of the run (on drop), not with shared atomics per message.
-pub struct Writes {
+pub struct Writes<'m> {
+    metrics: &'m Metrics,
     frames: Vec<u8>,
-    latency: prometheus::local::LocalHistogram,
-    batch: prometheus::local::LocalHistogram,
+    /// Microseconds from publish to write, per message.
+    latency: BulkCounts,
+    /// Messages per write.
+    batch: BulkCounts,
     /// The clock for the latency histogram, read once per [`CLOCK_EVERY`] writes: a run of
     /// writes lasts about a millisecond, and reading the clock per connection was a visible
     /// share of the fan-out's own CPU.
@@ -47,12 +50,13 @@ pub struct Writes {
 /// Writes between two readings of the clock (about 0.1 ms of `send`s).
 const CLOCK_EVERY: u32 = 16;
 
-impl Writes {
-    pub fn new(metrics: &Metrics) -> Writes {
+impl Writes<'_> {
+    pub fn new(metrics: &Metrics) -> Writes<'_> {
         Writes {
+            metrics,
             frames: Vec::new(),
-            latency: metrics.delivery_latency.local(),
-            batch: metrics.write_batch_messages.local(),
+            latency: BulkCounts::default(),
+            batch: BulkCounts::default(),
             now: 0,
             until_clock: 0,
         }
@@ -65,6 +69,14 @@ impl Writes {
         }
         self.until_clock -= 1;
         self.now
+    }
+}
+
+impl Drop for Writes<'_> {
+    /// The run's observations go to the node's histograms together.
+    fn drop(&mut self) {
+        self.metrics.delivery_latency.add(&self.latency);
+        self.metrics.write_batch_messages.add(&self.batch);
     }
 }
 
@@ -457,14 +469,20 @@ fn write_locked(s: &mut QueueState, writes: &mut Writes) -> Flushed {
         let now = writes.now();
         for msg in s.queue.drain() {
             protocol::put_text_frame(&mut frames, msg.frame.as_str().as_bytes());
-            let secs = now.saturating_sub(msg.published_at) as f64 / 1e6;
-            writes.latency.observe(secs);
+            let micros = now.saturating_sub(msg.published_at);
+            writes
+                .metrics
+                .delivery_latency
+                .count(&mut writes.latency, micros);
         }
         if ping {
             frames.extend_from_slice(&protocol::PING_FRAME);
         }
         if n > 0 {
-            writes.batch.observe(n as f64);
+            writes
+                .metrics
+                .write_batch_messages
+                .count(&mut writes.batch, n as u64);
         }
         s.bytes = 0;
         s.extra_messages = 0;
