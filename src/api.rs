@@ -188,8 +188,9 @@ fn object(raw: &RawValue, field: &str) -> Result<(), ApiError> {
 
 /// A request's `userIds`. An array of plain strings (no escapes: the ids Moqui and GrowERP
 /// send) is read by a scan of its bytes, after serde_json has checked the whole array as JSON;
-/// anything else is read by serde_json. Read as 1,000 strings by serde_json, the list of a
-/// publish to 1,000 users was a third of the instructions of its HTTP request.
+/// anything else is read by serde_json. Reading the ids was about half of the instructions of
+/// a publish request to 1,000 users; the scan takes about a tenth of that away (serde_json's
+/// pass over the raw array costs about what its visit of each string did).
 struct UserIds<'a>(Vec<UserId<'a>>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for UserIds<'a> {
