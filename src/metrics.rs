@@ -360,7 +360,8 @@ const RECIPIENT_BOUNDS: [u64; 12] = [0, 1, 2, 5, 10, 25, 50, 100, 250, 1000, 500
 /// Buckets of `wsgate_socket_write_messages`.
 const WRITE_BATCH_BOUNDS: [u64; 8] = [1, 2, 4, 8, 16, 32, 64, 128];
 
-/// [`LATENCY_BUCKETS`] in microseconds, for `wsgate_delivery_latency_seconds`.
+/// Latency buckets from 100 µs to 10 s, in microseconds (`wsgate_delivery_latency_seconds`
+/// counts whole microseconds); [`LATENCY_BUCKETS`] are the same in seconds.
 const LATENCY_MICROS: [u64; 16] = [
     100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
     1_000_000, 2_500_000, 5_000_000, 10_000_000,
@@ -368,10 +369,17 @@ const LATENCY_MICROS: [u64; 16] = [
 
 /// Latency buckets from 100 µs to 10 s: fine enough at the low end to see the in-process path,
 /// wide enough at the top to see a stalled broker.
-pub const LATENCY_BUCKETS: [f64; 16] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0,
-];
+pub const LATENCY_BUCKETS: [f64; 16] = seconds(LATENCY_MICROS);
+
+const fn seconds(micros: [u64; 16]) -> [f64; 16] {
+    let mut secs = [0.0; 16];
+    let mut i = 0;
+    while i < micros.len() {
+        secs[i] = micros[i] as f64 / 1e6;
+        i += 1;
+    }
+    secs
+}
 
 impl Metrics {
     pub fn new() -> Metrics {

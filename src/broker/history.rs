@@ -170,20 +170,9 @@ fn decimal_until(s: &[u8], end: u8) -> Option<(u64, &[u8])> {
             return (s[i] == end && i > 0).then(|| (n, &s[i + 1..]));
         }
     }
-    // Fewer than eight bytes left: a byte at a time, from where the chunks stopped.
-    for (j, &b) in s[i..].iter().enumerate() {
-        let digit = b.wrapping_sub(b'0');
-        if digit > 9 {
-            let at = i + j;
-            return (b == end && at > 0).then(|| (n, &s[at + 1..]));
-        }
-        if i + j >= 19 {
-            // A 20th digit.
-            return decimal_until_bytewise(s, end);
-        }
-        n = n * 10 + u64::from(digit);
-    }
-    None
+    // Fewer than eight bytes left (only when a message's payload is shorter than that): the
+    // byte loop reads the number again from its start.
+    decimal_until_bytewise(s, end)
 }
 
 const POW10: [u64; 9] = [
