@@ -162,7 +162,6 @@ fn id_line(s: &[u8]) -> Option<(Option<StreamId>, &[u8])> {
 /// per-call set-up for a one-digit sequence.
 #[inline]
 fn usual_id_line(s: &[u8]) -> Option<(StreamId, &[u8])> {
-    const ONES: u64 = 0x0101_0101_0101_0101;
     let (head, tail) = (s.first_chunk::<8>()?, s.get(5..)?.first_chunk::<8>()?);
     let seq_at = s.get(14..)?;
     if s[13] != b'-' {
@@ -171,7 +170,6 @@ fn usual_id_line(s: &[u8]) -> Option<(StreamId, &[u8])> {
     // Bytes 0..8 and 5..13: thirteen digits when neither word has a non-digit.
     let head = u64::from_le_bytes(*head).wrapping_sub(ONES * u64::from(b'0'));
     let tail = u64::from_le_bytes(*tail).wrapping_sub(ONES * u64::from(b'0'));
-    let non_digits = |d: u64| (d | d.wrapping_add(ONES * 0x76)) & (ONES * 0x80);
     if non_digits(head) | non_digits(tail) != 0 {
         return None;
     }
@@ -183,6 +181,16 @@ fn usual_id_line(s: &[u8]) -> Option<(StreamId, &[u8])> {
         return None;
     }
     Some((StreamId(ms, seq), &seq_at[k + 1..]))
+}
+
+/// One in every byte of a word.
+const ONES: u64 = 0x0101_0101_0101_0101;
+
+/// The top bit of every byte of `d` (eight bytes, each already minus `'0'`) that was not a
+/// digit: a byte below `'0'` borrowed, one above `'9'` reaches the top bit when 0x76 is added.
+#[inline]
+fn non_digits(d: u64) -> u64 {
+    (d | d.wrapping_add(ONES * 0x76)) & (ONES * 0x80)
 }
 
 /// The value of eight digit bytes (each already minus `'0'`, the first byte lowest and most
@@ -233,12 +241,11 @@ const POW10: [u64; 9] = [
 /// The ASCII digits at the start of eight bytes (the first byte lowest): how many, and their
 /// value.
 fn leading_digits(chunk: u64) -> (usize, u64) {
-    const ONES: u64 = 0x0101_0101_0101_0101;
     let d = chunk.wrapping_sub(ONES * u64::from(b'0'));
     // A byte below '0' borrows (its top bit set), one above '9' reaches the top bit when 0x76
     // is added; bytes before the first non-digit neither borrow nor carry, so the lowest flagged
     // byte is the first non-digit.
-    let flagged = (d | d.wrapping_add(ONES * 0x76)) & (ONES * 0x80);
+    let flagged = non_digits(d);
     let k = (flagged.trailing_zeros() / 8) as usize;
     if k == 0 {
         return (0, 0);
