@@ -79,11 +79,14 @@ else
   recip=$((conns / 10))
   idle_args=(--connections "$conns" --hold 3)
   # The sweep starts at a rate both servers sustain without loss; the write-call step runs at it.
+  # The write-call count's window is 12 s: its ends fall anywhere in a publish of `recip`
+  # deliveries, so the deliveries it holds are known to about one publish each side. At 3 s
+  # that was ±7 % of the figure, too coarse to tell 1.0 call per delivery from 1.07; at 12 s
+  # about ±2 %. Bursts (every 0.8 s at 10,000/s) get the same window.
   fan_args=(--connections "$conns" --recipients "$recip" --rates 10000,25000,50000,100000,200000 --duration 3
-    --floor-seconds 0.5 --warmup 2 --strace-seconds 3 --strace-rate 10000)
-  # Bursts come every 0.8 s at 10,000/s: a longer count window holds more of them.
+    --floor-seconds 0.5 --warmup 2 --strace-seconds 12 --strace-rate 10000)
   burst_args=(--connections "$conns" --recipients "$recip" --rates 10000,50000,100000,200000 --duration 3 --burst 8
-    --floor-seconds 0.5 --warmup 2 --strace-seconds 6 --strace-rate 10000)
+    --floor-seconds 0.5 --warmup 2 --strace-seconds 12 --strace-rate 10000)
   chat_args=(--pairs 1000 --rates 2000,5000 --duration 3)
   storm_args=(--connections "$conns" --keys $((conns / 10)) --spread 1 --deadline 30)
   # As in a reconnect storm after a node loss: 4,000 distinct users at the same instant.
@@ -102,7 +105,7 @@ for scen in "${scen_list[@]}"; do
     esac
   else
     case "$scen" in
-      idle) s=30 ;; fanout) s=80 ;; burst) s=75 ;; chat) s=40 ;; storm) s=50 ;; backend-storm) s=40 ;; memory) s=140 ;; floor) s=14 ;; *) s=0 ;;
+      idle) s=30 ;; fanout) s=90 ;; burst) s=85 ;; chat) s=40 ;; storm) s=50 ;; backend-storm) s=40 ;; memory) s=140 ;; floor) s=14 ;; *) s=0 ;;
     esac
   fi
   estimate=$((estimate + s))
