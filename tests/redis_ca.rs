@@ -212,3 +212,113 @@ async fn cluster_mode_verifies_every_shard_against_the_ca() {
     let nodes = start_ready_nodes([config]).await;
     delivers_through_redis(&nodes[0], "via the cluster").await;
 }
+
+/// Cluster mode over TLS with three masters (`tls-cluster yes` on every one, the bus over TLS
+/// too): the node learns every shard's TLS address from the slot map, verifies each against the
+/// CA, and subscribes users' channels on whichever master owns their slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_mode_over_tls_reaches_every_one_of_three_masters() {
+    let ca = PrivateCa::new();
+    let dir = ca.dir.join("cluster-3");
+    std::fs::create_dir_all(&dir).expect("a directory for the cluster nodes");
+    let d = dir.display().to_string();
+    let mut masters = Vec::new();
+    let mut tls_ports = Vec::new();
+    for _ in 0..3 {
+        // The cluster bus listens on the TLS port + 10,000.
+        let tls_port = free_cluster_port();
+        let conf = format!("nodes-{tls_port}.conf");
+        let mut args: Vec<String> = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            &conf,
+            "--dir",
+            &d,
+            "--tls-port",
+            &tls_port.to_string(),
+            "--tls-cluster",
+            "yes",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(ca.tls_args());
+        masters.push(Redis::start_on(free_port(), args));
+        tls_ports.push(tls_port);
+    }
+    // Each master owns a third of the slots; the first meets the others over the TLS bus.
+    let thirds = [(0, 5460), (5461, 10922), (10923, 16383)];
+    for (m, (from, to)) in masters.iter().zip(thirds) {
+        redis::cmd("CLUSTER")
+            .arg("ADDSLOTSRANGE")
+            .arg(from)
+            .arg(to)
+            .query::<()>(&mut m.conn())
+            .expect("CLUSTER ADDSLOTSRANGE");
+    }
+    for port in &tls_ports[1..] {
+        redis::cmd("CLUSTER")
+            .arg("MEET")
+            .arg("127.0.0.1")
+            .arg(*port)
+            .query::<()>(&mut masters[0].conn())
+            .expect("CLUSTER MEET");
+    }
+    wait_sync(
+        Duration::from_secs(30),
+        "all three masters agree: cluster_state:ok, 3 known nodes",
+        || {
+            masters.iter().all(|m| {
+                cluster_info(m, "cluster_state") == "ok"
+                    && cluster_info(m, "cluster_known_nodes") == "3"
+            })
+        },
+    );
+
+    let users: Vec<String> = (0..60).map(|i| format!("u{i}")).collect();
+    let extra: Vec<(&str, &str)> = users.iter().map(|u| (u.as_str(), "BULK")).collect();
+    let backend = Backend::start_with(&extra).await;
+    let url = format!("rediss://127.0.0.1:{}", tls_ports[0]);
+    let mut config = redis_node_config(&backend, url, "ca", "d");
+    config.redis_mode = RedisMode::Cluster;
+    config.redis_ca = Some(ca.redis_ca());
+    let nodes = start_ready_nodes([config]).await;
+    let node = &nodes[0];
+
+    let mut sockets = Vec::new();
+    for u in &users {
+        sockets.push(Client::subscribed(&node.notws(u)).await);
+    }
+    // Every master holds some of the users' channels, each subscribed once.
+    let mut per_master = Vec::new();
+    for m in &masters {
+        let shard: Vec<String> = redis::cmd("PUBSUB")
+            .arg("SHARDCHANNELS")
+            .arg("ca:u:u*")
+            .query(&mut m.conn())
+            .expect("PUBSUB SHARDCHANNELS");
+        per_master.push(shard.len());
+    }
+    assert_eq!(
+        per_master.iter().sum::<usize>(),
+        users.len(),
+        "every user channel is subscribed once: {per_master:?}"
+    );
+    assert!(
+        per_master.iter().all(|n| *n > 0),
+        "the user channels are spread over all three masters: {per_master:?}"
+    );
+    let (s, body) = node
+        .notify(json!({"userIds": users, "notification": notification("T", "all shards")}))
+        .await;
+    assert_eq!(s, 202, "{body}");
+    for (u, socket) in users.iter().zip(&mut sockets) {
+        assert_eq!(socket.recv_json().await["title"], "all shards", "{u}");
+    }
+    assert_eq!(
+        shards_up(&node.metrics().await),
+        3,
+        "one canary per shard, each over TLS"
+    );
+}
