@@ -77,22 +77,44 @@ fn a_missing_ca_file_stops_the_binary_with_exit_code_64() {
     assert!(stderr.contains("/nonexistent/ca.pem"), "{stderr}");
 }
 
-/// A master and one Sentinel, both TLS with the CA's certificate; the Sentinel reaches the master
-/// over TLS too (`tls-replication yes`) and watches it as `wsgate`.
+/// A master, optionally a replica, and one Sentinel, all TLS with the CA's certificate; the
+/// replica and the Sentinel reach the master over TLS too (`tls-replication yes`), and the
+/// Sentinel watches it as `wsgate`.
 struct TlsSentinel {
     master: Redis,
+    /// The replica and its TLS port, which is what it announces (`tls-replication`).
+    replica: Option<(Redis, u16)>,
     sentinel_tls_port: u16,
     sentinel: std::process::Child,
     dir: std::path::PathBuf,
 }
 
+/// A `redis-server` with TLS on `tls_port` (and plain TCP on another port, for the test's own
+/// commands), replicating over TLS.
+fn tls_server(ca: &PrivateCa, tls_port: u16) -> Redis {
+    let mut args = vec!["--tls-port".to_owned(), tls_port.to_string()];
+    args.extend(ca.tls_args());
+    args.extend(["--tls-replication".to_owned(), "yes".to_owned()]);
+    Redis::start_on(free_port(), args)
+}
+
 impl TlsSentinel {
-    fn start(ca: &PrivateCa) -> TlsSentinel {
+    fn start(ca: &PrivateCa, with_replica: bool) -> TlsSentinel {
         let master_tls_port = free_port();
-        let mut args = vec!["--tls-port".to_owned(), master_tls_port.to_string()];
-        args.extend(ca.tls_args());
-        args.extend(["--tls-replication".to_owned(), "yes".to_owned()]);
-        let master = Redis::start_on(free_port(), args);
+        let master = tls_server(ca, master_tls_port);
+        let replica = with_replica.then(|| {
+            let tls_port = free_port();
+            let replica = tls_server(ca, tls_port);
+            redis::cmd("REPLICAOF")
+                .arg("127.0.0.1")
+                .arg(master_tls_port)
+                .query::<()>(&mut replica.conn())
+                .expect("REPLICAOF");
+            wait_sync(Duration::from_secs(10), "replica in sync over TLS", || {
+                info_field(&replica, "replication", "master_link_status") == "up"
+            });
+            (replica, tls_port)
+        });
         let dir = ca.dir.join("sentinel");
         std::fs::create_dir_all(&dir).expect("a directory for the Sentinel");
         let (port, sentinel_tls_port) = (free_port(), free_port());
@@ -108,7 +130,8 @@ impl TlsSentinel {
                 "port {port}\ntls-port {sentinel_tls_port}\n{tls}\ntls-replication yes\n\
                  bind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
                  sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {master_tls_port} 1\n\
-                 sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n",
+                 sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
+                 sentinel failover-timeout {SENTINEL_MASTER} 5000\n",
                 tls = tls.join("\n"),
                 dir = dir.display(),
             ),
@@ -118,26 +141,38 @@ impl TlsSentinel {
             Command::new("redis-server").arg(&file).arg("--sentinel"),
             "redis-server",
         );
+        let replicas = usize::from(replica.is_some());
         let set = TlsSentinel {
             master,
+            replica,
             sentinel_tls_port,
             sentinel,
             dir,
         };
-        // Ready once the Sentinel has reached the master over TLS and calls it a master.
+        // Ready once the Sentinel has reached the master over TLS, calls it a master and knows
+        // its replica (from the master's INFO).
+        let sentinel = || {
+            redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(300)))
+        };
         wait_sync(
             Duration::from_secs(20),
-            "the Sentinel sees the master",
+            "the Sentinel sees the master and its replicas",
             || {
-                redis::Client::open(format!("redis://127.0.0.1:{port}"))
-                    .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(300)))
-                    .and_then(|mut c| {
-                        redis::cmd("SENTINEL")
-                            .arg("MASTER")
-                            .arg(SENTINEL_MASTER)
-                            .query::<HashMap<String, String>>(&mut c)
-                    })
-                    .is_ok_and(|m| m.get("flags").map(String::as_str) == Some("master"))
+                let master = sentinel().and_then(|mut c| {
+                    redis::cmd("SENTINEL")
+                        .arg("MASTER")
+                        .arg(SENTINEL_MASTER)
+                        .query::<HashMap<String, String>>(&mut c)
+                });
+                let known = sentinel().and_then(|mut c| {
+                    redis::cmd("SENTINEL")
+                        .arg("REPLICAS")
+                        .arg(SENTINEL_MASTER)
+                        .query::<Vec<redis::Value>>(&mut c)
+                });
+                master.is_ok_and(|m| m.get("flags").map(String::as_str) == Some("master"))
+                    && known.is_ok_and(|r| r.len() == replicas)
             },
         );
         set
@@ -156,7 +191,7 @@ impl Drop for TlsSentinel {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_mode_verifies_the_sentinels_and_the_master_against_the_ca() {
     let ca = PrivateCa::new();
-    let set = TlsSentinel::start(&ca);
+    let set = TlsSentinel::start(&ca, false);
     let backend = Backend::start().await;
     let url = format!("rediss://127.0.0.1:{}", set.sentinel_tls_port);
     let mut config: Config = redis_node_config(&backend, url, "ca", "s");
@@ -166,6 +201,64 @@ async fn sentinel_mode_verifies_the_sentinels_and_the_master_against_the_ca() {
     let nodes = start_ready_nodes([config]).await;
     delivers_through_redis(&nodes[0], "via the Sentinel").await;
     assert!(set.master.is_running());
+}
+
+/// A failover behind TLS Sentinels: the master is killed, the Sentinel promotes the replica, and
+/// the node asks the Sentinel again, verifies the new master against the CA and delivers
+/// through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_mode_over_tls_follows_a_failover_to_the_replica() {
+    let ca = PrivateCa::new();
+    let mut set = TlsSentinel::start(&ca, true);
+    let backend = Backend::start().await;
+    let url = format!("rediss://127.0.0.1:{}", set.sentinel_tls_port);
+    let mut config: Config = redis_node_config(&backend, url, "ca", "f");
+    config.redis_mode = RedisMode::Sentinel;
+    config.redis_sentinel_master = Some(SENTINEL_MASTER.to_owned());
+    config.redis_ca = Some(ca.redis_ca());
+    let nodes = start_ready_nodes([config]).await;
+    let node = &nodes[0];
+    delivers_through_redis(node, "before the failover").await;
+
+    let mut alice = Client::subscribed(&node.notws("alice")).await;
+    set.master.kill();
+    let Some((replica, replica_tls_port)) = &set.replica else {
+        panic!("the set was started with a replica");
+    };
+    wait_sync(
+        Duration::from_secs(30),
+        "the Sentinel promoted the replica",
+        || info_field(replica, "replication", "role") == "master",
+    );
+    // Publishes fail (503) until the node has found the new master; the first one it takes
+    // reaches alice, whose subscription the node restored there.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (s, body) = node
+            .notify(json!({"userIds": ["alice"], "notification": notification("T", "after")}))
+            .await;
+        if s == 202 {
+            break;
+        }
+        assert_eq!(s, 503, "{body}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node took no publish within 30 s of the failover: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(alice.recv_json().await["title"], "after");
+    node.until_readyz(200).await;
+    let m = node.metrics().await;
+    assert!(metric(&m, "wsgate_broker_reconnects_total") >= 1.0);
+    assert_eq!(
+        metric(
+            &m,
+            &format!("wsgate_broker_shard_up{{shard=\"127.0.0.1:{replica_tls_port}\"}}")
+        ),
+        1.0,
+        "the node is on the promoted replica's TLS port"
+    );
 }
 
 /// Cluster mode over TLS: one master that owns every slot (`tls-cluster yes`, so the slot map
