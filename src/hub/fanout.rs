@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::channel::Channel;
-use super::outbound::{Outgoing, Push, Writes};
+use super::outbound::{prefetch_lines, Outgoing, Push, Writes};
 use super::registry::{Connection, Registry, UserEntry};
 use super::resume::Slot;
 use crate::broker::{MessageSink, Recent, StreamId};
@@ -200,6 +200,13 @@ impl MessageSink for Registry {
         for channel in channels {
             if let Some(Channel::User(u)) = self.names.parse(channel) {
                 if let Some(user) = inner.users.get(u) {
+                    // The whole entry, not just what the look-up compared: the delivery
+                    // also reads the connection's filter and writes the user's position,
+                    // which can lie on the entry's next line.
+                    prefetch_lines(
+                        std::ptr::from_ref(user).cast(),
+                        std::mem::size_of::<UserEntry>(),
+                    );
                     for c in &user.conns {
                         c.conn.outbound.prefetch();
                     }

@@ -277,18 +277,7 @@ impl Outbound {
     /// (`MessageSink::warm`), and the fan-out's writes for the next connection while the
     /// kernel takes the current one's `send`. Only a hint; it reads nothing the program sees.
     pub(super) fn prefetch(&self) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            let at = std::ptr::from_ref(&self.state).cast::<i8>();
-            // SAFETY: SSE is part of x86_64's baseline, and a prefetch cannot fault, whatever
-            // the address.
-            unsafe {
-                _mm_prefetch::<_MM_HINT_T0>(at);
-                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(64));
-                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(128));
-            }
-        }
+        prefetch_lines(std::ptr::from_ref(&self.state).cast(), 3 * 64);
     }
 
     /// Wakes the writer for what [`push`](Self::push) queued.
@@ -459,6 +448,30 @@ impl Outbound {
 }
 
 /// Frames everything queued (and a wanted ping) and hands it to the socket.
+/// Starts loading the cache lines of the `len` bytes at `start` (at most a few lines: one hint
+/// per line). Only a hint; it reads nothing the program sees.
+pub(super) fn prefetch_lines(start: *const u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let start = start.cast::<i8>();
+        let mut offset = 0;
+        while offset < len {
+            // SAFETY: SSE is part of x86_64's baseline, and a prefetch cannot fault, whatever
+            // the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(offset)) };
+            offset += 64;
+        }
+        if len > 0 {
+            // The last line, when the bytes do not start on a line boundary.
+            // SAFETY: as above.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(len - 1)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (start, len);
+}
+
 fn write_locked(s: &mut QueueState, writes: &mut Writes) -> Flushed {
     let n = s.queue.len();
     let ping = std::mem::take(&mut s.ping);
