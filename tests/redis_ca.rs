@@ -261,20 +261,15 @@ async fn sentinel_mode_over_tls_follows_a_failover_to_the_replica() {
     );
 }
 
-/// Cluster mode over TLS: one master that owns every slot (`tls-cluster yes`, so the slot map
-/// names its TLS port), verified against the CA for commands and for sharded pub/sub.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cluster_mode_verifies_every_shard_against_the_ca() {
-    let ca = PrivateCa::new();
-    let dir = ca.dir.join("cluster");
-    std::fs::create_dir_all(&dir).expect("a directory for the cluster node");
-    // The cluster bus listens on the TLS port + 10,000.
-    let tls_port = free_cluster_port();
+/// A cluster-enabled `redis-server` with TLS on `tls_port` for clients and for the cluster bus
+/// (`tls-cluster yes`: the bus listens on the TLS port + 10,000, and the slot map names TLS
+/// ports), its node file in `dir`; plain TCP on another port for the test's own commands.
+fn tls_cluster_node(ca: &PrivateCa, dir: &std::path::Path, tls_port: u16) -> Redis {
     let mut args: Vec<String> = [
         "--cluster-enabled",
         "yes",
         "--cluster-config-file",
-        "nodes.conf",
+        &format!("nodes-{tls_port}.conf"),
         "--dir",
         &dir.display().to_string(),
         "--tls-port",
@@ -286,7 +281,18 @@ async fn cluster_mode_verifies_every_shard_against_the_ca() {
     .map(|s| s.to_string())
     .collect();
     args.extend(ca.tls_args());
-    let node = Redis::start_on(free_port(), args);
+    Redis::start_on(free_port(), args)
+}
+
+/// Cluster mode over TLS: one master that owns every slot (`tls-cluster yes`, so the slot map
+/// names its TLS port), verified against the CA for commands and for sharded pub/sub.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_mode_verifies_every_shard_against_the_ca() {
+    let ca = PrivateCa::new();
+    let dir = ca.dir.join("cluster");
+    std::fs::create_dir_all(&dir).expect("a directory for the cluster node");
+    let tls_port = free_cluster_port();
+    let node = tls_cluster_node(&ca, &dir, tls_port);
     redis::cmd("CLUSTER")
         .arg("ADDSLOTSRANGE")
         .arg(0)
@@ -314,30 +320,11 @@ async fn cluster_mode_over_tls_reaches_every_one_of_three_masters() {
     let ca = PrivateCa::new();
     let dir = ca.dir.join("cluster-3");
     std::fs::create_dir_all(&dir).expect("a directory for the cluster nodes");
-    let d = dir.display().to_string();
     let mut masters = Vec::new();
     let mut tls_ports = Vec::new();
     for _ in 0..3 {
-        // The cluster bus listens on the TLS port + 10,000.
         let tls_port = free_cluster_port();
-        let conf = format!("nodes-{tls_port}.conf");
-        let mut args: Vec<String> = [
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            &conf,
-            "--dir",
-            &d,
-            "--tls-port",
-            &tls_port.to_string(),
-            "--tls-cluster",
-            "yes",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(ca.tls_args());
-        masters.push(Redis::start_on(free_port(), args));
+        masters.push(tls_cluster_node(&ca, &dir, tls_port));
         tls_ports.push(tls_port);
     }
     // Each master owns a third of the slots; the first meets the others over the TLS bus.
