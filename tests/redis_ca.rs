@@ -94,7 +94,16 @@ struct TlsSentinel {
 fn tls_server(ca: &PrivateCa, tls_port: u16) -> Redis {
     let mut args = vec!["--tls-port".to_owned(), tls_port.to_string()];
     args.extend(ca.tls_args());
-    args.extend(["--tls-replication".to_owned(), "yes".to_owned()]);
+    // Diskless full syncs, sent and loaded: either side of a disk-based one writes an RDB file
+    // into the working directory.
+    for (name, value) in [
+        ("--tls-replication", "yes"),
+        ("--repl-diskless-sync", "yes"),
+        ("--repl-diskless-sync-delay", "0"),
+        ("--repl-diskless-load", "on-empty-db"),
+    ] {
+        args.extend([name.to_owned(), value.to_owned()]);
+    }
     Redis::start_on(free_port(), args)
 }
 
