@@ -447,7 +447,6 @@ impl Outbound {
     }
 }
 
-/// Frames everything queued (and a wanted ping) and hands it to the socket.
 /// Starts loading the cache lines of the `len` bytes at `start` (at most a few lines: one hint
 /// per line). Only a hint; it reads nothing the program sees.
 pub(super) fn prefetch_lines(start: *const u8, len: usize) {
@@ -472,6 +471,7 @@ pub(super) fn prefetch_lines(start: *const u8, len: usize) {
     let _ = (start, len);
 }
 
+/// Frames everything queued (and a wanted ping) and hands it to the socket.
 fn write_locked(s: &mut QueueState, writes: &mut Writes) -> Flushed {
     let n = s.queue.len();
     let ping = std::mem::take(&mut s.ping);
