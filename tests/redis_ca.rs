@@ -188,6 +188,18 @@ impl TlsSentinel {
     }
 }
 
+impl TlsSentinel {
+    /// A node that finds the master through this Sentinel over TLS, verifying both against the CA.
+    fn node_config(&self, ca: &PrivateCa, backend: &Backend, node: &str) -> Config {
+        let url = format!("rediss://127.0.0.1:{}", self.sentinel_tls_port);
+        let mut config = redis_node_config(backend, url, "ca", node);
+        config.redis_mode = RedisMode::Sentinel;
+        config.redis_sentinel_master = Some(SENTINEL_MASTER.to_owned());
+        config.redis_ca = Some(ca.redis_ca());
+        config
+    }
+}
+
 impl Drop for TlsSentinel {
     fn drop(&mut self) {
         let _ = self.sentinel.kill();
@@ -202,12 +214,7 @@ async fn sentinel_mode_verifies_the_sentinels_and_the_master_against_the_ca() {
     let ca = PrivateCa::new();
     let set = TlsSentinel::start(&ca, false);
     let backend = Backend::start().await;
-    let url = format!("rediss://127.0.0.1:{}", set.sentinel_tls_port);
-    let mut config: Config = redis_node_config(&backend, url, "ca", "s");
-    config.redis_mode = RedisMode::Sentinel;
-    config.redis_sentinel_master = Some(SENTINEL_MASTER.to_owned());
-    config.redis_ca = Some(ca.redis_ca());
-    let nodes = start_ready_nodes([config]).await;
+    let nodes = start_ready_nodes([set.node_config(&ca, &backend, "s")]).await;
     delivers_through_redis(&nodes[0], "via the Sentinel").await;
     assert!(set.master.is_running());
 }
@@ -220,12 +227,7 @@ async fn sentinel_mode_over_tls_follows_a_failover_to_the_replica() {
     let ca = PrivateCa::new();
     let mut set = TlsSentinel::start(&ca, true);
     let backend = Backend::start().await;
-    let url = format!("rediss://127.0.0.1:{}", set.sentinel_tls_port);
-    let mut config: Config = redis_node_config(&backend, url, "ca", "f");
-    config.redis_mode = RedisMode::Sentinel;
-    config.redis_sentinel_master = Some(SENTINEL_MASTER.to_owned());
-    config.redis_ca = Some(ca.redis_ca());
-    let nodes = start_ready_nodes([config]).await;
+    let nodes = start_ready_nodes([set.node_config(&ca, &backend, "f")]).await;
     let node = &nodes[0];
     delivers_through_redis(node, "before the failover").await;
 
