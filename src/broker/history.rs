@@ -10,10 +10,6 @@
 //! Frame on the pub/sub channel: `{previous id}\n{id}\n{payload}`; both ids are empty when
 //! history is off. The broker strips the frame; the envelope inside stays opaque.
 
-use std::collections::HashMap;
-
-use compact_str::CompactString;
-
 /// A Redis stream id: milliseconds and sequence. Ordered as Redis orders them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct StreamId(pub u64, pub u64);
@@ -267,16 +263,6 @@ fn decimal_until_bytewise(s: &[u8], end: u8) -> Option<(u64, &[u8])> {
     None
 }
 
-/// What the receiving side knows about each subscribed channel.
-#[derive(Default)]
-pub struct Positions {
-    /// Subscribed channels → id of the last message delivered (None: nothing yet). Looked up
-    /// once per received message: a fast hasher, seeded per process (the names are the node's
-    /// own subscriptions), and names of up to 24 bytes stored in the table itself, so that
-    /// comparing a key reads no other memory.
-    last: HashMap<CompactString, Option<StreamId>, foldhash::fast::RandomState>,
-}
-
 /// What to do with a received message.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -288,75 +274,37 @@ pub enum Verdict {
     Gap { after: StreamId },
 }
 
-impl Positions {
-    pub fn subscribed(&mut self, channels: &[String]) {
-        for c in channels {
-            self.last.entry(c.as_str().into()).or_insert(None);
+/// Judges a message by its position against `last`, the position of the last message delivered
+/// on its channel, and records it there when the verdict is [`Verdict::Deliver`]. Messages
+/// without history are always delivered. A gap is not recorded: the message is recorded after
+/// what the gap recovers.
+///
+/// The slot is kept by the [`MessageSink`](super::MessageSink), beside the channel's
+/// recipients, so that judging and delivering a message are one look-up.
+pub fn judge(last: &mut Option<StreamId>, prev: Option<StreamId>, id: Option<StreamId>) -> Verdict {
+    let Some(id) = id else {
+        return Verdict::Deliver;
+    };
+    let Some(l) = *last else {
+        *last = Some(id);
+        return Verdict::Deliver;
+    };
+    if id <= l {
+        return Verdict::Duplicate;
+    }
+    match prev {
+        Some(p) if p > l => Verdict::Gap { after: l },
+        _ => {
+            *last = Some(id);
+            Verdict::Deliver
         }
     }
+}
 
-    pub fn unsubscribed(&mut self, channels: &[String]) {
-        for c in channels {
-            self.last.remove(c.as_str());
-        }
-    }
-
-    /// Whether the node wants this channel.
-    pub fn is_subscribed(&self, channel: &str) -> bool {
-        self.last.contains_key(channel)
-    }
-
-    /// Judges a message by its position (channels without history, and channels not
-    /// subscribed, are always delivered) and records it as delivered when the verdict is
-    /// [`Verdict::Deliver`]: the reader's hot path, one hash look-up per message. A gap is not
-    /// recorded: the message is recorded after what the gap recovers.
-    pub fn admit(
-        &mut self,
-        channel: &str,
-        prev: Option<StreamId>,
-        id: Option<StreamId>,
-    ) -> Verdict {
-        let Some(slot) = self.last.get_mut(channel) else {
-            return Verdict::Deliver;
-        };
-        let (Some(id), Some(last)) = (id, *slot) else {
-            if let Some(id) = id {
-                *slot = Some(id);
-            }
-            return Verdict::Deliver;
-        };
-        if id <= last {
-            return Verdict::Duplicate;
-        }
-        match prev {
-            Some(p) if p > last => Verdict::Gap { after: last },
-            _ => {
-                *slot = Some(id);
-                Verdict::Deliver
-            }
-        }
-    }
-
-    /// The last delivered position of a subscribed channel.
-    pub fn position(&self, channel: &str) -> Option<StreamId> {
-        self.last.get(channel).copied().flatten()
-    }
-
-    /// Records a delivered position (only for channels still subscribed, only forwards).
-    pub fn delivered(&mut self, channel: &str, id: StreamId) {
-        if let Some(slot) = self.last.get_mut(channel) {
-            if slot.is_none_or(|l| l < id) {
-                *slot = Some(id);
-            }
-        }
-    }
-
-    /// Channels with a known position, to catch up after a reconnect.
-    pub fn known(&self) -> Vec<(String, StreamId)> {
-        self.last
-            .iter()
-            .filter_map(|(c, l)| l.map(|l| (c.to_string(), l)))
-            .collect()
+/// Records a delivered position, only forwards.
+pub fn advance(last: &mut Option<StreamId>, id: StreamId) {
+    if last.is_none_or(|l| l < id) {
+        *last = Some(id);
     }
 }
 
@@ -523,39 +471,28 @@ mod tests {
     }
 
     #[test]
-    fn unsubscribed_channels_are_forgotten() {
-        let mut p = Positions::default();
-        p.subscribed(&["c".into()]);
-        p.delivered("c", StreamId(2, 0));
-        p.unsubscribed(&["c".into()]);
-        p.delivered("c", StreamId(9, 0));
-        assert!(p.known().is_empty());
-    }
-
-    #[test]
-    fn admitting_records_only_what_is_delivered() {
+    fn judging_records_only_what_is_delivered() {
         let id = |ms| Some(StreamId(ms, 0));
-        let mut p = Positions::default();
-        p.subscribed(&["c".into()]);
-        assert_eq!(p.admit("c", None, id(1)), Verdict::Deliver);
-        assert_eq!(p.admit("c", id(1), id(2)), Verdict::Deliver);
-        assert_eq!(p.admit("c", id(1), id(2)), Verdict::Duplicate);
+        let mut last = None;
+        assert_eq!(judge(&mut last, None, id(1)), Verdict::Deliver);
+        assert_eq!(judge(&mut last, id(1), id(2)), Verdict::Deliver);
+        assert_eq!(judge(&mut last, id(1), id(2)), Verdict::Duplicate);
         // A gap is not recorded: the message is delivered after the recovery.
-        assert_eq!(
-            p.admit("c", id(4), id(5)),
-            Verdict::Gap {
-                after: StreamId(2, 0)
-            }
-        );
-        assert_eq!(
-            p.admit("c", id(4), id(5)),
-            Verdict::Gap {
-                after: StreamId(2, 0)
-            }
-        );
+        for _ in 0..2 {
+            assert_eq!(
+                judge(&mut last, id(4), id(5)),
+                Verdict::Gap {
+                    after: StreamId(2, 0)
+                }
+            );
+        }
         // Without history nothing is judged or recorded.
-        assert_eq!(p.admit("c", None, None), Verdict::Deliver);
-        assert_eq!(p.admit("other", id(8), id(9)), Verdict::Deliver);
-        assert_eq!(p.known(), vec![("c".to_string(), StreamId(2, 0))]);
+        assert_eq!(judge(&mut last, None, None), Verdict::Deliver);
+        assert_eq!(last, id(2));
+        // Recorded positions only move forwards.
+        advance(&mut last, StreamId(1, 0));
+        assert_eq!(last, id(2));
+        advance(&mut last, StreamId(3, 0));
+        assert_eq!(last, id(3));
     }
 }

@@ -33,14 +33,22 @@ pub(crate) mod test_ca;
 
 pub use channel_list::ChannelList;
 pub use connect::{RedisCa, Topology};
-pub use history::StreamId;
+pub use history::{advance, judge, StreamId, Verdict};
 pub use payloads::Recent;
 pub use replay::MAX_REPLAY;
 
 use memory::MemoryBroker;
 use redis::RedisBroker;
 
-/// Where a broker hands the messages that arrive on subscribed channels.
+/// Where a broker hands the messages that arrive on subscribed channels, and the node's record
+/// of what it delivered: the position of the last message delivered on each subscribed channel.
+///
+/// The record is kept by the sink, beside each channel's recipients, not by the broker: a
+/// received message is judged by its position and delivered with one look-up of its channel
+/// (ARCHITECTURE.md, "One record of what was delivered"). A channel's position lives as long as
+/// the sink holds the channel (subscribed, or lingering before its unsubscribe); the broker reads
+/// it to find gaps and to catch up after a reconnect. The provided methods are those of a sink
+/// that keeps no record: it takes every message and has nothing to catch up on.
 pub trait MessageSink: Send + Sync + 'static {
     /// Called once per message per node, in arrival order for one channel. A broker that sees
     /// one payload published on several channels at once (the in-process broker) passes them
@@ -52,6 +60,39 @@ pub trait MessageSink: Send + Sync + 'static {
     /// after each batch of messages it had at hand, so a connection that got several messages
     /// in one batch writes them with one system call.
     fn deliver(&self, channels: &[&str], payload: Bytes, position: Option<StreamId>);
+
+    /// Judges one message on one channel by its position ([`judge`]) and, when the verdict is
+    /// [`Verdict::Deliver`], delivers it as [`deliver`](Self::deliver) would: the Redis
+    /// reader's hot path. A channel the sink does not hold is delivered (to nobody).
+    fn admit(
+        &self,
+        channel: &str,
+        payload: Bytes,
+        prev: Option<StreamId>,
+        id: Option<StreamId>,
+    ) -> Verdict {
+        let _ = prev;
+        self.deliver(&[channel], payload, id);
+        Verdict::Deliver
+    }
+
+    /// The position of the last message delivered on a channel the sink holds.
+    fn position(&self, _channel: &str) -> Option<StreamId> {
+        None
+    }
+
+    /// Records a position as delivered on a channel the sink holds (only forwards).
+    fn record(&self, _channel: &str, _id: StreamId) {}
+
+    /// Whether the sink holds the channel (wants its messages).
+    fn holds(&self, _channel: &str) -> bool {
+        true
+    }
+
+    /// The channels with a known position, to catch up on after a reconnect.
+    fn known(&self) -> Vec<(String, StreamId)> {
+        Vec::new()
+    }
 
     /// Wakes the writers of everything delivered since the last call.
     fn flush(&self);

@@ -34,7 +34,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::connect::{self, Endpoint, Pool, RedisCa, Topology};
 use super::held::{Held, Kept};
-use super::history::{self, Positions, StreamId, Verdict};
+use super::history::{self, StreamId, Verdict};
 use super::payloads::RecentPayloads;
 use super::publisher::Publisher;
 use super::redis_cluster::{self, ShardCanary};
@@ -344,7 +344,6 @@ impl RedisBroker {
             channels: HashSet::new(),
             online: HashSet::new(),
             resync_presence: false,
-            positions: Arc::new(parking_lot::Mutex::new(Positions::default())),
             hold_limit: cfg.hold_limit,
         };
         tokio::spawn(actor.run(rx));
@@ -472,8 +471,6 @@ struct Actor {
     online: HashSet<Arc<str>>,
     /// A presence write failed: the next heartbeat rewrites this node's set in full.
     resync_presence: bool,
-    /// Last delivered position per subscribed channel, shared with each connection's reader.
-    positions: Arc<parking_lot::Mutex<Positions>>,
     /// `--max-recovery-hold`, handed to each connection's reader.
     hold_limit: usize,
 }
@@ -527,12 +524,10 @@ impl Actor {
     fn record_while_down(&mut self, cmd: Cmd) {
         match cmd {
             Cmd::Subscribe(chs, tx) => {
-                self.positions.lock().subscribed(&chs);
                 self.channels.extend(chs);
                 let _ = tx.send(Err(Outage::Unreachable.into()));
             }
             Cmd::Unsubscribe(chs) => {
-                self.positions.lock().unsubscribed(&chs);
                 for c in chs {
                     self.channels.remove(&c);
                 }
@@ -568,7 +563,6 @@ impl Actor {
                 shared: self.shared.clone(),
                 canary: self.keys.canary.clone(),
                 pool: self.pool.clone(),
-                positions: self.positions.clone(),
                 recent: parking_lot::Mutex::new(RecentPayloads::default()),
                 hold_limit: self.hold_limit,
             };
@@ -811,7 +805,6 @@ impl Actor {
                         .collect();
                     chs.sort_unstable();
                     chs.dedup();
-                    self.positions.lock().subscribed(&chs);
                     self.channels.extend(chs.iter().cloned());
                     let refused = match timed(sink.subscribe(&chs)).await {
                         Ok(()) => Vec::new(),
@@ -839,7 +832,6 @@ impl Actor {
                             chs.extend(more);
                         }
                     }
-                    self.positions.lock().unsubscribed(&chs);
                     for c in &chs {
                         self.channels.remove(c);
                     }
@@ -901,13 +893,13 @@ impl Actor {
     }
 }
 
-/// The receiving half of one pub/sub connection: positions, gaps, catch-up.
+/// The receiving half of one pub/sub connection: gaps, recovery, catch-up, judged by the
+/// positions the sink records (`MessageSink`).
 struct Reader {
     sink: Arc<dyn MessageSink>,
     shared: Arc<Shared>,
     canary: String,
     pool: Pool,
-    positions: Arc<parking_lot::Mutex<Positions>>,
     /// The payloads received last, shared by the messages that repeat them (`payloads.rs`).
     recent: parking_lot::Mutex<RecentPayloads>,
     /// `--max-recovery-hold`: bytes of live messages held while delivery waits (`held.rs`).
@@ -922,7 +914,7 @@ impl Reader {
 
     /// Delivers, in order, what each channel's history holds after the last delivered position.
     async fn catch_up(&self) -> Result<(), BrokerError> {
-        let known = self.positions.lock().known();
+        let known = self.sink.known();
         for (channel, after) in known {
             self.recover(&channel, after, None).await?;
         }
@@ -953,7 +945,6 @@ impl Reader {
             };
             self.sink
                 .deliver(&[channel], Bytes::copy_from_slice(payload), Some(id));
-            self.positions.lock().delivered(channel, id);
             recovered += 1;
         }
         self.sink.flush();
@@ -1078,9 +1069,7 @@ impl Reader {
             // Read by `read_own`, never here.
             SubStream::Own(_) => None,
             SubStream::Cluster(pushes) => {
-                let wanted = |c: &str| {
-                    c.starts_with(self.canary.as_str()) || self.positions.lock().is_subscribed(c)
-                };
+                let wanted = |c: &str| c.starts_with(self.canary.as_str()) || self.sink.holds(c);
                 redis_cluster::next_message(pushes, wanted).await
             }
         }
@@ -1097,27 +1086,20 @@ impl Reader {
             tracing::warn!(channel, "unframed broker message dropped");
             return Handled::Done;
         };
+        let payload = self.share(framed.payload);
         if after_gap {
-            if let Some(id) = framed.id {
-                self.positions.lock().delivered(channel, id);
-            }
-        } else {
-            // Judged and, when in order, recorded in one look-up.
-            let verdict = self.positions.lock().admit(channel, framed.prev, framed.id);
-            match verdict {
-                Verdict::Deliver => {}
-                Verdict::Duplicate => return Handled::Done,
-                Verdict::Gap { after } => {
-                    return Handled::Gap {
-                        after,
-                        before: framed.id,
-                    }
-                }
-            }
+            // Delivering records the position.
+            self.sink.deliver(&[channel], payload, framed.id);
+            return Handled::Done;
         }
-        self.sink
-            .deliver(&[channel], self.share(framed.payload), framed.id);
-        Handled::Done
+        // Judged, recorded and delivered in one look-up of the channel (`MessageSink::admit`).
+        match self.sink.admit(channel, payload, framed.prev, framed.id) {
+            Verdict::Deliver | Verdict::Duplicate => Handled::Done,
+            Verdict::Gap { after } => Handled::Gap {
+                after,
+                before: framed.id,
+            },
+        }
     }
 
     /// Reads wsgate's own subscription connection until it ends. Messages are handled straight
@@ -1207,15 +1189,13 @@ impl Reader {
     async fn recover_left(&self, left: Vec<(String, StreamId)>) -> bool {
         self.sink.flush();
         for (channel, after) in left {
-            let after = {
-                let mut positions = self.positions.lock();
-                positions.position(&channel).unwrap_or_else(|| {
-                    // Nothing is held any more: recorded as delivered, so that a reconnect's
-                    // catch-up reads it back if this read fails.
-                    positions.delivered(&channel, after);
-                    after
-                })
-            };
+            let after = self.sink.position(&channel).unwrap_or_else(|| {
+                // Nothing is held any more: recorded as delivered, so that a reconnect's
+                // catch-up reads it back if this read fails. (This reader is the only one
+                // that delivers on its channels, so nothing moves between the two calls.)
+                self.sink.record(&channel, after);
+                after
+            });
             if let Err(e) = self.recover(&channel, after, None).await {
                 tracing::warn!(error = %e, "reading back what did not fit the hold failed; reconnecting");
                 return false;
@@ -1231,14 +1211,6 @@ impl Reader {
     fn warm(&self, run: &subscription::Run<'_>) {
         let channels: smallvec::SmallVec<[&str; subscription::RUN]> =
             run.iter().map(|(channel, _)| *channel).collect();
-        {
-            let positions = self.positions.lock();
-            for channel in &channels {
-                // The position, not only the name: `admit` reads it, and it can lie on a
-                // line the name's compare does not touch (slots are 48 bytes).
-                std::hint::black_box(positions.position(channel));
-            }
-        }
         self.sink.warm(&channels);
     }
 

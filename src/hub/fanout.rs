@@ -13,12 +13,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use parking_lot::MutexGuard;
 
 use super::channel::Channel;
 use super::outbound::{prefetch_lines, Outgoing, Push, Writes};
-use super::registry::{Connection, Registry, UserEntry};
+use super::registry::{Connection, Inner, Registry, UserEntry};
 use super::resume::Slot;
-use crate::broker::{MessageSink, Recent, StreamId};
+use crate::broker::{self as broker, MessageSink, Recent, StreamId, Verdict};
 use crate::metrics::{BulkCounts, Metrics};
 use crate::protocol::{self, Endpoint, Envelope, Kind};
 
@@ -123,17 +124,33 @@ fn to_user(
     }
 }
 
+/// Records `position` (if any) as the channel's last delivered one, only forwards.
 fn advance(slot: &mut Option<StreamId>, position: Option<StreamId>) {
     if let Some(p) = position {
-        if slot.is_none_or(|s| s < p) {
-            *slot = Some(p);
-        }
+        broker::advance(slot, p);
     }
 }
 
-impl MessageSink for Registry {
-    fn deliver(&self, channels: &[&str], payload: Bytes, position: Option<StreamId>) {
-        let mut guard = self.inner.lock();
+impl Registry {
+    /// The recorded position of a channel the registry holds: a user's or a tenant's channel
+    /// while its entry exists (until the channel's unsubscribe, `Hub::poll_reap`), the node-wide
+    /// one always.
+    fn slot<'a>(&self, inner: &'a mut Inner, channel: &str) -> Option<&'a mut Option<StreamId>> {
+        match self.names.parse(channel)? {
+            Channel::User(u) => inner.users.get_mut(u).map(|e| &mut e.position),
+            Channel::Tenant(t) => inner.tenants.get_mut(t).map(|e| &mut e.position),
+            Channel::Everyone => Some(&mut inner.everyone_position),
+        }
+    }
+
+    /// [`MessageSink::deliver`] with the registry locked.
+    fn deliver_locked(
+        &self,
+        mut guard: MutexGuard<'_, Inner>,
+        channels: &[&str],
+        payload: Bytes,
+        position: Option<StreamId>,
+    ) {
         let inner = &mut *guard;
         inner.tally.received += 1;
         let env = match inner.decoded.decode(payload) {
@@ -193,6 +210,106 @@ impl MessageSink for Registry {
             }
         }
         inner.tally.add(&self.metrics, endpoint, &n);
+    }
+}
+
+impl MessageSink for Registry {
+    fn deliver(&self, channels: &[&str], payload: Bytes, position: Option<StreamId>) {
+        self.deliver_locked(self.inner.lock(), channels, payload, position);
+    }
+
+    /// One look-up of the user for the common message, a notification to one user: its entry
+    /// holds both the channel's position and the connections.
+    fn admit(
+        &self,
+        channel: &str,
+        payload: Bytes,
+        prev: Option<StreamId>,
+        id: Option<StreamId>,
+    ) -> Verdict {
+        let mut guard = self.inner.lock();
+        let inner = &mut *guard;
+        let Some(Channel::User(u)) = self.names.parse(channel) else {
+            // Tenants' and the node-wide channel: judged, then delivered as by `deliver`.
+            let verdict = match self.slot(inner, channel) {
+                Some(last) => broker::judge(last, prev, id),
+                None => Verdict::Deliver,
+            };
+            if verdict == Verdict::Deliver {
+                self.deliver_locked(guard, &[channel], payload, id);
+            }
+            return verdict;
+        };
+        let Some(user) = inner.users.get_mut(u) else {
+            // Not held (any more): nobody to deliver to, nothing to judge.
+            inner.tally.received += 1;
+            return Verdict::Deliver;
+        };
+        let verdict = broker::judge(&mut user.position, prev, id);
+        if verdict != Verdict::Deliver {
+            return verdict;
+        }
+        inner.tally.received += 1;
+        let env = match inner.decoded.decode(payload) {
+            Ok(env) => env,
+            Err(e) => {
+                tracing::warn!(channel, error = %e, "undecodable broker message dropped");
+                return verdict;
+            }
+        };
+        let (endpoint, topic) = match env.kind {
+            Kind::Notification => (Endpoint::Notws, env.topic.as_str()),
+            Kind::Chat => (Endpoint::Chat, ""),
+            Kind::Canary => return verdict,
+            Kind::Revoke => {
+                let revocation = super::Revocation::decode(&env.topic, &env.frame);
+                drop(guard);
+                if let Some(r) = revocation {
+                    self.revoke(&r);
+                }
+                return verdict;
+            }
+        };
+        let msg = Outgoing {
+            frame: env.frame.clone(),
+            published_at: env.published_at,
+            position: id.map(|p| (Slot::User, p)),
+        };
+        let mut n = Counts::default();
+        to_user(user, &msg, endpoint, topic, &mut n, &mut inner.wakes);
+        inner.tally.add(&self.metrics, endpoint, &n);
+        verdict
+    }
+
+    fn position(&self, channel: &str) -> Option<StreamId> {
+        self.slot(&mut self.inner.lock(), channel)
+            .and_then(|last| *last)
+    }
+
+    fn record(&self, channel: &str, id: StreamId) {
+        if let Some(last) = self.slot(&mut self.inner.lock(), channel) {
+            broker::advance(last, id);
+        }
+    }
+
+    fn holds(&self, channel: &str) -> bool {
+        self.slot(&mut self.inner.lock(), channel).is_some()
+    }
+
+    fn known(&self) -> Vec<(String, StreamId)> {
+        let inner = self.inner.lock();
+        let users = inner
+            .users
+            .iter()
+            .filter_map(|(u, e)| Some((self.names.render(Channel::User(u)), e.position?)));
+        let tenants = inner
+            .tenants
+            .iter()
+            .filter_map(|(t, e)| Some((self.names.render(Channel::Tenant(t)), e.position?)));
+        let everyone = inner
+            .everyone_position
+            .map(|p| (self.names.render(Channel::Everyone), p));
+        users.chain(tenants).chain(everyone).collect()
     }
 
     fn warm(&self, channels: &[&str]) {

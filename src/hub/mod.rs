@@ -226,12 +226,14 @@ impl Hub {
         }
         let (subscribed, online) = {
             let mut inner = self.registry.inner.lock();
+            // An entry without connections is the user's lingering channel (kept for its
+            // position): the user is back, not new to the node's presence.
             let first = match inner.users.get(&*identity.user_id) {
                 Some(u) => {
                     if self.max_per_user > 0 && u.conns.len() >= self.max_per_user {
                         return Err(RegisterError::TooManyConnections);
                     }
-                    false
+                    u.conns.is_empty()
                 }
                 None => true,
             };
@@ -240,9 +242,12 @@ impl Hub {
                 .entry(compact_str::CompactString::from(&*identity.user_id))
                 .or_insert_with(|| UserEntry {
                     conns: smallvec::SmallVec::new(),
-                    tenant: identity.tenant_id.clone(),
+                    tenant: None,
                     position: None,
                 });
+            if first {
+                user.tenant = identity.tenant_id.clone();
+            }
             user.conns.push(ConnEntry {
                 endpoint: conn.endpoint,
                 conn: conn.clone(),
@@ -307,6 +312,23 @@ impl Hub {
         self.metrics
             .broker_channels
             .set(inner.channels.len() as i64);
+        // With its channel go the positions kept for it (`fanout.rs`): the entries of users
+        // and tenants nobody on this node has any more.
+        for name in &gone {
+            match self.registry.names.parse(name) {
+                Some(Channel::User(u)) => {
+                    if inner.users.get(u).is_some_and(|e| e.conns.is_empty()) {
+                        inner.users.remove(u);
+                    }
+                }
+                Some(Channel::Tenant(t)) => {
+                    if inner.tenants.get(t).is_some_and(|e| e.users.is_empty()) {
+                        inner.tenants.remove(t);
+                    }
+                }
+                Some(Channel::Everyone) | None => {}
+            }
+        }
         // Queued under the lock: a later subscribe of the same channel comes after it.
         self.broker.unsubscribe(gone);
         Poll::Ready(())
@@ -332,14 +354,15 @@ impl Hub {
         inner.connections -= 1;
         self.registry.ping_slots.remove(conn.id);
         if last {
-            if let Some(user) = inner.users.remove(&**user_id) {
-                if let Some(t) = user.tenant {
-                    if let Some(set) = inner.tenants.get_mut(&t) {
-                        set.users.remove(user_id);
-                        if set.users.is_empty() {
-                            inner.tenants.remove(&t);
-                        }
-                    }
+            // The entry stays while the user's channel lingers: it keeps the channel's position
+            // (`poll_reap` removes it with the channel). So does the tenant's, without the user.
+            let tenant = inner
+                .users
+                .get_mut(&**user_id)
+                .and_then(|u| u.tenant.take());
+            if let Some(t) = tenant {
+                if let Some(set) = inner.tenants.get_mut(&t) {
+                    set.users.remove(user_id);
                 }
             }
             // Presence is exact: the user leaves now, not after the unsubscribe delay.

@@ -310,3 +310,84 @@ fn a_wanted_ping_rides_on_the_next_write_and_wakes_the_writer_only_when_none_cam
     assert_eq!((taken.len(), wake.ping), (0, true));
     assert!(!out.take(&mut taken).ping, "one ping per wanted ping");
 }
+
+/// The registry is the node's record of what it delivered per channel (`MessageSink`): a
+/// user's channel keeps its position while it lingers, so that a gap is still seen when the
+/// user comes back within the delay, and loses it with the unsubscribe.
+#[tokio::test(start_paused = true)]
+async fn a_lingering_channel_keeps_its_position_until_it_is_unsubscribed() {
+    use crate::broker::{MessageSink, StreamId, Verdict};
+    let (hub, mem) = hub(200);
+    hub.start().await.expect("start");
+    let sink: &Registry = &hub.registry;
+    let at = |ms| Some(StreamId(ms, 0));
+    let payload = protocol::encode(Kind::Notification, "X", b"{}");
+    let user = "t:u:u1";
+    let tenant = "t:t:T";
+
+    let a = register(&hub, "u1", Some("T"), Endpoint::Notws).await;
+    assert_eq!(
+        sink.admit(user, payload.clone(), None, at(1)),
+        Verdict::Deliver
+    );
+    assert_eq!(
+        sink.admit(tenant, payload.clone(), None, at(2)),
+        Verdict::Deliver
+    );
+    assert_eq!(
+        sink.admit(user, payload.clone(), None, at(1)),
+        Verdict::Duplicate
+    );
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    settle().await;
+    assert!(subscribed(&mem, user), "lingering");
+    assert!(sink.holds(user) && sink.holds(tenant));
+    assert_eq!((sink.position(user), sink.position(tenant)), (at(1), at(2)));
+    let mut known = sink.known();
+    known.sort();
+    assert_eq!(
+        known,
+        vec![
+            (tenant.to_string(), StreamId(2, 0)),
+            (user.to_string(), StreamId(1, 0)),
+        ]
+    );
+    // Nobody is connected, yet the node is subscribed: what arrives is still recorded.
+    assert_eq!(
+        sink.admit(user, payload.clone(), at(1), at(3)),
+        Verdict::Deliver
+    );
+
+    // Back within the delay: the position is the channel's, not a fresh one, so a message
+    // after a gap is held back for recovery rather than delivered over the hole.
+    let b = register(&hub, "u1", Some("T"), Endpoint::Notws).await;
+    assert_eq!(
+        sink.admit(user, payload.clone(), at(4), at(5)),
+        Verdict::Gap {
+            after: StreamId(3, 0)
+        }
+    );
+    assert_eq!(
+        hub.broker()
+            .presence(vec!["u1".into()])
+            .await
+            .expect("presence"),
+        vec![true],
+        "back online"
+    );
+
+    drop(b);
+    tokio::time::sleep(Duration::from_millis(201)).await;
+    settle().await;
+    assert_eq!(mem.channels(), vec!["t:all"]);
+    assert!(!sink.holds(user) && !sink.holds(tenant));
+    assert_eq!(sink.position(user), None);
+    assert!(sink.known().is_empty());
+    assert!(
+        hub.registry.inner.lock().users.is_empty(),
+        "the entry went with its channel"
+    );
+    // A channel not held is delivered to nobody and judged by nothing.
+    assert_eq!(sink.admit(user, payload, at(9), at(10)), Verdict::Deliver);
+}
