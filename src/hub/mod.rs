@@ -8,6 +8,9 @@
 //!   does not make the channel flap; a failed subscribe is rolled back.
 //! - A broker message is decoded once; every local recipient gets the same shared bytes. The
 //!   registry lock is a plain mutex, never held across an `.await`; delivering is a queue push.
+//! - The registry is the node's one record of what it delivered: each held channel's last
+//!   position, beside its recipients, read by the broker to judge and recover (`fanout.rs`). A
+//!   user's and a tenant's entries therefore last as long as their channel, lingering included.
 
 //!
 //! Parts: [`outbound`] (a connection's bounded queue), [`registry`] (users, connections, topic
