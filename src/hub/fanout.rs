@@ -131,7 +131,48 @@ fn advance(slot: &mut Option<StreamId>, position: Option<StreamId>) {
     }
 }
 
+/// What a received payload asks of the fan-out.
+enum Opened<'e> {
+    /// Queue the message (its position not yet set) for the connections of the endpoint whose
+    /// topics match (the topic borrowed from the kept envelope).
+    Deliver(Outgoing, Endpoint, &'e str),
+    /// Apply a revocation, if it could be read, once the registry lock is released.
+    Revoke(Option<super::Revocation>),
+    /// Nothing to deliver: a canary, or a payload that does not decode (logged).
+    Nothing,
+}
+
+/// Decodes a received payload (once per payload, `Decoded`) into what it asks for.
+fn open<'e>(decoded: &'e mut Decoded, payload: Bytes, channel: &str) -> Opened<'e> {
+    let env = match decoded.decode(payload) {
+        Ok(env) => env,
+        Err(e) => {
+            tracing::warn!(channel, error = %e, "undecodable broker message dropped");
+            return Opened::Nothing;
+        }
+    };
+    let (endpoint, topic) = match env.kind {
+        Kind::Notification => (Endpoint::Notws, env.topic.as_str()),
+        Kind::Chat => (Endpoint::Chat, ""),
+        Kind::Canary => return Opened::Nothing,
+        Kind::Revoke => return Opened::Revoke(super::Revocation::decode(&env.topic, &env.frame)),
+    };
+    let msg = Outgoing {
+        frame: env.frame.clone(),
+        published_at: env.published_at,
+        position: None,
+    };
+    Opened::Deliver(msg, endpoint, topic)
+}
+
 impl Registry {
+    /// Applies a revocation read from the everyone channel (called without the registry lock).
+    fn apply(&self, revocation: Option<super::Revocation>) {
+        if let Some(r) = revocation {
+            self.revoke(&r);
+        }
+    }
+
     /// The recorded position of a channel the registry holds: a user's or a tenant's channel
     /// while its entry exists (until the channel's unsubscribe, `Hub::poll_reap`), the node-wide
     /// one always.
@@ -153,30 +194,15 @@ impl Registry {
     ) {
         let inner = &mut *guard;
         inner.tally.received += 1;
-        let env = match inner.decoded.decode(payload) {
-            Ok(env) => env,
-            Err(e) => {
-                tracing::warn!(channel = channels.first().copied().unwrap_or(""), error = %e, "undecodable broker message dropped");
-                return;
-            }
-        };
-        let (endpoint, topic) = match env.kind {
-            Kind::Notification => (Endpoint::Notws, env.topic.as_str()),
-            Kind::Chat => (Endpoint::Chat, ""),
-            Kind::Canary => return,
-            Kind::Revoke => {
-                let revocation = super::Revocation::decode(&env.topic, &env.frame);
+        let channel = channels.first().copied().unwrap_or("");
+        let (mut msg, endpoint, topic) = match open(&mut inner.decoded, payload, channel) {
+            Opened::Deliver(msg, endpoint, topic) => (msg, endpoint, topic),
+            Opened::Revoke(revocation) => {
                 drop(guard);
-                if let Some(r) = revocation {
-                    self.revoke(&r);
-                }
+                self.apply(revocation);
                 return;
             }
-        };
-        let mut msg = Outgoing {
-            frame: env.frame.clone(),
-            published_at: env.published_at,
-            position: None,
+            Opened::Nothing => return,
         };
         let mut n = Counts::default();
         for channel in channels {
@@ -250,31 +276,16 @@ impl MessageSink for Registry {
             return verdict;
         }
         inner.tally.received += 1;
-        let env = match inner.decoded.decode(payload) {
-            Ok(env) => env,
-            Err(e) => {
-                tracing::warn!(channel, error = %e, "undecodable broker message dropped");
-                return verdict;
-            }
-        };
-        let (endpoint, topic) = match env.kind {
-            Kind::Notification => (Endpoint::Notws, env.topic.as_str()),
-            Kind::Chat => (Endpoint::Chat, ""),
-            Kind::Canary => return verdict,
-            Kind::Revoke => {
-                let revocation = super::Revocation::decode(&env.topic, &env.frame);
+        let (mut msg, endpoint, topic) = match open(&mut inner.decoded, payload, channel) {
+            Opened::Deliver(msg, endpoint, topic) => (msg, endpoint, topic),
+            Opened::Revoke(revocation) => {
                 drop(guard);
-                if let Some(r) = revocation {
-                    self.revoke(&r);
-                }
+                self.apply(revocation);
                 return verdict;
             }
+            Opened::Nothing => return verdict,
         };
-        let msg = Outgoing {
-            frame: env.frame.clone(),
-            published_at: env.published_at,
-            position: id.map(|p| (Slot::User, p)),
-        };
+        msg.position = id.map(|p| (Slot::User, p));
         let mut n = Counts::default();
         to_user(user, &msg, endpoint, topic, &mut n, &mut inner.wakes);
         inner.tally.add(&self.metrics, endpoint, &n);
