@@ -186,9 +186,7 @@ impl TlsSentinel {
         );
         set
     }
-}
 
-impl TlsSentinel {
     /// A node that finds the master through this Sentinel over TLS, verifying both against the CA.
     fn node_config(&self, ca: &PrivateCa, backend: &Backend, node: &str) -> Config {
         let url = format!("rediss://127.0.0.1:{}", self.sentinel_tls_port);
