@@ -1,11 +1,13 @@
 //! The broker seam: moves opaque bytes on named channels between nodes, and answers presence.
 //! It knows nothing of WebSockets, users' topics or the envelope's contents.
 //!
-//! Ordering contract: [`Broker::subscribe`], [`Broker::unsubscribe`] and [`Broker::set_online`]
-//! take effect in the order they are *called* (the request is queued before the method returns;
-//! the returned [`Ack`] only waits for the acknowledgement). The hub relies on this: it calls them
-//! while holding its registry lock, so an unsubscribe decided under the lock can never overtake
-//! a later subscribe of the same channel.
+//! Ordering contract: [`Broker::subscribe`] and [`Broker::unsubscribe`] take effect in the order
+//! they are *called*, and so do the [`Broker::set_online`] calls among themselves (the request is
+//! queued before the method returns; the returned [`Ack`] only waits for the acknowledgement).
+//! The hub relies on this: it calls them while holding its registry lock, so an unsubscribe
+//! decided under the lock can never overtake a later subscribe of the same channel, nor a user's
+//! leave a later join. Subscriptions and presence are separate queues with Redis (a presence
+//! write that hangs holds no subscribe), so the two kinds may take effect in either order.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,6 +23,7 @@ mod held;
 pub mod history;
 pub mod memory;
 mod payloads;
+mod presence;
 mod publisher;
 pub mod redis;
 mod redis_cluster;

@@ -9,16 +9,16 @@
 //!   reconnect restores exactly the hub's set. The queue is bounded (`QUEUE_LIMIT` requests
 //!   that add work; releases always pass, so nothing is left stale).
 //! - Publishing goes over a deadpool-redis pool; a message for many channels is one pipeline.
-//! - The actor remembers the whole wanted channel set and this node's online users: after a
-//!   reconnect (with backoff) it restores both before the node reports ready again.
+//! - The actor remembers the whole wanted channel set: after a reconnect (with backoff) it
+//!   restores it, and has the presence task (`presence.rs`) rewrite this node's online users,
+//!   before the node reports ready again.
 //! - A canary published on `{prefix}:canary:{node}` every second must come back through the
 //!   subscription; if it does not, the subscription is silently dead: the node turns unready and
 //!   reconnects.
 //! - Presence: `{prefix}:node:{node}:users` (a SET with a TTL refreshed by heartbeat) and
-//!   `{prefix}:nodes` (ZSET node → last heartbeat, ms). A crashed node stops heartbeating, so its
-//!   users read offline within `--presence-ttl`. A presence write that fails is repaired by
-//!   rewriting the node's set in full (atomically), at once if Redis refused a command, else
-//!   at the next heartbeat.
+//!   `{prefix}:nodes` (ZSET node → last heartbeat, ms), written by a task of its own
+//!   (`presence.rs`), so that a Redis that hangs on a presence write never holds the actor (its
+//!   canary check, its subscribes). Queries read them over the pool.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +36,7 @@ use super::connect::{self, Endpoint, Pool, RedisCa, Topology};
 use super::held::{Held, Kept};
 use super::history::{self, StreamId, Verdict};
 use super::payloads::RecentPayloads;
+use super::presence;
 use super::publisher::Publisher;
 use super::redis_cluster::{self, ShardCanary};
 use super::subscription;
@@ -49,14 +50,15 @@ use crate::protocol::{self, Kind};
 const CANARY_INTERVAL: Duration = Duration::from_secs(1);
 const CANARY_DEADLINE: Duration = Duration::from_secs(4);
 /// Timeout of one Redis command; a Redis that does not answer is a Redis that is down.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
-/// Channels per SUBSCRIBE when the whole set is restored.
-const RESTORE_CHUNK: usize = 1000;
-/// Requests that add work (a subscribe, a user coming online) queued for the actor at most;
-/// beyond it they fail at once (the handshake answers 503). Releases (unsubscribe, offline)
-/// are always queued: there is at most one per earlier successful request, so the queue stays
-/// bounded, and dropping one would leave a channel or a user stale.
-const QUEUE_LIMIT: usize = 10_000;
+pub(super) const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
+/// Channels per SUBSCRIBE (users per SADD) when the whole set is restored.
+pub(super) const RESTORE_CHUNK: usize = 1000;
+/// Requests that add work (a subscribe for the actor, a user coming online for the presence
+/// task) queued for one task at most; beyond it they fail at once (the handshake answers 503).
+/// Releases (unsubscribe, offline) are always queued: there is at most one per earlier
+/// successful request, so the queue stays bounded, and dropping one would leave a channel or a
+/// user stale.
+pub(super) const QUEUE_LIMIT: usize = 10_000;
 /// Most messages delivered before the writers are woken: bounds what one batch can add to the
 /// latency of its first message (about 1 µs each).
 const READ_BATCH: usize = 256;
@@ -67,7 +69,6 @@ type Waiter = (Vec<String>, oneshot::Sender<Result<(), BrokerError>>);
 enum Cmd {
     Subscribe(Vec<String>, oneshot::Sender<Result<(), BrokerError>>),
     Unsubscribe(Vec<String>),
-    Online(Arc<str>, Presence, oneshot::Sender<Result<(), BrokerError>>),
 }
 
 struct Shared {
@@ -166,6 +167,8 @@ struct Canary {
 pub struct RedisBroker {
     shared: Arc<Shared>,
     cmds: mpsc::UnboundedSender<Cmd>,
+    /// Joins and leaves, written in order by the presence task.
+    presence_writes: presence::Queue,
     pool: Pool,
     keys: Keys,
     presence_ttl: Duration,
@@ -260,13 +263,13 @@ pub(super) async fn timed<T>(
     }
 }
 
-fn now_ms() -> u64 {
+pub(super) fn now_ms() -> u64 {
     protocol::now_micros() / 1000
 }
 
 /// Redis answered with an error reply (NOPERM, a denied command...): the connection is fine,
 /// only this command failed.
-fn refused_by_redis(e: &BrokerError) -> bool {
+pub(super) fn refused_by_redis(e: &BrokerError) -> bool {
     matches!(e, BrokerError::Unavailable(Outage::Redis(e)) if e.code().is_some())
 }
 
@@ -332,6 +335,15 @@ impl RedisBroker {
             epoch: Instant::now(),
             metrics,
         });
+        let presence_writes = presence::Queue::start(
+            pool.clone(),
+            presence::Keys {
+                node_id: keys.node_id.clone(),
+                nodes: keys.nodes.clone(),
+                node_users: keys.node_users.clone(),
+            },
+            cfg.presence_ttl,
+        );
         let (tx, rx) = mpsc::unbounded_channel();
         let actor = Actor {
             endpoint,
@@ -340,10 +352,8 @@ impl RedisBroker {
             shared: shared.clone(),
             sink,
             keys: keys.clone(),
-            presence_ttl: cfg.presence_ttl,
+            presence: presence_writes.clone(),
             channels: HashSet::new(),
-            online: HashSet::new(),
-            resync_presence: false,
             hold_limit: cfg.hold_limit,
         };
         tokio::spawn(actor.run(rx));
@@ -357,6 +367,7 @@ impl RedisBroker {
             )),
             shared,
             cmds: tx,
+            presence_writes,
             pool,
             keys,
             presence_ttl: cfg.presence_ttl,
@@ -364,10 +375,7 @@ impl RedisBroker {
     }
 
     fn send(&self, cmd: Cmd) -> Result<(), BrokerError> {
-        let adds = matches!(
-            cmd,
-            Cmd::Subscribe(..) | Cmd::Online(_, Presence::Online, _)
-        );
+        let adds = matches!(cmd, Cmd::Subscribe(..));
         if adds && self.shared.queued.load(Ordering::Relaxed) >= QUEUE_LIMIT {
             return Err(Outage::Overloaded.into());
         }
@@ -406,11 +414,7 @@ impl RedisBroker {
     }
 
     pub fn set_online(&self, user_id: Arc<str>, presence: Presence) -> Ack {
-        let (tx, rx) = oneshot::channel();
-        match self.send(Cmd::Online(user_id, presence, tx)) {
-            Ok(()) => Ack::waiting(rx),
-            Err(e) => Ack::done(Err(e)),
-        }
+        self.presence_writes.set(user_id, presence)
     }
 
     pub async fn presence(&self, user_ids: Vec<String>) -> Result<Vec<bool>, BrokerError> {
@@ -464,13 +468,11 @@ struct Actor {
     shared: Arc<Shared>,
     sink: Arc<dyn MessageSink>,
     keys: Keys,
-    presence_ttl: Duration,
+    /// The presence task: told when the connection is lost, and asked to restore this node's
+    /// presence before the node reports ready.
+    presence: presence::Queue,
     /// Every channel the hub wants, whether or not Redis has it right now.
     channels: HashSet<String>,
-    /// Users with a connection on this node.
-    online: HashSet<Arc<str>>,
-    /// A presence write failed: the next heartbeat rewrites this node's set in full.
-    resync_presence: bool,
     /// `--max-recovery-hold`, handed to each connection's reader.
     hold_limit: usize,
 }
@@ -498,6 +500,7 @@ impl Actor {
                     }
                     self.shared.metrics.broker_up.set(0);
                     self.shared.all_shards_down();
+                    self.presence.down();
                     tracing::warn!(reason = %why, retry_in = ?backoff, "Redis pub/sub connection lost");
                 }
             }
@@ -531,13 +534,6 @@ impl Actor {
                 for c in chs {
                     self.channels.remove(&c);
                 }
-            }
-            Cmd::Online(user, presence, tx) => {
-                match presence {
-                    Presence::Online => self.online.insert(user),
-                    Presence::Offline => self.online.remove(&user),
-                };
-                let _ = tx.send(Ok(()));
             }
         }
     }
@@ -595,7 +591,7 @@ impl Actor {
                 Err(e) => return End::Lost(e.to_string()),
             }
         }
-        if let Err(e) = self.heartbeat(true).await {
+        if let Err(e) = self.presence.restore().await {
             return End::Lost(e.to_string());
         }
         self.shared.watch(canaries);
@@ -615,8 +611,6 @@ impl Actor {
         *connected_before = true;
 
         let mut canary = tokio::time::interval(CANARY_INTERVAL);
-        let mut heartbeat = tokio::time::interval(self.presence_ttl / 3);
-        heartbeat.tick().await;
         let mut batch: Vec<Cmd> = Vec::new();
         loop {
             tokio::select! {
@@ -641,17 +635,6 @@ impl Actor {
                         return End::Lost(format!("canary of {shard} not received for {late} ms"));
                     }
                     self.send_canary();
-                }
-                _ = heartbeat.tick() => {
-                    // A failed heartbeat is on the pool, not the subscription: the canary
-                    // judges the subscription; presence is re-asserted in full next time round.
-                    match self.heartbeat(self.resync_presence).await {
-                        Ok(()) => self.resync_presence = false,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "presence heartbeat failed");
-                            self.resync_presence = true;
-                        }
-                    }
                 }
             }
         }
@@ -738,36 +721,6 @@ impl Actor {
         Ok(refused)
     }
 
-    /// Refreshes this node's presence; `full` rewrites the node's user set from what the node
-    /// knows (after a reconnect Redis may have lost users; after a failed write it may hold
-    /// users who left), atomically, so a reader never sees it half written.
-    async fn heartbeat(&self, full: bool) -> Result<(), BrokerError> {
-        let mut conn = self.pool.get().await?;
-        let ttl_ms = self.presence_ttl.as_millis() as u64;
-        let now = now_ms();
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        pipe.zadd(&self.keys.nodes, &self.keys.node_id, now)
-            .ignore();
-        if full {
-            pipe.del(&self.keys.node_users).ignore();
-        }
-        if full && !self.online.is_empty() {
-            let users: Vec<&str> = self.online.iter().map(|u| &**u).collect();
-            for chunk in users.chunks(RESTORE_CHUNK) {
-                pipe.sadd(&self.keys.node_users, chunk).ignore();
-            }
-        }
-        pipe.cmd("PEXPIRE")
-            .arg(&self.keys.node_users)
-            .arg(ttl_ms)
-            .ignore();
-        // Forget nodes that stopped heartbeating long ago (their user sets have expired).
-        pipe.zrembyscore(&self.keys.nodes, 0, now.saturating_sub(ttl_ms * 4))
-            .ignore();
-        timed(pipe.query_async::<()>(&mut conn)).await
-    }
-
     /// Applies queued commands in order, merging adjacent commands of one kind. A command Redis
     /// refuses (an ACL that denies a channel, say) never takes the rest of the batch with it: a
     /// refused SUBSCRIBE is retried channel by channel, so only the refused channels (and the
@@ -842,49 +795,6 @@ impl Actor {
                             tracing::warn!(error = %e, "Redis refused an UNSUBSCRIBE");
                         }
                         Err(e) => return Err(e),
-                    }
-                }
-                Cmd::Online(user, presence, tx) => {
-                    let mut ops = vec![(user, presence, tx)];
-                    while let Some(Cmd::Online(..)) = cmds.peek() {
-                        if let Some(Cmd::Online(u, o, t)) = cmds.next() {
-                            ops.push((u, o, t));
-                        }
-                    }
-                    let mut pipe = redis::pipe();
-                    for (u, presence, _) in &ops {
-                        match presence {
-                            Presence::Online => {
-                                self.online.insert(u.clone());
-                                pipe.sadd(&self.keys.node_users, &**u).ignore();
-                            }
-                            Presence::Offline => {
-                                self.online.remove(u);
-                                pipe.srem(&self.keys.node_users, &**u).ignore();
-                            }
-                        }
-                    }
-                    pipe.cmd("PEXPIRE")
-                        .arg(&self.keys.node_users)
-                        .arg(self.presence_ttl.as_millis() as u64)
-                        .ignore();
-                    let mut result = match self.pool.get().await {
-                        Ok(mut conn) => timed(pipe.query_async::<()>(&mut conn)).await,
-                        Err(e) => Err(e),
-                    };
-                    if matches!(&result, Err(e) if refused_by_redis(e)) {
-                        // One refused command fails the whole pipeline's answer, though Redis
-                        // ran the others: rewrite the set from what this node knows instead.
-                        tracing::warn!("a presence write was refused; rewriting this node's set");
-                        result = self.heartbeat(true).await;
-                    }
-                    for (_, _, tx) in ops {
-                        let _ = tx.send(result.clone());
-                    }
-                    if let Err(e) = &result {
-                        // Repaired by the next heartbeat, which rewrites the whole set.
-                        tracing::warn!(error = %e, "presence write failed; resynchronising");
-                        self.resync_presence = true;
                     }
                 }
             }
