@@ -13,9 +13,10 @@
 //!   marks it for a full rewrite at the next heartbeat.
 //! - The actor says in the same queue when the pub/sub connection is lost (`Down`) and when it
 //!   is back (`Restore`). While it is down, joins and leaves are only recorded (and answered at
-//!   once) and no heartbeat is sent, as a node that is down sends none. `Restore` rewrites the
-//!   set in full before the actor reports ready: a join queued before it is in the rewrite, one
-//!   queued after it is written on its own, and nothing falls between the two.
+//!   once) and no heartbeat is sent: after `--presence-ttl` without a subscription the node's
+//!   users read offline. `Restore` rewrites the set in full before the actor reports ready: a
+//!   join queued before it is in the rewrite, one queued after it is written on its own, and
+//!   nothing falls between the two.
 //! - While connected, a heartbeat every `--presence-ttl / 3` refreshes the TTL (one PEXPIRE
 //!   whatever the number of users) and this node's heartbeat time, atomically with the full
 //!   rewrite when one is due. A crashed node stops heartbeating, so its users read offline
