@@ -219,7 +219,7 @@ impl Registry {
                         advance(&mut users.position, position);
                         msg.position = position.map(|p| (Slot::Tenant, p));
                         for u in &users.users {
-                            if let Some(user) = inner.users.get(&**u) {
+                            if let Some(user) = inner.users.get(u) {
                                 to_user(user, &msg, endpoint, topic, &mut n, &mut inner.wakes);
                             }
                         }
@@ -325,6 +325,13 @@ impl MessageSink for Registry {
 
     fn warm(&self, channels: &[&str]) {
         let inner = self.inner.lock();
+        // Every user's bucket on its way first, then each read: the run waits for memory once,
+        // not once per message (`users.rs`).
+        for channel in channels {
+            if let Some(Channel::User(u)) = self.names.parse(channel) {
+                inner.users.prefetch(u);
+            }
+        }
         for channel in channels {
             if let Some(Channel::User(u)) = self.names.parse(channel) {
                 if let Some(user) = inner.users.get(u) {

@@ -44,6 +44,7 @@ mod revocation;
 mod sweep;
 #[cfg(test)]
 mod tests;
+mod users;
 
 pub use channel::Channel;
 use channel::ChannelNames;
@@ -231,7 +232,7 @@ impl Hub {
             let mut inner = self.registry.inner.lock();
             // An entry without connections is the user's lingering channel (kept for its
             // position): the user is back, not new to the node's presence.
-            let first = match inner.users.get(&*identity.user_id) {
+            let first = match inner.users.get(&identity.user_id) {
                 Some(u) => {
                     if self.max_per_user > 0 && u.conns.len() >= self.max_per_user {
                         return Err(RegisterError::TooManyConnections);
@@ -242,8 +243,7 @@ impl Hub {
             };
             let user = inner
                 .users
-                .entry(compact_str::CompactString::from(&*identity.user_id))
-                .or_insert_with(|| UserEntry {
+                .get_or_insert_with(&identity.user_id, || UserEntry {
                     conns: smallvec::SmallVec::new(),
                     tenant: None,
                     position: None,
@@ -343,7 +343,7 @@ impl Hub {
         let mut removed_topics = 0usize;
         let mut found = false;
         let mut last = false;
-        if let Some(user) = inner.users.get_mut(&**user_id) {
+        if let Some(user) = inner.users.get_mut(user_id) {
             if let Some(pos) = user.conns.iter().position(|c| c.conn.id == conn.id) {
                 let entry = user.conns.swap_remove(pos);
                 removed_topics = entry.topics.topics.len();
@@ -359,10 +359,7 @@ impl Hub {
         if last {
             // The entry stays while the user's channel lingers: it keeps the channel's position
             // (`poll_reap` removes it with the channel). So does the tenant's, without the user.
-            let tenant = inner
-                .users
-                .get_mut(&**user_id)
-                .and_then(|u| u.tenant.take());
+            let tenant = inner.users.get_mut(user_id).and_then(|u| u.tenant.take());
             if let Some(t) = tenant {
                 if let Some(set) = inner.tenants.get_mut(&t) {
                     set.users.remove(user_id);
@@ -397,7 +394,7 @@ impl Hub {
             TopicChange::Unsubscribe => Vec::new(),
         };
         let mut inner = self.registry.inner.lock();
-        let Some(user) = inner.users.get_mut(&*conn.identity.user_id) else {
+        let Some(user) = inner.users.get_mut(&conn.identity.user_id) else {
             return Ok(());
         };
         let Some(entry) = user.conns.iter_mut().find(|c| c.conn.id == conn.id) else {
@@ -511,7 +508,7 @@ impl Hub {
         let inner = self.registry.inner.lock();
         let entry = inner
             .users
-            .get(&*conn.identity.user_id)
+            .get(&conn.identity.user_id)
             .and_then(|u| u.conns.iter().find(|c| c.conn.id == conn.id));
         if let Some(entry) = entry {
             self.stop_for_resume(&inner, entry);

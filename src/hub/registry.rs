@@ -5,7 +5,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use compact_str::CompactString;
 use parking_lot::Mutex;
 
 use super::channel::ChannelNames;
@@ -89,10 +88,8 @@ pub(super) struct TenantEntry {
 
 #[derive(Default)]
 pub(super) struct Inner {
-    /// Looked up once per delivery: a fast hasher, seeded per process (user ids and tenants
-    /// come from the back-end, not from clients), and ids of up to 24 bytes stored in the
-    /// table itself, so that comparing a key reads no other memory.
-    pub(super) users: HashMap<CompactString, UserEntry, FastHash>,
+    /// Looked up once per delivery (`users.rs`).
+    pub(super) users: super::users::Users,
     pub(super) tenants: HashMap<Arc<str>, TenantEntry, FastHash>,
     /// Position of the last message this node delivered on the everyone channel.
     pub(super) everyone_position: Option<StreamId>,

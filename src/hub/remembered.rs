@@ -117,7 +117,7 @@ impl Hub {
     /// The connection's topics now, `None` if it is gone.
     pub(super) fn topics_of(&self, conn: &Connection) -> Option<(Vec<String>, TopicOrigin)> {
         let inner = self.registry.inner.lock();
-        let user = inner.users.get(&*conn.identity.user_id)?;
+        let user = inner.users.get(&conn.identity.user_id)?;
         let entry = user.conns.iter().find(|c| c.conn.id == conn.id)?;
         Some((snapshot(&entry.topics), entry.topics.origin))
     }
@@ -147,7 +147,7 @@ impl Hub {
             let mut inner = self.registry.inner.lock();
             let entry = inner
                 .users
-                .get_mut(&*conn.identity.user_id)
+                .get_mut(&conn.identity.user_id)
                 .and_then(|u| u.conns.iter_mut().find(|c| c.conn.id == conn.id));
             match entry {
                 Some(entry) if entry.topics.origin == TopicOrigin::Fresh && !topics.is_empty() => {

@@ -212,7 +212,7 @@ impl Hub {
             return;
         }
         let floor = StreamId(conn.resume.registered_ms.saturating_sub(CLOCK_MARGIN_MS), 0);
-        let user = inner.users.get(&*conn.identity.user_id);
+        let user = inner.users.get(&conn.identity.user_id);
         let tenant = conn
             .identity
             .tenant_id
@@ -396,7 +396,7 @@ impl Hub {
         let mut inner = self.registry.inner.lock();
         let entry = inner
             .users
-            .get_mut(&*conn.identity.user_id)
+            .get_mut(&conn.identity.user_id)
             .and_then(|u| u.conns.iter_mut().find(|c| c.conn.id == conn.id));
         if let Some(entry) = entry {
             if entry.topics.origin != TopicOrigin::Fresh {

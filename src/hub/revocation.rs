@@ -67,7 +67,7 @@ impl Registry {
         let mut closed = 0usize;
         match r {
             Revocation::User(u) => {
-                if let Some(user) = inner.users.get(&**u) {
+                if let Some(user) = inner.users.get(u) {
                     for c in &user.conns {
                         c.conn.outbound.close(CloseReason::Revoked);
                         closed += 1;
