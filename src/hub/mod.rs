@@ -14,8 +14,9 @@
 
 //!
 //! Parts: [`outbound`] (a connection's bounded queue), [`registry`] (users, connections, topic
-//! filters), `channels` (reference counts and lingering channels), `fanout` (the broker's
-//! sink), `sweep` (ping sweep and drain); this file ties them to the broker.
+//! filters), `users` (the user table, prefetched ahead of a run), `channels` (reference counts
+//! and lingering channels), `fanout` (the broker's sink), `sweep` (ping sweep and drain); this
+//! file ties them to the broker.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
