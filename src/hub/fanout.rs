@@ -326,25 +326,25 @@ impl MessageSink for Registry {
     fn warm(&self, channels: &[&str]) {
         let inner = self.inner.lock();
         // Every user's bucket on its way first, then each read: the run waits for memory once,
-        // not once per message (`users.rs`).
-        for channel in channels {
-            if let Some(Channel::User(u)) = self.names.parse(channel) {
-                inner.users.prefetch(u);
-            }
-        }
-        for channel in channels {
-            if let Some(Channel::User(u)) = self.names.parse(channel) {
-                if let Some(user) = inner.users.get(u) {
-                    // The whole entry, not just what the look-up compared: the delivery
-                    // also reads the connection's filter and writes the user's position,
-                    // which can lie on the entry's next line.
-                    prefetch_lines(
-                        std::ptr::from_ref(user).cast(),
-                        std::mem::size_of::<UserEntry>(),
-                    );
-                    for c in &user.conns {
-                        c.conn.outbound.prefetch();
-                    }
+        // not once per message (`users.rs`). Each name is parsed and hashed once.
+        let run: smallvec::SmallVec<[(&str, u64); WARM_RUN]> = channels
+            .iter()
+            .filter_map(|channel| match self.names.parse(channel) {
+                Some(Channel::User(u)) => Some((u, inner.users.prefetch(u))),
+                _ => None,
+            })
+            .collect();
+        for (u, hash) in run {
+            if let Some(user) = inner.users.get_hashed(u, hash) {
+                // The whole entry, not just what the look-up compared: the delivery also reads
+                // the connection's filter and writes the user's position, which can lie on the
+                // entry's next line.
+                prefetch_lines(
+                    std::ptr::from_ref(user).cast(),
+                    std::mem::size_of::<UserEntry>(),
+                );
+                for c in &user.conns {
+                    c.conn.outbound.prefetch();
                 }
             }
         }
@@ -439,6 +439,10 @@ fn write_owed(conns: &[Arc<Connection>], metrics: &Metrics) {
 
 /// Wake-up buffer kept between batches (entries; 8 bytes each).
 const MAX_KEPT_WAKES: usize = 4096;
+
+/// Names the look-ahead keeps on the stack: the broker's runs are of 16 messages
+/// (`broker/subscription.rs`); a longer run spills to the heap.
+const WARM_RUN: usize = 16;
 
 /// Connections one task writes after a batch: about a millisecond of `send`s.
 const WRITES_PER_TASK: usize = 128;

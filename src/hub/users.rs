@@ -38,9 +38,12 @@ impl Users {
     }
 
     pub(super) fn get(&self, id: &str) -> Option<&UserEntry> {
-        self.table
-            .find(self.hash(id), |(k, _)| k == id)
-            .map(|(_, e)| e)
+        self.get_hashed(id, self.hash(id))
+    }
+
+    /// [`get`](Self::get) with the hash [`prefetch`](Self::prefetch) returned for `id`.
+    pub(super) fn get_hashed(&self, id: &str, hash: u64) -> Option<&UserEntry> {
+        self.table.find(hash, |(k, _)| k == id).map(|(_, e)| e)
     }
 
     pub(super) fn get_mut(&mut self, id: &str) -> Option<&mut UserEntry> {
@@ -87,12 +90,14 @@ impl Users {
 
     /// Starts fetching the bucket of every entry whose hash matches `id`'s in its control
     /// bytes (almost always one: the user's), without reading the bucket: what a `get` of `id`
-    /// soon after then finds in cache.
-    pub(super) fn prefetch(&self, id: &str) {
-        let _ = self.table.find(self.hash(id), |slot| {
+    /// soon after then finds in cache. Returns `id`'s hash, for [`get_hashed`](Self::get_hashed).
+    pub(super) fn prefetch(&self, id: &str) -> u64 {
+        let hash = self.hash(id);
+        let _ = self.table.find(hash, |slot| {
             prefetch_lines(std::ptr::from_ref(slot).cast(), std::mem::size_of::<Slot>());
             false
         });
+        hash
     }
 }
 
@@ -126,8 +131,10 @@ mod tests {
             users.get(long).and_then(|e| e.tenant.as_deref()),
             Some(long)
         );
-        users.prefetch("ann");
-        users.prefetch("nobody");
+        let hash = users.prefetch("ann");
+        assert!(users.get_hashed("ann", hash).is_some());
+        let hash = users.prefetch("nobody");
+        assert!(users.get_hashed("nobody", hash).is_none());
         assert!(users.get("nobody").is_none());
         if let Some(e) = users.get_mut("ann") {
             e.tenant = None;
