@@ -16,9 +16,10 @@ use bytes::Bytes;
 use parking_lot::MutexGuard;
 
 use super::channel::Channel;
-use super::outbound::{prefetch_lines, Outgoing, Push, Writes};
-use super::registry::{Connection, Inner, Registry, UserEntry};
+use super::outbound::{Outgoing, Push, Writes};
+use super::registry::{Connection, Inner, Position, Registry, UserEntry};
 use super::resume::Slot;
+use super::users::Hashed;
 use crate::broker::{self as broker, MessageSink, Recent, StreamId, Verdict};
 use crate::metrics::{BulkCounts, Metrics};
 use crate::protocol::{self, Endpoint, Envelope, Kind};
@@ -125,9 +126,9 @@ fn to_user(
 }
 
 /// Records `position` (if any) as the channel's last delivered one, only forwards.
-fn advance(slot: &mut Option<StreamId>, position: Option<StreamId>) {
+fn advance(slot: &mut Position, position: Option<StreamId>) {
     if let Some(p) = position {
-        broker::advance(slot, p);
+        slot.with(|last| broker::advance(last, p));
     }
 }
 
@@ -176,7 +177,7 @@ impl Registry {
     /// The recorded position of a channel the registry holds: a user's or a tenant's channel
     /// while its entry exists (until the channel's unsubscribe, `Hub::poll_reap`), the node-wide
     /// one always.
-    fn slot<'a>(&self, inner: &'a mut Inner, channel: &str) -> Option<&'a mut Option<StreamId>> {
+    fn slot<'a>(&self, inner: &'a mut Inner, channel: &str) -> Option<&'a mut Position> {
         match self.names.parse(channel)? {
             Channel::User(u) => inner.users.get_mut(u).map(|e| &mut e.position),
             Channel::Tenant(t) => inner.tenants.get_mut(t).map(|e| &mut e.position),
@@ -258,7 +259,7 @@ impl MessageSink for Registry {
         let Some(Channel::User(u)) = self.names.parse(channel) else {
             // Tenants' and the node-wide channel: judged, then delivered as by `deliver`.
             let verdict = match self.slot(inner, channel) {
-                Some(last) => broker::judge(last, prev, id),
+                Some(last) => last.with(|last| broker::judge(last, prev, id)),
                 None => Verdict::Deliver,
             };
             if verdict == Verdict::Deliver {
@@ -271,7 +272,7 @@ impl MessageSink for Registry {
             inner.tally.received += 1;
             return Verdict::Deliver;
         };
-        let verdict = broker::judge(&mut user.position, prev, id);
+        let verdict = user.position.with(|last| broker::judge(last, prev, id));
         if verdict != Verdict::Deliver {
             return verdict;
         }
@@ -294,12 +295,12 @@ impl MessageSink for Registry {
 
     fn position(&self, channel: &str) -> Option<StreamId> {
         self.slot(&mut self.inner.lock(), channel)
-            .and_then(|last| *last)
+            .and_then(|last| last.get())
     }
 
     fn record(&self, channel: &str, id: StreamId) {
         if let Some(last) = self.slot(&mut self.inner.lock(), channel) {
-            broker::advance(last, id);
+            last.with(|last| broker::advance(last, id));
         }
     }
 
@@ -312,37 +313,37 @@ impl MessageSink for Registry {
         let users = inner
             .users
             .iter()
-            .filter_map(|(u, e)| Some((self.names.render(Channel::User(u)), e.position?)));
+            .filter_map(|(u, e)| Some((self.names.render(Channel::User(u)), e.position.get()?)));
         let tenants = inner
             .tenants
             .iter()
-            .filter_map(|(t, e)| Some((self.names.render(Channel::Tenant(t)), e.position?)));
+            .filter_map(|(t, e)| Some((self.names.render(Channel::Tenant(t)), e.position.get()?)));
         let everyone = inner
             .everyone_position
+            .get()
             .map(|p| (self.names.render(Channel::Everyone), p));
         users.chain(tenants).chain(everyone).collect()
     }
 
     fn warm(&self, channels: &[&str]) {
         let inner = self.inner.lock();
-        // Every user's bucket on its way first, then each read: the run waits for memory once,
-        // not once per message (`users.rs`). Each name is parsed and hashed once.
-        let run: smallvec::SmallVec<[(&str, u64); WARM_RUN]> = channels
+        // Three passes, each issuing the fetches the next one reads: the run waits for memory
+        // about once per pass, not once per message (`users.rs`). Each name is parsed and
+        // hashed once.
+        let run: smallvec::SmallVec<[(&str, Hashed); WARM_RUN]> = channels
             .iter()
             .filter_map(|channel| match self.names.parse(channel) {
-                Some(Channel::User(u)) => Some((u, inner.users.prefetch(u))),
+                Some(Channel::User(u)) => Some((u, inner.users.prefetch_bucket(u))),
                 _ => None,
             })
             .collect();
+        for &(_, hash) in &run {
+            inner.users.prefetch(hash);
+        }
+        // The prefetch took the whole slot, not just the key the look-up compares: the
+        // delivery also reads the connection's filter and writes the user's position.
         for (u, hash) in run {
             if let Some(user) = inner.users.get_hashed(u, hash) {
-                // The whole entry, not just what the look-up compared: the delivery also reads
-                // the connection's filter and writes the user's position, which can lie on the
-                // entry's next line.
-                prefetch_lines(
-                    std::ptr::from_ref(user).cast(),
-                    std::mem::size_of::<UserEntry>(),
-                );
                 for c in &user.conns {
                     c.conn.outbound.prefetch();
                 }

@@ -50,7 +50,7 @@ mod users;
 pub use channel::Channel;
 use channel::ChannelNames;
 pub use outbound::{Flushed, Outbound, Outgoing, Wake, Wire, Writes};
-use registry::{now_ms, ConnEntry, Inner, TopicFilter, UserEntry};
+use registry::{now_ms, ConnEntry, Inner, Position, TopicFilter, UserEntry};
 pub use registry::{Connection, Registry};
 use remembered::{Remembered, TopicOrigin};
 pub use remembered::{Restore, MAX_REMEMBERED_TOPICS};
@@ -247,7 +247,7 @@ impl Hub {
                 .get_or_insert_with(&identity.user_id, || UserEntry {
                     conns: smallvec::SmallVec::new(),
                     tenant: None,
-                    position: None,
+                    position: Position::default(),
                 });
             if first {
                 user.tenant = identity.tenant_id.clone();
@@ -406,12 +406,13 @@ impl Hub {
             entry.topics.topics.clear();
         }
         entry.topics.origin = TopicOrigin::Explicit;
-        let set = &mut entry.topics.topics;
-        let before = set.len() as i64;
+        let before = entry.topics.topics.len() as i64;
+        let set = entry.topics.topics.edit();
         match change {
             TopicChange::Subscribe => {
                 let new = boxed.iter().filter(|t| !set.contains(&***t)).count();
                 if set.len() + new > self.max_topics {
+                    entry.topics.topics.shrink();
                     return Err(TooManyTopics);
                 }
                 set.extend(boxed);
@@ -425,10 +426,7 @@ impl Hub {
                 }
             }
         }
-        if set.is_empty() {
-            // Give the memory back: an idle connection should cost as little as possible.
-            *set = HashSet::new();
-        }
+        entry.topics.topics.shrink();
         entry.topics.all = entry.topics.topics.contains(ALL_TOPICS);
         let after = entry.topics.topics.len() as i64;
         self.metrics.topic_subscriptions.add(after - before);

@@ -219,9 +219,9 @@ impl Hub {
             .as_ref()
             .and_then(|t| inner.tenants.get(t));
         let known = [
-            user.and_then(|u| u.position),
-            tenant.and_then(|t| t.position),
-            inner.everyone_position,
+            user.and_then(|u| u.position.get()),
+            tenant.and_then(|t| t.position.get()),
+            inner.everyone_position.get(),
         ];
         let record = Record {
             positions: known.map(|p| p.map_or(floor, |p| p.max(floor))),

@@ -1,21 +1,20 @@
 //! The user table: user id → [`UserEntry`], looked up once per message the broker delivers.
 //!
-//! Why not `std::collections::HashMap`: the broker reader hands the fan-out runs of messages
-//! and the fan-out looks their users up ahead of delivering any (`fanout.rs`, `warm`), so that
-//! the CPU waits for memory once per run rather than once per message. Between two runs the
-//! kernel's work for the sockets' `send`s has evicted the table, so each look-up misses twice:
-//! on the bucket's control bytes, then on the bucket itself, whose address is known only once
-//! the control bytes are read. A plain map's `get` takes the two misses in a row, and a run's
-//! look-ups overlap little, each waiting on its own branch. [`Users::prefetch`] starts the
-//! fetch of a user's bucket from its control bytes alone (hashbrown's `HashTable::find` hands
-//! over a candidate without reading it), so a run's buckets are all on their way before the
-//! first key is compared. At 25,000 deliveries/s over 10,000 users the key compares of the
-//! look-ahead were an eighth of the node's user-space CPU.
+//! Why a table of its own: the broker reader hands the fan-out runs of messages, and the
+//! fan-out looks their users up ahead of delivering any (`fanout.rs`, `warm`), so that the CPU
+//! waits for memory once per run rather than once per message. Between two runs the kernel's
+//! work for the sockets' `send`s has evicted the table, so each look-up misses twice: on its
+//! place in the index, then on the slot it names. In a library map the first of them is a load
+//! the CPU waits on before it can start the second (hashbrown reads the control bytes to find
+//! the bucket), one run member after another: at 25,000 deliveries/s over 10,000 users, that
+//! wait was three quarters of the look-ahead's time. Here a bucket's address follows from the
+//! hash alone, so the look-ahead goes in three passes over the run, each issuing the fetches
+//! the next pass reads: every bucket ([`Users::prefetch_bucket`]), then every slot
+//! ([`Users::prefetch`]), then every connection.
 
 use std::hash::BuildHasher;
 
 use compact_str::CompactString;
-use hashbrown::HashTable;
 
 use super::outbound::prefetch_lines;
 use super::registry::{FastHash, UserEntry};
@@ -23,32 +22,86 @@ use super::registry::{FastHash, UserEntry};
 /// An entry with its key, as the table stores it.
 type Slot = (CompactString, UserEntry);
 
-/// Users by id. Ids of up to 24 bytes are stored in the table itself (`CompactString`), so that
-/// comparing a key reads no other memory; the hasher is seeded per process (ids come from the
-/// back-end, not from clients).
+/// One bucket of the index: the slot's position plus one (0: empty) and the high half of its
+/// key's hash, so that a probe compares a key only when the tags match.
+#[derive(Clone, Copy, Default)]
+struct Bucket {
+    slot: u32,
+    tag: u32,
+}
+
+/// Buckets per entry at least: the index is at most half full, so a probe almost always ends
+/// at its first bucket.
+const SPREAD: usize = 2;
+
+/// Users by id: an open-addressing index (linear probing) into a dense vector of slots. Ids
+/// of up to 24 bytes are stored in the slot itself (`CompactString`), so that comparing a key
+/// reads no other memory; the hasher is seeded per process (ids come from the back-end, not
+/// from clients).
+///
+/// Why not a library map: a bucket's address here follows from the hash alone, so the fan-out
+/// can start fetching a whole run's buckets before reading any ([`Users::prefetch_bucket`]),
+/// then the slots they name ([`Users::prefetch`]). With hashbrown the first fetch (the control
+/// bytes) was a load the CPU waited on, one run member after another.
 #[derive(Default)]
 pub(super) struct Users {
-    table: HashTable<Slot>,
+    index: Box<[Bucket]>,
+    slots: Vec<Slot>,
     hasher: FastHash,
 }
+
+/// What [`Users::prefetch_bucket`] computed for an id, for the next steps of the look-ahead.
+#[derive(Clone, Copy)]
+pub(super) struct Hashed(u64);
 
 impl Users {
     fn hash(&self, id: &str) -> u64 {
         self.hasher.hash_one(id)
     }
 
-    pub(super) fn get(&self, id: &str) -> Option<&UserEntry> {
-        self.get_hashed(id, self.hash(id))
+    fn mask(&self) -> usize {
+        self.index.len().wrapping_sub(1)
     }
 
-    /// [`get`](Self::get) with the hash [`prefetch`](Self::prefetch) returned for `id`.
-    pub(super) fn get_hashed(&self, id: &str, hash: u64) -> Option<&UserEntry> {
-        self.table.find(hash, |(k, _)| k == id).map(|(_, e)| e)
+    fn tag(hash: u64) -> u32 {
+        (hash >> 32) as u32
+    }
+
+    /// The bucket holding `id`, or None.
+    fn find(&self, id: &str, hash: u64) -> Option<usize> {
+        if self.index.is_empty() {
+            return None;
+        }
+        let mask = self.mask();
+        let tag = Self::tag(hash);
+        let mut i = hash as usize & mask;
+        loop {
+            let b = self.index[i];
+            if b.slot == 0 {
+                return None;
+            }
+            if b.tag == tag && self.slots[b.slot as usize - 1].0 == id {
+                return Some(i);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    pub(super) fn get(&self, id: &str) -> Option<&UserEntry> {
+        self.get_hashed(id, Hashed(self.hash(id)))
+    }
+
+    /// [`get`](Self::get) with what [`prefetch_bucket`](Self::prefetch_bucket) returned for
+    /// `id`.
+    pub(super) fn get_hashed(&self, id: &str, hash: Hashed) -> Option<&UserEntry> {
+        let i = self.find(id, hash.0)?;
+        Some(&self.slots[self.index[i].slot as usize - 1].1)
     }
 
     pub(super) fn get_mut(&mut self, id: &str) -> Option<&mut UserEntry> {
-        let hash = self.hash(id);
-        self.table.find_mut(hash, |(k, _)| k == id).map(|(_, e)| e)
+        let i = self.find(id, self.hash(id))?;
+        let slot = self.index[i].slot as usize - 1;
+        Some(&mut self.slots[slot].1)
     }
 
     /// The user's entry, made by `new` if there is none.
@@ -58,58 +111,153 @@ impl Users {
         new: impl FnOnce() -> UserEntry,
     ) -> &mut UserEntry {
         let hash = self.hash(id);
-        let hasher = &self.hasher;
-        let entry = self
-            .table
-            .entry(hash, |(k, _)| k == id, |(k, _)| hasher.hash_one(k.as_str()));
-        &mut entry
-            .or_insert_with(|| (CompactString::from(id), new()))
-            .into_mut()
-            .1
+        let slot = match self.find(id, hash) {
+            Some(i) => self.index[i].slot as usize - 1,
+            None => {
+                if (self.slots.len() + 1) * SPREAD > self.index.len() {
+                    self.grow();
+                }
+                self.slots.push((CompactString::from(id), new()));
+                let slot = self.slots.len();
+                self.place(hash, slot);
+                slot - 1
+            }
+        };
+        &mut self.slots[slot].1
+    }
+
+    /// Puts slot number `slot` (position plus one) into the first free bucket from `hash`'s.
+    fn place(&mut self, hash: u64, slot: usize) {
+        let mask = self.mask();
+        let mut i = hash as usize & mask;
+        while self.index[i].slot != 0 {
+            i = (i + 1) & mask;
+        }
+        self.index[i] = Bucket {
+            // The index holds at most `u32::MAX / SPREAD` entries: a node runs out of
+            // descriptors long before.
+            slot: slot as u32,
+            tag: Self::tag(hash),
+        };
+    }
+
+    /// Twice the buckets, every slot placed again.
+    fn grow(&mut self) {
+        let buckets = (self.index.len() * 2).max(16);
+        self.index = vec![Bucket::default(); buckets].into_boxed_slice();
+        for n in 0..self.slots.len() {
+            let hash = self.hash(self.slots[n].0.as_str());
+            self.place(hash, n + 1);
+        }
     }
 
     pub(super) fn remove(&mut self, id: &str) -> Option<UserEntry> {
-        let hash = self.hash(id);
-        let found = self.table.find_entry(hash, |(k, _)| k == id).ok()?;
-        Some(found.remove().0 .1)
+        let i = self.find(id, self.hash(id))?;
+        let slot = self.index[i].slot as usize - 1;
+        self.unlink(i);
+        let last = self.slots.len() - 1;
+        if slot != last {
+            // The last slot moves into the freed place: its bucket follows it.
+            let moved = self.hash(self.slots[last].0.as_str());
+            let mask = self.mask();
+            let mut j = moved as usize & mask;
+            while self.index[j].slot as usize != last + 1 {
+                j = (j + 1) & mask;
+            }
+            self.index[j].slot = slot as u32 + 1;
+        }
+        Some(self.slots.swap_remove(slot).1)
+    }
+
+    /// Empties bucket `i` and shifts the buckets of its probe run back, so that no probe ever
+    /// stops early at a gap (no tombstones).
+    fn unlink(&mut self, mut i: usize) {
+        let mask = self.mask();
+        let mut j = i;
+        loop {
+            j = (j + 1) & mask;
+            let b = self.index[j];
+            if b.slot == 0 {
+                break;
+            }
+            let home = self.hash(self.slots[b.slot as usize - 1].0.as_str()) as usize & mask;
+            // `b` may move back to `i` unless its home lies cyclically in (i, j].
+            let stays = if i <= j {
+                i < home && home <= j
+            } else {
+                i < home || home <= j
+            };
+            if !stays {
+                self.index[i] = b;
+                i = j;
+            }
+        }
+        self.index[i] = Bucket::default();
     }
 
     /// Every entry with its id.
     pub(super) fn iter(&self) -> impl Iterator<Item = (&str, &UserEntry)> + '_ {
-        self.table.iter().map(|(k, e)| (k.as_str(), e))
+        self.slots.iter().map(|(k, e)| (k.as_str(), e))
     }
 
     pub(super) fn values(&self) -> impl Iterator<Item = &UserEntry> + '_ {
-        self.table.iter().map(|(_, e)| e)
+        self.slots.iter().map(|(_, e)| e)
     }
 
     #[cfg(test)]
     pub(super) fn is_empty(&self) -> bool {
-        self.table.is_empty()
+        self.slots.is_empty()
     }
 
-    /// Starts fetching the bucket of every entry whose hash matches `id`'s in its control
-    /// bytes (almost always one: the user's), without reading the bucket: what a `get` of `id`
-    /// soon after then finds in cache. Returns `id`'s hash, for [`get_hashed`](Self::get_hashed).
-    pub(super) fn prefetch(&self, id: &str) -> u64 {
+    /// The look-ahead's first step: starts fetching the bucket of `id` from its hash alone,
+    /// without reading anything of the table but its address.
+    pub(super) fn prefetch_bucket(&self, id: &str) -> Hashed {
         let hash = self.hash(id);
-        let _ = self.table.find(hash, |slot| {
-            prefetch_lines(std::ptr::from_ref(slot).cast(), std::mem::size_of::<Slot>());
-            false
-        });
-        hash
+        if !self.index.is_empty() {
+            let i = hash as usize & self.mask();
+            prefetch_lines(
+                std::ptr::from_ref(&self.index[i]).cast(),
+                std::mem::size_of::<Bucket>(),
+            );
+        }
+        Hashed(hash)
+    }
+
+    /// The look-ahead's second step, once the bucket is on its way: starts fetching the slot
+    /// it names (the whole slot, about two lines), without reading the slot.
+    pub(super) fn prefetch(&self, hash: Hashed) {
+        if self.index.is_empty() {
+            return;
+        }
+        let mask = self.mask();
+        let tag = Self::tag(hash.0);
+        let mut i = hash.0 as usize & mask;
+        loop {
+            let b = self.index[i];
+            if b.slot == 0 {
+                return;
+            }
+            if b.tag == tag {
+                if let Some(slot) = self.slots.get(b.slot as usize - 1) {
+                    prefetch_lines(std::ptr::from_ref(slot).cast(), std::mem::size_of::<Slot>());
+                }
+                return;
+            }
+            i = (i + 1) & mask;
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn entry() -> UserEntry {
         UserEntry {
             conns: smallvec::SmallVec::new(),
             tenant: None,
-            position: None,
+            position: Default::default(),
         }
     }
 
@@ -131,9 +279,11 @@ mod tests {
             users.get(long).and_then(|e| e.tenant.as_deref()),
             Some(long)
         );
-        let hash = users.prefetch("ann");
+        let hash = users.prefetch_bucket("ann");
+        users.prefetch(hash);
         assert!(users.get_hashed("ann", hash).is_some());
-        let hash = users.prefetch("nobody");
+        let hash = users.prefetch_bucket("nobody");
+        users.prefetch(hash);
         assert!(users.get_hashed("nobody", hash).is_none());
         assert!(users.get("nobody").is_none());
         if let Some(e) = users.get_mut("ann") {
@@ -145,6 +295,68 @@ mod tests {
         assert!(users.remove("ann").is_none());
         assert!(users.get("ann").is_none());
         assert_eq!(users.values().count(), 1);
+    }
+
+    /// Every recipient's slot is fetched whole (`prefetch`): at 96 bytes, in a table whose
+    /// slots start on a 32-byte boundary, each one is exactly two cache lines.
+    #[test]
+    fn a_slot_is_two_cache_lines() {
+        assert_eq!(std::mem::size_of::<Slot>(), 96);
+    }
+
+    #[test]
+    fn a_position_of_none_reads_back_as_none() {
+        use crate::broker::StreamId;
+        let mut p = super::super::registry::Position::default();
+        assert_eq!(p.get(), None);
+        p.set(Some(StreamId(5, 1)));
+        assert_eq!(p.get(), Some(StreamId(5, 1)));
+        let kept = p.with(|last| last.replace(StreamId(6, 0)));
+        assert_eq!(
+            (kept, p.get()),
+            (Some(StreamId(5, 1)), Some(StreamId(6, 0)))
+        );
+        p.set(None);
+        assert_eq!(p.get(), None);
+    }
+
+    /// Inserts and removals in a pseudo-random order, checked against a std map after every
+    /// step: removals shift probe runs back and move the last slot, and neither may lose or
+    /// misplace an entry.
+    #[test]
+    fn the_table_agrees_with_a_std_map_through_inserts_and_removals() {
+        let mut users = Users::default();
+        let mut model = std::collections::HashMap::new();
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        for step in 0..20_000u32 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let id = format!("user-{}", x % 700);
+            if x % 3 == 0 {
+                assert_eq!(
+                    users.remove(&id).map(|e| e.tenant),
+                    model.remove(&id),
+                    "step {step}"
+                );
+            } else {
+                let t: Arc<str> = step.to_string().into();
+                users.get_or_insert_with(&id, entry).tenant = Some(t.clone());
+                model.insert(id.clone(), Some(t));
+            }
+            if step % 97 == 0 {
+                assert_eq!(users.iter().count(), model.len());
+                for (k, v) in &model {
+                    assert_eq!(users.get(k).map(|e| &e.tenant), Some(v), "step {step}");
+                }
+            }
+        }
+        for (k, v) in &model {
+            let hash = users.prefetch_bucket(k);
+            users.prefetch(hash);
+            assert_eq!(users.get_hashed(k, hash).map(|e| &e.tenant), Some(v));
+        }
+        assert!(users.get("user-none").is_none());
     }
 
     #[test]
