@@ -70,12 +70,12 @@ pub trait MessageSink: Send + Sync + 'static {
     fn admit(
         &self,
         channel: &str,
-        payload: Bytes,
+        payload: &Bytes,
         prev: Option<StreamId>,
         id: Option<StreamId>,
     ) -> Verdict {
         let _ = prev;
-        self.deliver(&[channel], payload, id);
+        self.deliver(&[channel], payload.clone(), id);
         Verdict::Deliver
     }
 

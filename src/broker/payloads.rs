@@ -111,7 +111,9 @@ pub(super) struct RecentPayloads(Recent<Bytes>);
 
 impl RecentPayloads {
     /// `payload` as shared bytes: a kept payload with the same bytes, or a copy that is kept.
-    pub(super) fn share(&mut self, payload: &[u8]) -> Bytes {
+    /// Lent: the reader clones it only where it needs its own (a clone and its drop are two
+    /// atomic operations on the payload's shared count, per message).
+    pub(super) fn share(&mut self, payload: &[u8]) -> &Bytes {
         let kept = self.0.find_or_keep(
             fingerprint(payload),
             payload.len(),
@@ -119,7 +121,7 @@ impl RecentPayloads {
             || Ok::<_, std::convert::Infallible>(Bytes::copy_from_slice(payload)),
         );
         match kept {
-            Ok(kept) => kept.clone(),
+            Ok(kept) => kept,
             Err(never) => match never {},
         }
     }
@@ -136,9 +138,9 @@ mod tests {
     #[test]
     fn a_fan_out_copies_its_payload_once() {
         let mut recent = RecentPayloads::default();
-        let first = recent.share(b"hello");
+        let first = recent.share(b"hello").clone();
         for _ in 0..1000 {
-            assert!(shared(&first, &recent.share(b"hello")));
+            assert!(shared(&first, recent.share(b"hello")));
         }
     }
 
@@ -146,10 +148,10 @@ mod tests {
     fn a_burst_grouped_by_channel_copies_each_payload_once() {
         let mut recent = RecentPayloads::default();
         let payloads: Vec<Vec<u8>> = (0..KEPT).map(|i| format!("m{i}").into_bytes()).collect();
-        let first: Vec<Bytes> = payloads.iter().map(|p| recent.share(p)).collect();
+        let first: Vec<Bytes> = payloads.iter().map(|p| recent.share(p).clone()).collect();
         for _channel in 0..100 {
             for (p, f) in payloads.iter().zip(&first) {
-                let got = recent.share(p);
+                let got = recent.share(p).clone();
                 assert_eq!(&got[..], &p[..]);
                 assert!(shared(&got, f), "payload {p:?} was copied again");
             }
@@ -160,13 +162,13 @@ mod tests {
     fn bursts_of_distinct_payloads_past_the_byte_budget_keep_the_newest() {
         let mut recent = RecentPayloads::default();
         let big = |i: u8| vec![i; KEPT_BYTES / 3];
-        let first: Vec<Bytes> = (0..4).map(|i| recent.share(&big(i))).collect();
+        let first: Vec<Bytes> = (0..4).map(|i| recent.share(&big(i)).clone()).collect();
         assert!(recent.0.bytes <= KEPT_BYTES);
         // The three newest fit; the oldest went to make room.
         for (i, kept) in first.iter().enumerate().skip(1) {
-            assert!(shared(&recent.share(&big(i as u8)), kept));
+            assert!(shared(recent.share(&big(i as u8)), kept));
         }
-        assert!(!shared(&recent.share(&big(0)), &first[0]));
+        assert!(!shared(recent.share(&big(0)), &first[0]));
         assert!(recent.0.bytes <= KEPT_BYTES);
     }
 
@@ -175,19 +177,19 @@ mod tests {
         let mut recent = RecentPayloads::default();
         let (a, b) = (b"same head 16 b..a".to_vec(), b"same head 16 b..b".to_vec());
         assert_eq!(fingerprint(&a), fingerprint(&b));
-        let (sa, sb) = (recent.share(&a), recent.share(&b));
+        let (sa, sb) = (recent.share(&a).clone(), recent.share(&b).clone());
         assert_eq!((&sa[..], &sb[..]), (&a[..], &b[..]));
-        assert!(shared(&recent.share(&a), &sa));
-        assert!(shared(&recent.share(&b), &sb));
+        assert!(shared(recent.share(&a), &sa));
+        assert!(shared(recent.share(&b), &sb));
     }
 
     #[test]
     fn beyond_what_is_kept_payloads_are_copied_and_stay_correct() {
         let mut recent = RecentPayloads::default();
         let payloads: Vec<Vec<u8>> = (0..=KEPT).map(|i| format!("m{i}").into_bytes()).collect();
-        let first: Vec<Bytes> = payloads.iter().map(|p| recent.share(p)).collect();
+        let first: Vec<Bytes> = payloads.iter().map(|p| recent.share(p).clone()).collect();
         // The oldest was replaced by the newest: asked again, it is a fresh copy.
-        let again = recent.share(&payloads[0]);
+        let again = recent.share(&payloads[0]).clone();
         assert_eq!(&again[..], &payloads[0][..]);
         assert!(!shared(&again, &first[0]));
         // An empty payload is a payload like any other.

@@ -817,11 +817,6 @@ struct Reader {
 }
 
 impl Reader {
-    /// `payload` as shared bytes: a recent payload again if it is the same.
-    fn share(&self, payload: &[u8]) -> Bytes {
-        self.recent.lock().share(payload)
-    }
-
     /// Delivers, in order, what each channel's history holds after the last delivered position.
     async fn catch_up(&self) -> Result<(), BrokerError> {
         let known = self.sink.known();
@@ -996,10 +991,13 @@ impl Reader {
             tracing::warn!(channel, "unframed broker message dropped");
             return Handled::Done;
         };
-        let payload = self.share(framed.payload);
+        // As shared bytes: a recent payload again if it is the same. The reader is the only
+        // one to lock `recent`, so holding it while the hub delivers blocks nobody.
+        let mut recent = self.recent.lock();
+        let payload = recent.share(framed.payload);
         if after_gap {
             // Delivering records the position.
-            self.sink.deliver(&[channel], payload, framed.id);
+            self.sink.deliver(&[channel], payload.clone(), framed.id);
             return Handled::Done;
         }
         // Judged, recorded and delivered in one look-up of the channel (`MessageSink::admit`).

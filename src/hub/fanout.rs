@@ -9,6 +9,7 @@
 //! gets them all with one system call, made here, straight into its socket; its session task is
 //! woken only when the socket does not take them at once.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +18,7 @@ use parking_lot::MutexGuard;
 
 use super::channel::Channel;
 use super::outbound::{Outgoing, Push, Writes};
-use super::registry::{Connection, Inner, Position, Registry, UserEntry};
+use super::registry::{ConnEntry, Connection, Inner, Position, Registry, UserEntry};
 use super::resume::Slot;
 use super::users::Hashed;
 use crate::broker::{self as broker, MessageSink, Recent, StreamId, Verdict};
@@ -86,7 +87,7 @@ impl Decoded {
     /// which a kept payload keeps from being reused), else decoded and kept.
     /// Lent, not cloned: a clone and its drop are four atomic operations on the payload's
     /// shared count, per message.
-    fn decode(&mut self, payload: Bytes) -> Result<&Envelope, protocol::EnvelopeError> {
+    fn decode(&mut self, payload: &Bytes) -> Result<&Envelope, protocol::EnvelopeError> {
         let same = |(bytes, _): &(Bytes, Envelope)| {
             bytes.as_ptr() == payload.as_ptr() && bytes.len() == payload.len()
         };
@@ -98,19 +99,31 @@ impl Decoded {
     }
 }
 
+/// Queues `msg` for the user's connections of `endpoint` whose topics match. An owned `msg` goes
+/// itself to the last of them, the others get clones: most users hold one connection, and a
+/// clone and its drop are two atomic operations on the payload's shared count, per delivery.
+/// A lent one is cloned only for a connection that takes it.
 fn to_user(
     user: &UserEntry,
-    msg: &Outgoing,
+    msg: Cow<'_, Outgoing>,
     endpoint: Endpoint,
     topic: &str,
     n: &mut Counts,
     wakes: &mut Vec<Arc<Connection>>,
 ) {
-    for c in &user.conns {
-        if c.endpoint != endpoint || (endpoint == Endpoint::Notws && !c.topics.matches(topic)) {
-            continue;
-        }
-        match c.conn.outbound.push(msg) {
+    let wanted = |c: &&ConnEntry| {
+        c.endpoint == endpoint && (endpoint != Endpoint::Notws || c.topics.matches(topic))
+    };
+    let mut matching = user.conns.iter().filter(wanted).peekable();
+    let mut msg = Some(msg);
+    while let Some(c) = matching.next() {
+        let one = if matching.peek().is_some() {
+            msg.as_deref().cloned()
+        } else {
+            msg.take().map(Cow::into_owned)
+        };
+        let Some(one) = one else { return };
+        match c.conn.outbound.push(one) {
             Push::Queued => n.delivered += 1,
             Push::First => {
                 n.delivered += 1;
@@ -144,7 +157,7 @@ enum Opened<'e> {
 }
 
 /// Decodes a received payload (once per payload, `Decoded`) into what it asks for.
-fn open<'e>(decoded: &'e mut Decoded, payload: Bytes, channel: &str) -> Opened<'e> {
+fn open<'e>(decoded: &'e mut Decoded, payload: &Bytes, channel: &str) -> Opened<'e> {
     let env = match decoded.decode(payload) {
         Ok(env) => env,
         Err(e) => {
@@ -196,7 +209,7 @@ impl Registry {
         let inner = &mut *guard;
         inner.tally.received += 1;
         let channel = channels.first().copied().unwrap_or("");
-        let (mut msg, endpoint, topic) = match open(&mut inner.decoded, payload, channel) {
+        let (mut msg, endpoint, topic) = match open(&mut inner.decoded, &payload, channel) {
             Opened::Deliver(msg, endpoint, topic) => (msg, endpoint, topic),
             Opened::Revoke(revocation) => {
                 drop(guard);
@@ -212,7 +225,14 @@ impl Registry {
                     if let Some(user) = inner.users.get_mut(u) {
                         advance(&mut user.position, position);
                         msg.position = position.map(|p| (Slot::User, p));
-                        to_user(user, &msg, endpoint, topic, &mut n, &mut inner.wakes);
+                        to_user(
+                            user,
+                            Cow::Borrowed(&msg),
+                            endpoint,
+                            topic,
+                            &mut n,
+                            &mut inner.wakes,
+                        );
                     }
                 }
                 Some(Channel::Tenant(t)) => {
@@ -221,7 +241,8 @@ impl Registry {
                         msg.position = position.map(|p| (Slot::Tenant, p));
                         for u in &users.users {
                             if let Some(user) = inner.users.get(u) {
-                                to_user(user, &msg, endpoint, topic, &mut n, &mut inner.wakes);
+                                let m = Cow::Borrowed(&msg);
+                                to_user(user, m, endpoint, topic, &mut n, &mut inner.wakes);
                             }
                         }
                     }
@@ -230,7 +251,14 @@ impl Registry {
                     advance(&mut inner.everyone_position, position);
                     msg.position = position.map(|p| (Slot::Everyone, p));
                     for user in inner.users.values() {
-                        to_user(user, &msg, endpoint, topic, &mut n, &mut inner.wakes);
+                        to_user(
+                            user,
+                            Cow::Borrowed(&msg),
+                            endpoint,
+                            topic,
+                            &mut n,
+                            &mut inner.wakes,
+                        );
                     }
                 }
                 None => {}
@@ -250,7 +278,7 @@ impl MessageSink for Registry {
     fn admit(
         &self,
         channel: &str,
-        payload: Bytes,
+        payload: &Bytes,
         prev: Option<StreamId>,
         id: Option<StreamId>,
     ) -> Verdict {
@@ -263,7 +291,7 @@ impl MessageSink for Registry {
                 None => Verdict::Deliver,
             };
             if verdict == Verdict::Deliver {
-                self.deliver_locked(guard, &[channel], payload, id);
+                self.deliver_locked(guard, &[channel], payload.clone(), id);
             }
             return verdict;
         };
@@ -288,7 +316,14 @@ impl MessageSink for Registry {
         };
         msg.position = id.map(|p| (Slot::User, p));
         let mut n = Counts::default();
-        to_user(user, &msg, endpoint, topic, &mut n, &mut inner.wakes);
+        to_user(
+            user,
+            Cow::Owned(msg),
+            endpoint,
+            topic,
+            &mut n,
+            &mut inner.wakes,
+        );
         inner.tally.add(&self.metrics, endpoint, &n);
         verdict
     }

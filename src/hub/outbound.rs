@@ -245,7 +245,7 @@ impl Outbound {
     }
 
     /// Queues a message without waking the writer; [`Push::First`] says a wake is owed.
-    pub(super) fn push(&self, msg: &Outgoing) -> Push {
+    pub(super) fn push(&self, msg: Outgoing) -> Push {
         let mut s = self.state.lock();
         if s.closed.is_some() {
             return Push::Closed;
@@ -264,7 +264,7 @@ impl Outbound {
         }
         let was_empty = s.queue.is_empty();
         s.bytes += len;
-        s.queue.push_back(msg.clone());
+        s.queue.push_back(msg);
         if was_empty {
             Push::First
         } else {

@@ -296,7 +296,7 @@ fn a_wanted_ping_rides_on_the_next_write_and_wakes_the_writer_only_when_none_cam
     let out = Outbound::new(4, 1 << 20);
     out.want_ping();
     assert!(!woken(&out), "wanting a ping must not wake the writer");
-    assert_eq!(out.push(&msg), outbound::Push::First);
+    assert_eq!(out.push(msg.clone()), outbound::Push::First);
     out.wake();
     assert!(woken(&out));
     let wake = out.take(&mut taken);
@@ -333,18 +333,9 @@ async fn a_lingering_channel_keeps_its_position_until_it_is_unsubscribed() {
     let tenant = "t:t:T";
 
     let a = register(&hub, "u1", Some("T"), Endpoint::Notws).await;
-    assert_eq!(
-        sink.admit(user, payload.clone(), None, at(1)),
-        Verdict::Deliver
-    );
-    assert_eq!(
-        sink.admit(tenant, payload.clone(), None, at(2)),
-        Verdict::Deliver
-    );
-    assert_eq!(
-        sink.admit(user, payload.clone(), None, at(1)),
-        Verdict::Duplicate
-    );
+    assert_eq!(sink.admit(user, &payload, None, at(1)), Verdict::Deliver);
+    assert_eq!(sink.admit(tenant, &payload, None, at(2)), Verdict::Deliver);
+    assert_eq!(sink.admit(user, &payload, None, at(1)), Verdict::Duplicate);
     drop(a);
     tokio::time::sleep(Duration::from_millis(100)).await;
     settle().await;
@@ -361,16 +352,13 @@ async fn a_lingering_channel_keeps_its_position_until_it_is_unsubscribed() {
         ]
     );
     // Nobody is connected, yet the node is subscribed: what arrives is still recorded.
-    assert_eq!(
-        sink.admit(user, payload.clone(), at(1), at(3)),
-        Verdict::Deliver
-    );
+    assert_eq!(sink.admit(user, &payload, at(1), at(3)), Verdict::Deliver);
 
     // Back within the delay: the position is the channel's, not a fresh one, so a message
     // after a gap is held back for recovery rather than delivered over the hole.
     let b = register(&hub, "u1", Some("T"), Endpoint::Notws).await;
     assert_eq!(
-        sink.admit(user, payload.clone(), at(4), at(5)),
+        sink.admit(user, &payload, at(4), at(5)),
         Verdict::Gap {
             after: StreamId(3, 0)
         }
@@ -396,5 +384,5 @@ async fn a_lingering_channel_keeps_its_position_until_it_is_unsubscribed() {
         "the entry went with its channel"
     );
     // A channel not held is delivered to nobody and judged by nothing.
-    assert_eq!(sink.admit(user, payload, at(9), at(10)), Verdict::Deliver);
+    assert_eq!(sink.admit(user, &payload, at(9), at(10)), Verdict::Deliver);
 }
