@@ -225,14 +225,8 @@ impl Registry {
                     if let Some(user) = inner.users.get_mut(u) {
                         advance(&mut user.position, position);
                         msg.position = position.map(|p| (Slot::User, p));
-                        to_user(
-                            user,
-                            Cow::Borrowed(&msg),
-                            endpoint,
-                            topic,
-                            &mut n,
-                            &mut inner.wakes,
-                        );
+                        let m = Cow::Borrowed(&msg);
+                        to_user(user, m, endpoint, topic, &mut n, &mut inner.wakes);
                     }
                 }
                 Some(Channel::Tenant(t)) => {
@@ -251,14 +245,8 @@ impl Registry {
                     advance(&mut inner.everyone_position, position);
                     msg.position = position.map(|p| (Slot::Everyone, p));
                     for user in inner.users.values() {
-                        to_user(
-                            user,
-                            Cow::Borrowed(&msg),
-                            endpoint,
-                            topic,
-                            &mut n,
-                            &mut inner.wakes,
-                        );
+                        let m = Cow::Borrowed(&msg);
+                        to_user(user, m, endpoint, topic, &mut n, &mut inner.wakes);
                     }
                 }
                 None => {}

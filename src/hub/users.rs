@@ -297,8 +297,9 @@ mod tests {
         assert_eq!(users.values().count(), 1);
     }
 
-    /// Every recipient's slot is fetched whole (`prefetch`): at 96 bytes, in a table whose
-    /// slots start on a 32-byte boundary, each one is exactly two cache lines.
+    /// Every recipient's slot is fetched whole (`prefetch`): at 96 bytes, in a vector that
+    /// starts on a 32-byte boundary (jemalloc aligns a block of a multiple of 32 bytes so), each
+    /// slot is exactly two cache lines.
     #[test]
     fn a_slot_is_two_cache_lines() {
         assert_eq!(std::mem::size_of::<Slot>(), 96);
