@@ -30,6 +30,13 @@ struct Bucket {
     tag: u32,
 }
 
+impl Bucket {
+    /// The position of the slot it names (only for a bucket that names one).
+    fn at(self) -> usize {
+        self.slot as usize - 1
+    }
+}
+
 /// Buckets per entry at least: the index is at most half full, so a probe almost always ends
 /// at its first bucket.
 const SPREAD: usize = 2;
@@ -67,24 +74,27 @@ impl Users {
         (hash >> 32) as u32
     }
 
+    /// The buckets a probe for `hash` visits, in order: from its home bucket on, every bucket
+    /// at most once.
+    fn probe(&self, hash: u64) -> impl Iterator<Item = usize> {
+        let (mask, home) = (self.mask(), hash as usize);
+        (0..self.index.len()).map(move |k| home.wrapping_add(k) & mask)
+    }
+
+    /// The occupied buckets of `hash`'s probe run (up to the first empty one), with their
+    /// places: every entry a look-up of that hash may find is among them.
+    fn run(&self, hash: u64) -> impl Iterator<Item = (usize, Bucket)> + '_ {
+        self.probe(hash)
+            .map(|i| (i, self.index[i]))
+            .take_while(|(_, b)| b.slot != 0)
+    }
+
     /// The bucket holding `id`, or None.
     fn find(&self, id: &str, hash: u64) -> Option<usize> {
-        if self.index.is_empty() {
-            return None;
-        }
-        let mask = self.mask();
         let tag = Self::tag(hash);
-        let mut i = hash as usize & mask;
-        loop {
-            let b = self.index[i];
-            if b.slot == 0 {
-                return None;
-            }
-            if b.tag == tag && self.slots[b.slot as usize - 1].0 == id {
-                return Some(i);
-            }
-            i = (i + 1) & mask;
-        }
+        self.run(hash)
+            .find(|(_, b)| b.tag == tag && self.slots[b.at()].0 == id)
+            .map(|(i, _)| i)
     }
 
     pub(super) fn get(&self, id: &str) -> Option<&UserEntry> {
@@ -95,12 +105,12 @@ impl Users {
     /// `id`.
     pub(super) fn get_hashed(&self, id: &str, hash: Hashed) -> Option<&UserEntry> {
         let i = self.find(id, hash.0)?;
-        Some(&self.slots[self.index[i].slot as usize - 1].1)
+        Some(&self.slots[self.index[i].at()].1)
     }
 
     pub(super) fn get_mut(&mut self, id: &str) -> Option<&mut UserEntry> {
         let i = self.find(id, self.hash(id))?;
-        let slot = self.index[i].slot as usize - 1;
+        let slot = self.index[i].at();
         Some(&mut self.slots[slot].1)
     }
 
@@ -112,7 +122,7 @@ impl Users {
     ) -> &mut UserEntry {
         let hash = self.hash(id);
         let slot = match self.find(id, hash) {
-            Some(i) => self.index[i].slot as usize - 1,
+            Some(i) => self.index[i].at(),
             None => {
                 if (self.slots.len() + 1) * SPREAD > self.index.len() {
                     self.grow();
@@ -127,18 +137,17 @@ impl Users {
     }
 
     /// Puts slot number `slot` (position plus one) into the first free bucket from `hash`'s.
+    /// The index is at most half full (`grow` first), so there always is one.
     fn place(&mut self, hash: u64, slot: usize) {
-        let mask = self.mask();
-        let mut i = hash as usize & mask;
-        while self.index[i].slot != 0 {
-            i = (i + 1) & mask;
+        let free = self.probe(hash).find(|&i| self.index[i].slot == 0);
+        if let Some(i) = free {
+            self.index[i] = Bucket {
+                // The index holds at most `u32::MAX / SPREAD` entries: a node runs out of
+                // descriptors long before.
+                slot: slot as u32,
+                tag: Self::tag(hash),
+            };
         }
-        self.index[i] = Bucket {
-            // The index holds at most `u32::MAX / SPREAD` entries: a node runs out of
-            // descriptors long before.
-            slot: slot as u32,
-            tag: Self::tag(hash),
-        };
     }
 
     /// Twice the buckets, every slot placed again.
@@ -153,18 +162,16 @@ impl Users {
 
     pub(super) fn remove(&mut self, id: &str) -> Option<UserEntry> {
         let i = self.find(id, self.hash(id))?;
-        let slot = self.index[i].slot as usize - 1;
+        let slot = self.index[i].at();
         self.unlink(i);
         let last = self.slots.len() - 1;
         if slot != last {
             // The last slot moves into the freed place: its bucket follows it.
             let moved = self.hash(self.slots[last].0.as_str());
-            let mask = self.mask();
-            let mut j = moved as usize & mask;
-            while self.index[j].slot as usize != last + 1 {
-                j = (j + 1) & mask;
+            let bucket = self.run(moved).find(|(_, b)| b.at() == last);
+            if let Some((j, _)) = bucket {
+                self.index[j].slot = slot as u32 + 1;
             }
-            self.index[j].slot = slot as u32 + 1;
         }
         Some(self.slots.swap_remove(slot).1)
     }
@@ -180,7 +187,7 @@ impl Users {
             if b.slot == 0 {
                 break;
             }
-            let home = self.hash(self.slots[b.slot as usize - 1].0.as_str()) as usize & mask;
+            let home = self.hash(self.slots[b.at()].0.as_str()) as usize & mask;
             // `b` may move back to `i` unless its home lies cyclically in (i, j].
             let stays = if i <= j {
                 i < home && home <= j
@@ -226,24 +233,10 @@ impl Users {
     /// The look-ahead's second step, once the bucket is on its way: starts fetching the slot
     /// it names (the whole slot, about two lines), without reading the slot.
     pub(super) fn prefetch(&self, hash: Hashed) {
-        if self.index.is_empty() {
-            return;
-        }
-        let mask = self.mask();
         let tag = Self::tag(hash.0);
-        let mut i = hash.0 as usize & mask;
-        loop {
-            let b = self.index[i];
-            if b.slot == 0 {
-                return;
-            }
-            if b.tag == tag {
-                if let Some(slot) = self.slots.get(b.slot as usize - 1) {
-                    prefetch_lines(std::ptr::from_ref(slot).cast(), std::mem::size_of::<Slot>());
-                }
-                return;
-            }
-            i = (i + 1) & mask;
+        if let Some((_, b)) = self.run(hash.0).find(|(_, b)| b.tag == tag) {
+            let slot = &self.slots[b.at()];
+            prefetch_lines(std::ptr::from_ref(slot).cast(), std::mem::size_of::<Slot>());
         }
     }
 }
