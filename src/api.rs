@@ -27,6 +27,7 @@ use crate::auth::bearer_token;
 use crate::auth::credential_hash;
 use crate::backend::Credential;
 use crate::hub::{Channel, Hub, Revocation};
+use crate::members::members;
 use crate::metrics::Metrics;
 use crate::protocol::{self, Kind};
 
@@ -209,8 +210,8 @@ impl<'de: 'a, 'a> Deserialize<'de> for UserIds<'a> {
 }
 
 /// The strings of a JSON array of strings without escapes, borrowed; `None` for any other
-/// value. `raw` is one JSON value, already checked by serde_json: the scan only has to tell
-/// plain strings from everything else.
+/// value, and for anything that is not JSON. A strict reader of its own: [`read_request`]
+/// hands it a value serde_json has not checked.
 fn plain_strings(raw: &str) -> Option<Vec<UserId<'_>>> {
     let b = raw.as_bytes();
     let space = |mut i: usize| {
@@ -224,19 +225,20 @@ fn plain_strings(raw: &str) -> Option<Vec<UserId<'_>>> {
         return None;
     }
     i = space(i + 1);
-    let mut ids = Vec::with_capacity(b.iter().filter(|&&c| c == b',').count() + 1);
+    // At least 4 bytes per id (`"a",`): enough room for any list of non-empty ids, without
+    // a pass to count them first.
+    let mut ids = Vec::with_capacity(b.len() / 4 + 1);
     if b.get(i) == Some(&b']') {
-        return Some(ids);
+        return (space(i + 1) == b.len()).then_some(ids);
     }
     loop {
         if b.get(i) != Some(&b'"') {
             return None;
         }
         let start = i + 1;
-        let end = start
-            + b.get(start..)?
-                .iter()
-                .position(|&c| c == b'"' || c == b'\\')?;
+        // A quote ends the id; an escape or a control character (not allowed raw in a JSON
+        // string) leaves the list to serde_json.
+        let end = crate::members::stop(b, start)?;
         if b[end] != b'"' {
             return None;
         }
@@ -244,10 +246,64 @@ fn plain_strings(raw: &str) -> Option<Vec<UserId<'_>>> {
         i = space(end + 1);
         match b.get(i) {
             Some(b',') => i = space(i + 1),
-            Some(b']') => return Some(ids),
+            Some(b']') => return (space(i + 1) == b.len()).then_some(ids),
             _ => return None,
         }
     }
+}
+
+/// A publish request's body: the common shape (keys without escapes, each once, user ids
+/// without escapes) in one pass ([`members`]), whose values are each checked by their own
+/// reader; anything else by serde_json, which also words the errors. Both read a body the
+/// same way (a property test holds them equal).
+fn read_request<'a, T: Deserialize<'a>, const N: usize>(
+    body: &'a [u8],
+    names: [&str; N],
+    fast: impl FnOnce([Option<&'a str>; N]) -> Option<T>,
+) -> Result<T, ApiError> {
+    std::str::from_utf8(body)
+        .ok()
+        .and_then(|text| members(text, names))
+        .and_then(fast)
+        .map_or_else(|| parse(body), Ok)
+}
+
+/// One member's value read by serde_json; `None` (leave the request to serde_json) if it does
+/// not read as `T`. A missing member reads as `null`, as serde reads an absent `Option`.
+fn member<'a, T: Deserialize<'a>>(raw: Option<&'a str>) -> Option<T> {
+    serde_json::from_str(raw.unwrap_or("null")).ok()
+}
+
+/// `userIds` of the common shape: absent, or an array of plain strings.
+fn member_ids(raw: Option<&str>) -> Option<Option<UserIds<'_>>> {
+    match raw {
+        None => Some(None),
+        Some(raw) => plain_strings(raw).map(|ids| Some(UserIds(ids))),
+    }
+}
+
+const NOTIFICATION_MEMBERS: [&str; 4] = ["userIds", "tenantId", "broadcast", "notification"];
+
+/// A notification request of the common shape from its members; `None`: serde_json reads it.
+fn notification_of(
+    [ids, tenant, broadcast, notification]: [Option<&str>; 4],
+) -> Option<NotificationRequest<'_>> {
+    Some(NotificationRequest {
+        user_ids: member_ids(ids)?,
+        tenant_id: member(tenant)?,
+        broadcast: member(broadcast)?,
+        notification: member(notification)?,
+    })
+}
+
+const CHAT_MEMBERS: [&str; 2] = ["userIds", "chatMessage"];
+
+/// A chat request of the common shape from its members; `None`: serde_json reads it.
+fn chat_of([ids, message]: [Option<&str>; 2]) -> Option<ChatRequest<'_>> {
+    Some(ChatRequest {
+        user_ids: member_ids(ids)?,
+        chat_message: member(message)?,
+    })
 }
 
 #[derive(Deserialize)]
@@ -267,7 +323,7 @@ async fn notifications(State(state): ApiState, body: Result<Bytes, BytesRejectio
         Ok(b) => b,
         Err(e) => return body_error(e),
     };
-    let req: NotificationRequest = match parse(&body) {
+    let req = match read_request(&body, NOTIFICATION_MEMBERS, notification_of) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
@@ -325,7 +381,7 @@ async fn chat(State(state): ApiState, body: Result<Bytes, BytesRejection>) -> Re
         Ok(b) => b,
         Err(e) => return body_error(e),
     };
-    let req: ChatRequest = match parse(&body) {
+    let req = match read_request(&body, CHAT_MEMBERS, chat_of) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
@@ -504,6 +560,111 @@ mod tests {
         fn any_user_id_list_reads_as_serde_json_reads_it(list in proptest::collection::vec(".{0,8}", 0..8)) {
             let body = serde_json::json!({ "userIds": list }).to_string();
             proptest::prop_assert_eq!(ids(&body), Ok(list));
+        }
+    }
+
+    /// What a notification request reads as, for comparing the two readers.
+    type Read = (
+        Option<Vec<String>>,
+        Option<String>,
+        Option<bool>,
+        Option<String>,
+    );
+
+    fn projection(r: Result<NotificationRequest<'_>, ApiError>) -> Result<Read, String> {
+        r.map(|r| {
+            (
+                r.user_ids
+                    .map(|u| u.0.into_iter().map(|u| u.0.into_owned()).collect()),
+                r.tenant_id,
+                r.broadcast,
+                r.notification.map(|n| n.get().to_owned()),
+            )
+        })
+        .map_err(|e| e.1)
+    }
+
+    fn by_serde(body: &str) -> Result<Read, String> {
+        projection(parse(body.as_bytes()))
+    }
+
+    fn by_one_pass(body: &str) -> Result<Read, String> {
+        projection(read_request(
+            body.as_bytes(),
+            NOTIFICATION_MEMBERS,
+            notification_of,
+        ))
+    }
+
+    #[test]
+    fn the_common_shape_is_read_in_one_pass() {
+        let moqui = r#"{"userIds":["john.doe","EX_JOHN_DOE"],"notification":{"topic":"t","title":"x \"y\""}}"#;
+        let found = members(moqui, NOTIFICATION_MEMBERS).expect("plain object");
+        let req = notification_of(found).expect("the common shape");
+        let ids = req.user_ids.expect("ids").0;
+        let ids: Vec<&str> = ids.iter().map(|u| &*u.0).collect();
+        assert_eq!(ids, ["john.doe", "EX_JOHN_DOE"]);
+        let chat = r#" {"chatMessage": {"content": "hi"}, "userIds": ["a"]} "#;
+        let req = chat_of(members(chat, CHAT_MEMBERS).expect("plain object")).expect("common");
+        assert_eq!(
+            req.chat_message.map(RawValue::get),
+            Some(r#"{"content": "hi"}"#)
+        );
+    }
+
+    #[test]
+    fn the_one_pass_leaves_every_other_body_to_serde_json() {
+        for body in [
+            r#"{"userIds":["a\u0041"],"notification":{"topic":"t"}}"#,
+            "{\"userIds\":[\"a\u{1}\"],\"notification\":{\"topic\":\"t\"}}",
+            r#"{"userIds":["a"],"userIds":["b"],"notification":{"topic":"t"}}"#,
+            r#"{"userIds":["a"],"notification":{"topic":"t"},"other":1}"#,
+            r#"{"userIds":["a"],"notification":{"topic":"t"}} {}"#,
+            r#"{"userIds":["a"],"notification":{"topic":"t"},}"#,
+            r#"{"userIds":["a",],"notification":{"topic":"t"}}"#,
+            r#"{"userIds":["a"] "notification":{"topic":"t"}}"#,
+            r#"{"userIds":["a"],"notification":{"topic":"t",}}"#,
+            r#"{"userIds":["a"],"broadcast":"yes","notification":{"topic":"t"}}"#,
+            r#"{"userIds":null,"tenantId":"x","notification":{"topic":"t"}}"#,
+        ] {
+            assert_eq!(by_one_pass(body), by_serde(body), "{body}");
+        }
+        let bytes = b"{\"userIds\":[\"\xff\"],\"notification\":{\"topic\":\"t\"}}";
+        let fast = read_request(bytes, NOTIFICATION_MEMBERS, notification_of).map(|_| ());
+        assert_eq!(
+            fast.map_err(|e| e.1),
+            parse::<NotificationRequest>(bytes)
+                .map(|_| ())
+                .map_err(|e| e.1)
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever the members, their order, their spacing, the request reads as serde_json
+        /// reads it, errors included.
+        #[test]
+        fn a_request_reads_as_serde_json_reads_it(
+            ids in proptest::option::of(proptest::collection::vec("[a-z\"\\\\\u{1}é ]{0,4}", 0..4)),
+            tenant in proptest::option::of(proptest::option::of("[a-z\"]{0,3}")),
+            broadcast in proptest::option::of(proptest::option::of(proptest::bool::ANY)),
+            topic in proptest::option::of("[a-z}\\]\"]{0,3}"),
+            space in "[ \n]{0,1}",
+            order in proptest::strategy::Strategy::prop_shuffle(proptest::strategy::Just(vec![0usize, 1, 2, 3])),
+        ) {
+            let values = [
+                ids.map(|v| serde_json::json!(v)),
+                tenant.map(|v| serde_json::json!(v)),
+                broadcast.map(|v| serde_json::json!(v)),
+                topic.map(|t| serde_json::json!({ "topic": t, "n": [1, {"x": null}] })),
+            ];
+            let present: Vec<String> = order
+                .iter()
+                .filter_map(|&k| {
+                    values[k].as_ref().map(|v| format!("{space}\"{}\"{space}:{space}{v}", NOTIFICATION_MEMBERS[k]))
+                })
+                .collect();
+            let body = format!("{space}{{{}}}{space}", present.join(","));
+            proptest::prop_assert_eq!(by_one_pass(&body), by_serde(&body));
         }
     }
 

@@ -10,7 +10,8 @@
 //! - [`config`]: flags and environment, validated before anything binds (exit 64).
 //! - [`server`]: the two listeners and routers, the pre-upgrade auth, the node's drain.
 //! - [`upgrade`]: the WebSocket handshake, handing the session its TCP socket.
-//! - [`api`]: the internal publish and presence API on the admin listener.
+//! - [`api`]: the internal publish and presence API on the admin listener; [`members`]: the
+//!   one-pass reader of its requests' common shape.
 //! - [`session`]: one WebSocket: read client frames, finish writes the socket did not take at
 //!   once, ping, close.
 //! - [`chat`]: chat-room look-up and routing of client chat frames.
@@ -43,6 +44,7 @@ pub mod demo;
 pub mod disconnect;
 pub mod hub;
 pub mod identity;
+pub mod members;
 pub mod metrics;
 pub mod protocol;
 pub mod server;

@@ -163,9 +163,12 @@ impl Publisher {
         };
         if start {
             // A task of its own, not the caller: a publish whose caller goes away (an HTTP
-            // client that hung up) must not stop the others queued behind it.
+            // client that hung up) must not stop the others queued behind it. Boxed: the
+            // round trip's state (the pool's and the redis crate's futures) is kilobytes, and
+            // the task's cell copied it whole at every change of its stage, several times per
+            // publish; behind a box it is written once.
             let me = self.clone();
-            tokio::spawn(async move { me.flush().await });
+            tokio::spawn(async move { Box::pin(me.flush()).await });
         }
         // Dropped unanswered only when the runtime is going away.
         answer.await.unwrap_or(Err(BrokerError::Closed))
