@@ -46,18 +46,13 @@ impl std::fmt::Display for StreamId {
 
 /// The history key of a channel: same hash slot as the channel.
 pub fn key(channel: &str) -> String {
-    let mut key = String::new();
-    key_into(&mut key, channel);
-    key
+    format!("{{{channel}{KEY_SUFFIX}")
 }
 
-/// [`key`] into a reused buffer: the publisher names one key per recipient.
-pub fn key_into(key: &mut String, channel: &str) {
-    key.clear();
-    key.reserve(channel.len() + 10);
-    key.push('{');
-    key.push_str(channel);
-    key.push_str(KEY_SUFFIX);
+/// [`key`] in its three parts, for the publisher to write side by side into its request: it
+/// names one key per recipient.
+pub fn key_parts(channel: &str) -> [&[u8]; 3] {
+    [b"{", channel.as_bytes(), KEY_SUFFIX.as_bytes()]
 }
 
 /// What follows the channel in its history key; [`PUBLISH_SCRIPT`] strips the `{` and this
@@ -112,12 +107,13 @@ return #KEYS
 /// µs of Redis time), while a notification to a few hundred users stays one call.
 pub const CHANNELS_PER_CALL: usize = 128;
 
+/// What goes before a payload published without history: the frame of no position.
+pub const NO_POSITION: &[u8] = b"\n\n";
+
 /// Frames a payload for publishing without history.
+#[cfg(test)]
 pub fn frame_without_history(payload: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(payload.len() + 2);
-    v.extend_from_slice(b"\n\n");
-    v.extend_from_slice(payload);
-    v
+    [NO_POSITION, payload].concat()
 }
 
 /// A received pub/sub message, unframed: the payload is still the received bytes.

@@ -24,6 +24,7 @@ pub mod history;
 pub mod memory;
 mod payloads;
 mod presence;
+mod publish_connection;
 mod publisher;
 pub mod redis;
 mod redis_cluster;

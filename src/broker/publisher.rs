@@ -20,7 +20,9 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use super::connect::Pool;
+use super::publish_connection::PublishConnection;
 use super::redis::timed;
+use super::resp::Request;
 use super::{history, redis_cluster, BrokerError, ChannelList, Outage};
 use crate::metrics::Metrics;
 
@@ -54,6 +56,9 @@ struct Queue {
 
 pub(super) struct Publisher {
     queue: Mutex<Queue>,
+    /// The publisher's own connection (a single server or a Sentinel-named master); `None` in
+    /// a Redis Cluster, which publishes through `pool`.
+    own: Option<PublishConnection>,
     pool: Pool,
     cluster: bool,
     history_ttl: Duration,
@@ -129,6 +134,7 @@ fn next_round_trip(jobs: &mut Vec<Job>) -> Vec<Job> {
 
 impl Publisher {
     pub(super) fn new(
+        own: Option<PublishConnection>,
         pool: Pool,
         cluster: bool,
         history_ttl: Duration,
@@ -136,6 +142,7 @@ impl Publisher {
         metrics: Arc<Metrics>,
     ) -> Publisher {
         Publisher {
+            own,
             linger,
             metrics,
             queue: Mutex::new(Queue::default()),
@@ -229,107 +236,197 @@ impl Publisher {
             .await
     }
 
+    /// One round trip: the script calls, or after `NOSCRIPT` (a restarted or failed-over
+    /// Redis, its script cache empty) the same calls by EVAL, which loads the script; nothing
+    /// ran then, since a missing script fails every call of the round trip.
     async fn publish_on_one_slot(
         &self,
         channels: &[(&str, Payloads)],
         payloads: &[&Bytes],
     ) -> Result<(), BrokerError> {
-        let mut conn = self.pool.get().await?;
-        let publish = if self.cluster { "SPUBLISH" } else { "PUBLISH" };
-        if self.history_ttl.is_zero() {
-            let framed: Vec<Vec<u8>> = payloads
-                .iter()
-                .map(|p| history::frame_without_history(p))
-                .collect();
-            let mut pipe = redis::pipe();
-            for (ch, ps) in channels {
-                for &p in ps {
-                    pipe.cmd(publish).arg(*ch).arg(&framed[p][..]).ignore();
-                }
-            }
-            return timed(pipe.query_async::<()>(&mut conn)).await;
-        }
-        let ttl_ms = self.history_ttl.as_millis() as u64;
-        // One script call per group of channels, each payload once per call (history.rs).
-        let pipe = |cmd: &str| {
-            let mut pipe =
-                redis::Pipeline::with_capacity(channels.len().div_ceil(history::CHANNELS_PER_CALL));
-            let mut key = String::new();
-            // A round trip of one publish (the common case) has one payload, which every
-            // channel gets: nothing to collect or compare per channel.
-            let lone = payloads.len() == 1;
-            for group in channels.chunks(history::CHANNELS_PER_CALL) {
-                let used: Vec<usize> = if lone {
-                    vec![0]
-                } else {
-                    let mut used: Vec<usize> = group
-                        .iter()
-                        .flat_map(|(_, ps)| ps.iter().copied())
-                        .collect();
-                    used.sort_unstable();
-                    used.dedup();
-                    used
-                };
-                // One publish to many users (the common call): every channel gets every
-                // payload, and the call names each recipient once, by its key.
-                let every = lone || group.iter().all(|(_, ps)| ps[..] == used[..]);
-                // Sized up front: a call for 128 channels would otherwise grow its buffers a
-                // dozen times.
-                let names: usize = group.iter().map(|(ch, _)| ch.len()).sum();
-                let bytes: usize = used.iter().map(|&p| payloads[p].len()).sum();
-                let (args, lists) = if every {
-                    (1, 1)
-                } else {
-                    let digits: usize = group.iter().map(|(_, ps)| 6 * ps.len()).sum();
-                    (group.len(), digits)
-                };
-                let mut call = redis::Cmd::with_capacity(
-                    6 + used.len() + group.len() + args,
-                    64 + bytes + names + 10 * group.len() + lists,
-                );
-                call.arg(cmd)
-                    .arg(if cmd == "EVAL" {
-                        history::PUBLISH_SCRIPT
-                    } else {
-                        self.script.get_hash()
-                    })
-                    .arg(group.len());
-                for (ch, _) in group {
-                    history::key_into(&mut key, ch);
-                    call.arg(key.as_str());
-                }
-                call.arg(ttl_ms).arg(publish).arg(used.len());
-                for &p in &used {
-                    call.arg(payloads[p].as_ref());
-                }
-                if every {
-                    call.arg("*");
-                } else {
-                    let mut list = String::new();
-                    for (_, ps) in group {
-                        list.clear();
-                        for p in ps {
-                            // 1-based position among this call's payloads; always found.
-                            let k = used.binary_search(p).map_or(0, |k| k + 1);
-                            if !list.is_empty() {
-                                list.push(',');
-                            }
-                            let _ = write!(list, "{k}");
-                        }
-                        call.arg(list.as_str());
-                    }
-                }
-                pipe.add_command(call).ignore();
-            }
-            pipe
-        };
-        match timed(pipe("EVALSHA").query_async::<()>(&mut conn)).await {
-            // The script cache is empty (a restarted or failed-over Redis): EVAL loads it;
-            // nothing ran, since a missing script fails every call of the pipeline.
+        match self.send(false, channels, payloads).await {
             Err(BrokerError::Unavailable(Outage::Redis(e))) if e.code() == Some("NOSCRIPT") => {
-                timed(pipe("EVAL").query_async::<()>(&mut conn)).await
+                self.send(true, channels, payloads).await
             }
             other => other,
+        }
+    }
+
+    async fn send(
+        &self,
+        eval: bool,
+        channels: &[(&str, Payloads)],
+        payloads: &[&Bytes],
+    ) -> Result<(), BrokerError> {
+        if let Some(own) = &self.own {
+            let names: usize = channels
+                .iter()
+                .map(|(ch, ps)| ch.len() + 8 * ps.len())
+                .sum();
+            let bytes: usize = payloads.iter().map(|p| p.len()).sum();
+            let calls = channels.len().div_ceil(history::CHANNELS_PER_CALL);
+            // Sized up front: a call for 128 channels would otherwise grow the buffer a dozen
+            // times. Without history each message is a command of its own.
+            let size = 2 * names + 40 * channels.len() + calls * (bytes + 128) + 64;
+            let size = if self.history_ttl.is_zero() {
+                size + channels.len() * bytes
+            } else {
+                size
+            };
+            let mut request = Request::with_capacity(size);
+            self.write_calls(&mut request, eval, channels, payloads);
+            return own.round_trip(&request).await;
+        }
+        let mut pipe = CratePipeline::default();
+        self.write_calls(&mut pipe, eval, channels, payloads);
+        let pipe = pipe.finish();
+        let mut conn = self.pool.get().await?;
+        timed(pipe.query_async::<()>(&mut conn)).await
+    }
+
+    /// Writes a round trip's commands. Without history, one PUBLISH per message; with it, one
+    /// script call per group of channels, each payload once per call (`history.rs`).
+    fn write_calls(
+        &self,
+        out: &mut impl Calls,
+        eval: bool,
+        channels: &[(&str, Payloads)],
+        payloads: &[&Bytes],
+    ) {
+        let publish: &[u8] = if self.cluster {
+            b"SPUBLISH"
+        } else {
+            b"PUBLISH"
+        };
+        if self.history_ttl.is_zero() {
+            for (ch, ps) in channels {
+                for &p in ps {
+                    out.command(3);
+                    out.arg(publish);
+                    out.arg(ch.as_bytes());
+                    out.arg_of(&[history::NO_POSITION, payloads[p]]);
+                }
+            }
+            return;
+        }
+        let ttl_ms = self.history_ttl.as_millis() as u64;
+        // A round trip of one publish (the common case) has one payload, which every channel
+        // gets: nothing to collect or compare per channel.
+        let lone = payloads.len() == 1;
+        let mut list = String::new();
+        for group in channels.chunks(history::CHANNELS_PER_CALL) {
+            let used: smallvec::SmallVec<[usize; 4]> = if lone {
+                smallvec::smallvec![0]
+            } else {
+                let mut used: smallvec::SmallVec<[usize; 4]> = group
+                    .iter()
+                    .flat_map(|(_, ps)| ps.iter().copied())
+                    .collect();
+                used.sort_unstable();
+                used.dedup();
+                used
+            };
+            // One publish to many users (the common call): every channel gets every payload,
+            // and the call names each recipient once, by its key.
+            let every = lone || group.iter().all(|(_, ps)| ps[..] == used[..]);
+            let lists = if every { 1 } else { group.len() };
+            out.command(6 + group.len() + used.len() + lists);
+            if eval {
+                out.arg(b"EVAL");
+                out.arg(history::PUBLISH_SCRIPT.as_bytes());
+            } else {
+                out.arg(b"EVALSHA");
+                out.arg(self.script.get_hash().as_bytes());
+            }
+            out.int(group.len() as u64);
+            for (ch, _) in group {
+                out.arg_of(&history::key_parts(ch));
+            }
+            out.int(ttl_ms);
+            out.arg(publish);
+            out.int(used.len() as u64);
+            for &p in &used {
+                out.arg(payloads[p]);
+            }
+            if every {
+                out.arg(b"*");
+                continue;
+            }
+            for (_, ps) in group {
+                list.clear();
+                for p in ps {
+                    // 1-based position among this call's payloads; always found.
+                    let k = used.binary_search(p).map_or(0, |k| k + 1);
+                    if !list.is_empty() {
+                        list.push(',');
+                    }
+                    let _ = write!(list, "{k}");
+                }
+                out.arg(list.as_bytes());
+            }
+        }
+    }
+}
+
+/// Where a round trip's commands are written: RESP into one buffer for the publisher's own
+/// connection (`resp::Request`), or the `redis` crate's pipeline for a Redis Cluster, whose
+/// connection routes each slot's calls.
+trait Calls {
+    /// Starts a command of `args` arguments, its name included.
+    fn command(&mut self, args: usize);
+    /// One argument made of `parts`, side by side.
+    fn arg_of(&mut self, parts: &[&[u8]]);
+    fn arg(&mut self, arg: &[u8]) {
+        self.arg_of(&[arg]);
+    }
+    fn int(&mut self, n: u64) {
+        self.arg(itoa::Buffer::new().format(n).as_bytes());
+    }
+}
+
+impl Calls for Request {
+    fn command(&mut self, args: usize) {
+        Request::command(self, args);
+    }
+    fn arg_of(&mut self, parts: &[&[u8]]) {
+        Request::arg_of(self, parts);
+    }
+    fn arg(&mut self, arg: &[u8]) {
+        Request::arg(self, arg);
+    }
+}
+
+/// The `redis` crate's pipeline, each command ignored (only errors are read).
+#[derive(Default)]
+struct CratePipeline {
+    pipe: redis::Pipeline,
+    cmd: Option<redis::Cmd>,
+}
+
+impl CratePipeline {
+    fn finish(mut self) -> redis::Pipeline {
+        if let Some(cmd) = self.cmd.take() {
+            self.pipe.add_command(cmd).ignore();
+        }
+        self.pipe
+    }
+}
+
+impl Calls for CratePipeline {
+    fn command(&mut self, _args: usize) {
+        if let Some(cmd) = self.cmd.replace(redis::Cmd::new()) {
+            self.pipe.add_command(cmd).ignore();
+        }
+    }
+    fn arg_of(&mut self, parts: &[&[u8]]) {
+        use redis::RedisWrite;
+        use std::io::Write;
+        if let Some(cmd) = &mut self.cmd {
+            let mut arg = cmd.writer_for_next_arg();
+            for part in parts {
+                // Into a vector: cannot fail.
+                let _ = arg.write_all(part);
+            }
         }
     }
 }

@@ -37,6 +37,7 @@ use super::held::{Held, Kept};
 use super::history::{self, StreamId, Verdict};
 use super::payloads::RecentPayloads;
 use super::presence;
+use super::publish_connection::PublishConnection;
 use super::publisher::Publisher;
 use super::redis_cluster::{self, ShardCanary};
 use super::subscription;
@@ -327,6 +328,10 @@ impl RedisBroker {
             cfg.pool_size,
             COMMAND_TIMEOUT,
         )?;
+        let endpoint = Arc::new(endpoint);
+        // The publisher writes its own RESP on a connection of its own, except in a cluster.
+        let own = (!cfg.topology.is_cluster())
+            .then(|| PublishConnection::new(endpoint.clone(), cfg.ca.as_ref().map(RedisCa::roots)));
         let keys = Keys::new(&cfg.prefix, &cfg.node_id, cfg.topology.is_cluster());
         let shared = Arc::new(Shared {
             up: AtomicBool::new(false),
@@ -346,7 +351,7 @@ impl RedisBroker {
         );
         let (tx, rx) = mpsc::unbounded_channel();
         let actor = Actor {
-            endpoint,
+            endpoint: endpoint.clone(),
             ca: cfg.ca.clone(),
             pool: pool.clone(),
             shared: shared.clone(),
@@ -359,6 +364,7 @@ impl RedisBroker {
         tokio::spawn(actor.run(rx));
         Ok(RedisBroker {
             publisher: Arc::new(Publisher::new(
+                own,
                 pool.clone(),
                 keys.cluster,
                 cfg.history_ttl,
@@ -461,7 +467,7 @@ impl RedisBroker {
 }
 
 struct Actor {
-    endpoint: Endpoint,
+    endpoint: Arc<Endpoint>,
     /// `--redis-ca-file`: what the pub/sub connection's TLS trusts.
     ca: Option<RedisCa>,
     pool: Pool,
@@ -667,7 +673,7 @@ impl Actor {
     async fn open_subscription(
         &self,
     ) -> Result<(SubSink, SubStream, Vec<ShardCanary>), BrokerError> {
-        if let Endpoint::Cluster(seeds) = &self.endpoint {
+        if let Endpoint::Cluster(seeds) = &*self.endpoint {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             let client = redis_cluster::client(seeds, self.ca.as_ref(), true)
                 .map(|b| b.push_sender(tx))

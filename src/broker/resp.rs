@@ -218,19 +218,97 @@ fn int(line: &[u8]) -> Result<i64, Malformed> {
 /// A command as RESP2: an array of bulk strings.
 pub(super) fn command(verb: &str, args: &[String]) -> Vec<u8> {
     let size = 16 + verb.len() + args.iter().map(|a| a.len() + 16).sum::<usize>();
-    let mut out = Vec::with_capacity(size);
-    out.extend_from_slice(format!("*{}\r\n", args.len() + 1).as_bytes());
-    for arg in std::iter::once(verb).chain(args.iter().map(String::as_str)) {
-        out.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
-        out.extend_from_slice(arg.as_bytes());
-        out.extend_from_slice(b"\r\n");
+    let mut out = Request::with_capacity(size);
+    out.command(args.len() + 1);
+    out.arg(verb.as_bytes());
+    for arg in args {
+        out.arg(arg.as_bytes());
     }
-    out
+    out.bytes
+}
+
+/// Commands written as RESP straight into one buffer, to be sent in one write: each command's
+/// length, then its arguments, each copied once.
+#[derive(Debug, Default)]
+pub(super) struct Request {
+    bytes: Vec<u8>,
+    commands: usize,
+}
+
+impl Request {
+    pub(super) fn with_capacity(bytes: usize) -> Request {
+        Request {
+            bytes: Vec::with_capacity(bytes),
+            commands: 0,
+        }
+    }
+
+    /// Starts a command of `args` arguments (its name included).
+    pub(super) fn command(&mut self, args: usize) {
+        self.commands += 1;
+        self.head(b'*', args);
+    }
+
+    pub(super) fn arg(&mut self, arg: &[u8]) {
+        self.head(b'$', arg.len());
+        self.bytes.extend_from_slice(arg);
+        self.bytes.extend_from_slice(b"\r\n");
+    }
+
+    /// An argument made of `parts`, side by side, with no buffer of its own in between.
+    pub(super) fn arg_of(&mut self, parts: &[&[u8]]) {
+        self.head(b'$', parts.iter().map(|p| p.len()).sum());
+        for part in parts {
+            self.bytes.extend_from_slice(part);
+        }
+        self.bytes.extend_from_slice(b"\r\n");
+    }
+
+    pub(super) fn int(&mut self, n: u64) {
+        self.arg(itoa::Buffer::new().format(n).as_bytes());
+    }
+
+    fn head(&mut self, kind: u8, n: usize) {
+        self.bytes.push(kind);
+        self.bytes
+            .extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        self.bytes.extend_from_slice(b"\r\n");
+    }
+
+    /// The commands written so far, as RESP.
+    pub(super) fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// How many commands: the replies to wait for.
+    pub(super) fn commands(&self) -> usize {
+        self.commands
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_is_its_commands_in_resp() {
+        let mut r = Request::default();
+        r.command(3);
+        r.arg(b"SET");
+        r.arg_of(&[b"{", b"k", b"}:h"]);
+        r.int(1234);
+        r.command(1);
+        r.arg(b"");
+        assert_eq!(
+            r.bytes(),
+            b"*3\r\n$3\r\nSET\r\n$5\r\n{k}:h\r\n$4\r\n1234\r\n*1\r\n$0\r\n\r\n"
+        );
+        assert_eq!(r.commands(), 2);
+        assert_eq!(
+            command("SUBSCRIBE", &["a".to_owned()]),
+            b"*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\na\r\n"
+        );
+    }
 
     const MESSAGE: &[u8] = b"*3\r\n$7\r\nmessage\r\n$6\r\np:u:ab\r\n$5\r\nhe\r\no\r\n";
 

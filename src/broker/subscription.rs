@@ -238,6 +238,12 @@ impl rustls::client::danger::ServerCertVerifier for Unverified {
 }
 
 impl Commands {
+    /// Writes `bytes` (whole commands) and flushes them.
+    pub(super) async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.write.write_all(bytes).await?;
+        self.write.flush().await
+    }
+
     pub(super) async fn subscribe(&mut self, channels: &[String]) -> redis::RedisResult<()> {
         self.call("SUBSCRIBE", channels).await
     }
@@ -318,6 +324,31 @@ impl Replies {
                 let _ = p.done.send(result);
             }
         }
+    }
+
+    /// The replies to `n` commands sent on a connection that subscribes nothing (the
+    /// publisher's): the first error among them, once all `n` are read, so that the next
+    /// request's replies start where its own do.
+    pub(super) async fn answers(&mut self, n: usize) -> redis::RedisResult<()> {
+        let mut first = Ok(());
+        let mut left = n;
+        while left > 0 {
+            match resp::parse(&self.buf[self.at..]).map_err(|_| not_resp())? {
+                Some((reply, used)) => {
+                    self.at += used;
+                    left -= 1;
+                    if let (Reply::Error(line), Ok(())) = (reply, &first) {
+                        first = Err(server_error(line));
+                    }
+                }
+                None => {
+                    if !self.fill().await? {
+                        return Err(closed());
+                    }
+                }
+            }
+        }
+        first
     }
 
     /// The reply to a command sent before subscribing (AUTH).
