@@ -226,8 +226,8 @@ fn plain_strings(raw: &str) -> Option<Vec<UserId<'_>>> {
     }
     i = space(i + 1);
     // At least 4 bytes per id (`"a",`): enough room for any list of non-empty ids, without
-    // a pass to count them first.
-    let mut ids = Vec::with_capacity(b.len() / 4 + 1);
+    // a pass to count them first; no more than a list may hold.
+    let mut ids = Vec::with_capacity((b.len() / 4 + 1).min(MAX_USERS + 1));
     if b.get(i) == Some(&b']') {
         return (space(i + 1) == b.len()).then_some(ids);
     }

@@ -259,19 +259,25 @@ impl Publisher {
         payloads: &[&Bytes],
     ) -> Result<(), BrokerError> {
         if let Some(own) = &self.own {
-            let names: usize = channels
-                .iter()
-                .map(|(ch, ps)| ch.len() + 8 * ps.len())
-                .sum();
-            let bytes: usize = payloads.iter().map(|p| p.len()).sum();
+            // Sized up front (a call for 128 channels would otherwise grow the buffer a dozen
+            // times), from what the calls hold: every name with its key's framing, and each
+            // payload once per call that uses it, at most once per channel that gets it.
             let calls = channels.len().div_ceil(history::CHANNELS_PER_CALL);
-            // Sized up front: a call for 128 channels would otherwise grow the buffer a dozen
-            // times. Without history each message is a command of its own.
-            let size = 2 * names + 40 * channels.len() + calls * (bytes + 128) + 64;
+            let names: usize = channels.iter().map(|(ch, _)| ch.len() + 48).sum();
+            let pairs: usize = channels
+                .iter()
+                .flat_map(|(_, ps)| ps.iter().map(|&p| payloads[p].len() + 16))
+                .sum();
             let size = if self.history_ttl.is_zero() {
-                size + channels.len() * bytes
+                names + pairs
             } else {
-                size
+                let bytes: usize = payloads.iter().map(|p| p.len() + 16).sum();
+                let script = if eval {
+                    history::PUBLISH_SCRIPT.len()
+                } else {
+                    0
+                };
+                names + pairs.min(calls * bytes) + calls * (160 + script)
             };
             let mut request = Request::with_capacity(size);
             self.write_calls(&mut request, eval, channels, payloads);

@@ -17,6 +17,9 @@
 //!   services often require TLS, and a node there delivered through the crate's pub/sub at about
 //!   twice the CPU per delivery.
 //! - A Redis Cluster keeps the crate's sharded pub/sub (`redis_cluster.rs`).
+//! - The publisher's own connection (`publish_connection.rs`) is made the same way and
+//!   subscribes nothing: it sends whole requests ([`Commands::send`]) and counts their replies
+//!   ([`Replies::answers`]).
 
 use std::collections::VecDeque;
 use std::io;
