@@ -214,12 +214,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for UserIds<'a> {
 /// hands it a value serde_json has not checked.
 fn plain_strings(raw: &str) -> Option<Vec<UserId<'_>>> {
     let b = raw.as_bytes();
-    let space = |mut i: usize| {
-        while b.get(i).is_some_and(u8::is_ascii_whitespace) {
-            i += 1;
-        }
-        i
-    };
+    let space = |i: usize| crate::members::space(b, i);
     let mut i = space(0);
     if b.get(i) != Some(&b'[') {
         return None;
@@ -626,6 +621,7 @@ mod tests {
             r#"{"userIds":["a"],"notification":{"topic":"t",}}"#,
             r#"{"userIds":["a"],"broadcast":"yes","notification":{"topic":"t"}}"#,
             r#"{"userIds":null,"tenantId":"x","notification":{"topic":"t"}}"#,
+            "{\"userIds\":[\"a\"\u{c}],\"notification\":{\"topic\":\"t\"}}",
         ] {
             assert_eq!(by_one_pass(body), by_serde(body), "{body}");
         }

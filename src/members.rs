@@ -56,8 +56,9 @@ pub fn members<'a, const N: usize>(
     }
 }
 
-/// The first index from `i` that is not JSON whitespace.
-fn space(b: &[u8], mut i: usize) -> usize {
+/// The first index from `i` that is not JSON whitespace (space, tab, line feed, carriage
+/// return; not the form feed `u8::is_ascii_whitespace` also takes).
+pub fn space(b: &[u8], mut i: usize) -> usize {
     while matches!(b.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
         i += 1;
     }
