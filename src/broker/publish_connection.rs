@@ -54,11 +54,7 @@ impl PublishConnection {
             Some(open) => open,
             None => self.connect().await?,
         };
-        let exchange = async {
-            commands.send(request.bytes()).await?;
-            replies.answers(request.commands()).await
-        };
-        let result = timed(exchange).await;
+        let result = timed(exchange(&mut commands, &mut replies, request)).await;
         let keep = match &result {
             Ok(()) => true,
             Err(BrokerError::Unavailable(Outage::Redis(e))) => e.code() == Some("NOSCRIPT"),
@@ -81,12 +77,18 @@ impl PublishConnection {
             select.command(2);
             select.arg(b"SELECT");
             select.int(db.unsigned_abs());
-            let selected = async {
-                commands.send(select.bytes()).await?;
-                replies.answers(1).await
-            };
-            timed(selected).await?;
+            timed(exchange(&mut commands, &mut replies, &select)).await?;
         }
         Ok((commands, replies))
     }
+}
+
+/// Sends the request's commands and reads all their replies.
+async fn exchange(
+    commands: &mut Commands,
+    replies: &mut Replies,
+    request: &Request,
+) -> redis::RedisResult<()> {
+    commands.send(request.bytes()).await?;
+    replies.answers(request.commands()).await
 }
