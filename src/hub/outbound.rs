@@ -159,6 +159,20 @@ impl Queue {
         self.first.take().into_iter().chain(self.rest.drain(..))
     }
 
+    /// Hands every message to `f`, oldest first, as [`drain`](Self::drain) would. For the
+    /// socket writes: an isolated delivery queues one message, and the chained iterator, with
+    /// `VecDeque::drain` of the empty rest, cost about 90 instructions per delivery to build
+    /// and drop (callgrind, `loadtest/instructions.sh`); the rest is drained only when it holds
+    /// any.
+    fn drain_each(&mut self, mut f: impl FnMut(Outgoing)) {
+        if let Some(first) = self.first.take() {
+            f(first);
+        }
+        if !self.rest.is_empty() {
+            self.rest.drain(..).for_each(f);
+        }
+    }
+
     /// After the queue was emptied: a burst that grew it gives the memory back, so that idle
     /// connections keep none.
     fn release_burst(&mut self) {
@@ -480,14 +494,14 @@ fn write_locked(s: &mut QueueState, writes: &mut Writes) -> Flushed {
         frames.clear();
         frames.reserve(s.bytes + n * protocol::MAX_FRAME_HEADER + protocol::PING_FRAME.len());
         let now = writes.now();
-        for msg in s.queue.drain() {
+        s.queue.drain_each(|msg| {
             protocol::put_text_frame(&mut frames, msg.frame.as_str().as_bytes());
             let micros = now.saturating_sub(msg.published_at);
             writes
                 .metrics
                 .delivery_latency
                 .count(&mut writes.latency, micros);
-        }
+        });
         if ping {
             frames.extend_from_slice(&protocol::PING_FRAME);
         }
