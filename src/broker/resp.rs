@@ -243,6 +243,18 @@ impl Request {
         }
     }
 
+    /// Empties it for the next round trip, keeping its memory, with room for `bytes` more.
+    pub(super) fn reuse(&mut self, bytes: usize) {
+        self.bytes.clear();
+        self.bytes.reserve(bytes);
+        self.commands = 0;
+    }
+
+    /// The memory it holds.
+    pub(super) fn capacity(&self) -> usize {
+        self.bytes.capacity()
+    }
+
     /// Starts a command of `args` arguments (its name included).
     pub(super) fn command(&mut self, args: usize) {
         self.commands += 1;
