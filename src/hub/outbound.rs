@@ -161,7 +161,7 @@ impl Queue {
 
     /// Hands every message to `f`, oldest first, as [`drain`](Self::drain) would. For the
     /// socket writes: an isolated delivery queues one message, and the chained iterator, with
-    /// `VecDeque::drain` of the empty rest, cost about 90 instructions per delivery to build
+    /// `VecDeque::drain` of the empty rest, cost about 80 instructions per delivery to build
     /// and drop (callgrind, `loadtest/instructions.sh`); the rest is drained only when it holds
     /// any.
     fn drain_each(&mut self, mut f: impl FnMut(Outgoing)) {
